@@ -1,0 +1,64 @@
+# One entry point per job. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch is installed first and pinned: on a CPU box this is the CPU wheel. On a GPU box pass the
+# CUDA index, e.g. `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128`.
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+CONFIG ?= examples/tiny.yaml
+PORT   ?= 7860
+RUN_DIR ?= runs/tiny
+PYTEST_ARGS ?=
+
+STAMP := $(VENV)/.installed
+
+.PHONY: help install test train demo bench lint format clean
+
+help:
+	@echo "make install   create $(VENV) and install the project with its test extras"
+	@echo "make test      run the unit tests (the README's test command)"
+	@echo "make train     the embedded default GRPO run on CPU (CONFIG=$(CONFIG))"
+	@echo "make demo      serve the base-vs-tuned Gradio demo on 127.0.0.1:$(PORT)"
+	@echo "make bench     speed/memory/footprint against the peers -> bench/results.{json,md}"
+	@echo "make lint      ruff check + ruff format --check"
+	@echo "make clean     remove $(VENV), runs/ and caches"
+
+install: $(STAMP)
+
+# Re-installs only when pyproject.toml changes; otherwise this target costs nothing.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $@
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+train: install
+	$(PY) -m grpo.train --config $(CONFIG)
+
+demo: install
+	@if [ ! -f $(RUN_DIR)/adapter/adapter_config.json ]; then \
+		echo "demo: no trained adapter in $(RUN_DIR)/adapter; running 'make train' first"; \
+		$(MAKE) train; \
+	fi
+	$(PY) -m app --run-dir $(RUN_DIR) --host 127.0.0.1 --port $(PORT)
+
+bench: install
+	$(PY) -m bench.run
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

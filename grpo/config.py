@@ -1,0 +1,327 @@
+"""One dataclass holding every knob of a run, a YAML file to set them, `--key value` to override.
+
+    python -m grpo.train --config examples/tiny.yaml --learning_rate 3e-4 --beta 0.04
+
+`python -m grpo.train --help` lists every field with its default and meaning. `GRPOConfig.validate`
+runs before any model is loaded; a bad value is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+IS_LEVELS = ("token", "sequence")
+SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+TASKS = ("arithmetic", "gsm8k")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the CLI prints it as one line and exits 2."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class GRPOConfig:
+    # --- model -----------------------------------------------------------------------------
+    model: str = _f(
+        "tiny",
+        "hub id (microsoft/phi-2), a local save_pretrained dir, or 'tiny' "
+        "(build the embedded tiny Phi + supervised warm-up into <output_dir>/base)",
+    )
+    dtype: str = _f(
+        "float32",
+        "dtype the weights are loaded in and LoRA computes in (float32 on CPU; bfloat16 on a GPU)",
+    )
+    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
+    # --- task ------------------------------------------------------------------------------
+    task: str = _f("arithmetic", "'arithmetic' (two-digit +/-, for the tiny model) or 'gsm8k'")
+    dataset_path: str = _f("", "gsm8k only: hub id (openai/gsm8k) or a local .jsonl/.parquet")
+    n_eval: int = _f(500, "held-out problems for the before/after greedy evaluation")
+    # --- warm-up (model: tiny only) --------------------------------------------------------
+    warmup_sft_steps: int = _f(1000, "supervised steps that make the random tiny Phi partly right")
+    warmup_sft_batch_size: int = _f(128, "sequences per supervised warm-up step")
+    warmup_sft_learning_rate: float = _f(3e-3, "AdamW learning rate of the warm-up")
+    # --- GRPO ------------------------------------------------------------------------------
+    max_steps: int = _f(300, "GRPO optimizer steps (one generation batch each)")
+    prompts_per_step: int = _f(32, "distinct prompts per generation batch")
+    num_generations: int = _f(
+        8, "G: completions per prompt, the group the advantage is relative to"
+    )
+    num_iterations: int = _f(1, "optimizer passes over each generation batch (>1 needs old logps)")
+    micro_batch_size: int = _f(64, "completions per forward/backward (gradient accumulation)")
+    max_new_tokens: int = _f(6, "generation limit per completion")
+    temperature: float = _f(1.0, "sampling temperature for rollouts")
+    top_p: float = _f(1.0, "nucleus sampling for rollouts")
+    learning_rate: float = _f(2e-3, "AdamW peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.05, "fraction of max_steps with a linear learning-rate ramp")
+    lr_schedule: str = _f("constant", "after warm-up: 'constant', 'linear' or 'cosine' decay")
+    max_grad_norm: float = _f(1.0, "global gradient-norm clip (0 disables)")
+    beta: float = _f(0.0, "KL coefficient (k3 to the adapter-free base); 0 skips the reference")
+    epsilon_low: float = _f(0.2, "clip range below 1 for the importance ratio")
+    epsilon_high: float = _f(0.2, "clip range above 1 (DAPO clip-higher: 0.28)")
+    loss_type: str = _f("grpo", "'grpo' (DeepSeekMath), 'bnpo', 'dr_grpo' or 'dapo'")
+    scale_rewards: str = _f(
+        "group", "advantage divisor: 'group' std, 'batch' std, 'none' (Dr. GRPO)"
+    )
+    importance_sampling_level: str = _f("token", "'token' (PPO/GRPO) or 'sequence' (GSPO)")
+    mask_truncated_completions: bool = _f(
+        False, "drop completions that hit max_new_tokens from the loss (DAPO)"
+    )
+    reward_funcs: list[str] = _f(
+        ["correctness"], "reward function names (grpo.rewards.REWARD_FUNCTIONS)"
+    )
+    reward_weights: list[float] = _f([1.0], "one weight per reward function")
+    overlong_cache: int = _f(0, "'overlong' reward: soft-penalty window in tokens before the limit")
+    # --- QLoRA -----------------------------------------------------------------------------
+    quantize: bool = _f(True, "NF4-quantize the frozen base (QLoRA); false keeps it in dtype")
+    use_lora: bool = _f(True, "train LoRA adapters; false = full fine-tuning (tiny model only)")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: float = _f(32.0, "LoRA scale numerator: update = (alpha / r) B A")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    use_rslora: bool = _f(False, "rank-stabilised scale alpha / sqrt(r)")
+    lora_targets: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+        "module names to wrap (Phi-2's attention and MLP linears)",
+    )
+    # --- bookkeeping -----------------------------------------------------------------------
+    seed: int = _f(0, "seed for data order, sampling and LoRA init")
+    output_dir: str = _f("runs/tiny", "run directory: adapter, checkpoints, metrics, plots")
+    log_every: int = _f(10, "steps between progress-bar/metric refreshes")
+    sample_every: int = _f(50, "steps between samples.jsonl entries")
+    save_every: int = _f(100, "steps between checkpoints (0: only at the end)")
+    eval_every: int = _f(
+        0, "steps between held-out evaluations during training (0: before/after only)"
+    )
+    no_signal_patience: int = _f(
+        5, "warn when every group has zero reward variance this many steps in a row"
+    )
+    resume: bool = _f(False, "continue from the newest complete checkpoint in output_dir")
+
+    # ------------------------------------------------------------------------------------
+    def validate(self) -> GRPOConfig:
+        """Raise ConfigError naming the first bad field, its value and the fix."""
+
+        def bad(name, why):
+            raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        for name, choices in [
+            ("loss_type", LOSS_TYPES),
+            ("scale_rewards", SCALE_REWARDS),
+            ("importance_sampling_level", IS_LEVELS),
+            ("lr_schedule", SCHEDULES),
+            ("dtype", DTYPES),
+            ("task", TASKS),
+        ]:
+            if getattr(self, name) not in choices:
+                bad(name, f"must be one of {', '.join(choices)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            bad("device", "must be auto, cpu or cuda")
+        if self.num_generations < 2:
+            bad("num_generations", "needs >= 2 (a group of one has no relative advantage)")
+        for name in ("epsilon_low", "epsilon_high", "learning_rate", "temperature"):
+            if not getattr(self, name) > 0:
+                bad(name, "must be > 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.beta < 0:
+            bad("beta", "must be >= 0 (0 disables the KL term)")
+        if self.lora_r <= 0:
+            bad("lora_r", "must be a positive integer")
+        for name in (
+            "max_steps",
+            "prompts_per_step",
+            "num_iterations",
+            "micro_batch_size",
+            "max_new_tokens",
+            "n_eval",
+            "log_every",
+            "sample_every",
+            "no_signal_patience",
+        ):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        for name in ("save_every", "eval_every", "warmup_sft_steps", "overlong_cache"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        if not 0 <= self.warmup_ratio < 1:
+            bad("warmup_ratio", "must be in [0, 1)")
+        if self.max_grad_norm < 0:
+            bad("max_grad_norm", "must be >= 0 (0 disables clipping)")
+        if not self.reward_funcs:
+            bad("reward_funcs", "name at least one reward function, e.g. [correctness]")
+        if len(self.reward_weights) != len(self.reward_funcs):
+            bad(
+                "reward_weights", f"needs one weight per reward function ({len(self.reward_funcs)})"
+            )
+        from grpo.rewards import REWARD_FUNCTIONS
+
+        for name in self.reward_funcs:
+            if name not in REWARD_FUNCTIONS:
+                raise ConfigError(
+                    f"reward_funcs: {name!r} is unknown; choose from {', '.join(REWARD_FUNCTIONS)}"
+                )
+        if "overlong" in self.reward_funcs and not 0 < self.overlong_cache <= self.max_new_tokens:
+            bad(
+                "overlong_cache", "the 'overlong' reward needs 0 < overlong_cache <= max_new_tokens"
+            )
+        if self.quantize and not self.use_lora:
+            bad(
+                "quantize",
+                "an NF4 base cannot be fine-tuned in full; set use_lora: true or quantize: false",
+            )
+        if not self.use_lora and self.beta > 0 and self.model != "tiny":
+            bad(
+                "beta",
+                "full fine-tuning with beta > 0 keeps a frozen reference copy; use LoRA "
+                "for large models",
+            )
+        if self.task == "gsm8k" and self.model == "tiny":
+            bad(
+                "task",
+                "the tiny model only knows the arithmetic task; set model to a Phi-2 "
+                "path/id for gsm8k",
+            )
+        return self
+
+    # ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> GRPOConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        cfg = cls()
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r}; `python -m grpo.train --help` lists the fields"
+                )
+            setattr(cfg, key, _coerce(key, value, _field_type(known[key]), source))
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> GRPOConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass --config FILE.yaml")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0]
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
+        return cls.from_dict(values, source=str(path))
+
+
+def _field_type(f: dataclasses.Field) -> tuple[type, type | None]:
+    """(type, element type for lists) of a GRPOConfig field."""
+    t = typing.get_type_hints(GRPOConfig)[f.name]
+    if typing.get_origin(t) is list:
+        return list, typing.get_args(t)[0]
+    return t, None
+
+
+def _coerce(key: str, value, kind: tuple[type, type | None], source: str):
+    """Check a YAML value or parse a CLI string; never mixes bools, ints and strings quietly."""
+    kind, elem = kind
+
+    def wrong():
+        return ConfigError(f"{source}: {key}={value!r} should be of type {kind.__name__}")
+
+    if kind is list:
+        if isinstance(value, str):  # CLI: comma-separated
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise wrong()
+        return [_coerce(f"{key}[{i}]", v, (elem, None), source) for i, v in enumerate(value)]
+    if isinstance(value, str) and kind in (int, float):
+        try:  # float("1e-3") where YAML 1.1 would read the string "1e-3"
+            return kind(value)
+        except ValueError as err:
+            raise wrong() from err
+    if isinstance(value, str) and kind is bool:
+        value = {"true": True, "false": False}.get(value.strip().lower(), value)
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    raise wrong()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m grpo.train",
+        description="GRPO with a hand-written loss on an NF4 + LoRA (QLoRA) base.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Fields (set in --config YAML or override with --name value; lists: a,b,c):\n"
+        + "\n".join(
+            f"  --{f.name:<28} {f.metadata['help']} (default: {_default(f)!r})"
+            for f in dataclasses.fields(GRPOConfig)
+        ),
+    )
+    parser.add_argument("--config", help="YAML file of field: value")
+    return parser
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def parse_cli(argv: list[str] | None = None) -> GRPOConfig:
+    """--config FILE.yaml then --key value overrides (bool: --quantize false; list: a,b,c)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    cfg = GRPOConfig.from_yaml(args.config) if args.config else GRPOConfig()
+    overrides = {}
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}; overrides look like --key value")
+        key = token[2:].replace("-", "_")
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif key in ("resume",) and (i + 1 >= len(rest) or rest[i + 1].startswith("--")):
+            value, i = "true", i + 1  # --resume alone is a switch
+        else:
+            if i + 1 >= len(rest):
+                raise ConfigError(f"--{key} needs a value")
+            value, i = rest[i + 1], i + 2
+        overrides[key] = value
+    parsed = GRPOConfig.from_dict(overrides, source="command line")
+    for key in overrides:
+        setattr(cfg, key, getattr(parsed, key))
+    return cfg
+
+
+def exit_on_error(err: Exception) -> typing.NoReturn:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+__all__ = ["GRPOConfig", "ConfigError", "parse_cli", "build_parser", "exit_on_error"]

@@ -1,0 +1,124 @@
+"""Tasks: lists of `{"prompt", "answer"}` records with a train split and a held-out eval split.
+
+Two tasks ship:
+
+- `arithmetic`: two-digit addition and subtraction for the tiny Phi ("47+35=" -> "82"), generated
+  from a seed. Every problem (a, op, b) lives in exactly one split, so the held-out accuracy is
+  measured on problems the model never trained on, in the warm-up or in GRPO.
+- `gsm8k`: grade-school maths word problems for Phi-2, from the hub (`openai/gsm8k`, config "main")
+  or from a local JSONL/parquet file with the same columns: `question`, and `answer` whose last line
+  is `#### 42`. Prompts use Phi-2's plain "Instruct: ... Output:" style.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+ARITHMETIC_OPS = ("+", "-")
+
+GSM8K_INSTRUCTION = (
+    "Solve the problem. Think step by step, then give only the final number inside "
+    "<answer></answer>."
+)
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[dict]  # {"prompt": str, "answer": str}
+    eval: list[dict]
+
+
+def arithmetic_prompt(a: int, op: str, b: int) -> str:
+    """The tiny model's prompt, the bare expression: arithmetic_prompt(47, "+", 35) == "47+35=" ."""
+    return f"{a}{op}{b}="
+
+
+def arithmetic_task(seed: int = 0, n_eval: int = 500, max_operand: int = 99) -> Task:
+    """All problems a op b with 0 <= a, b <= max_operand, shuffled by `seed`, split disjointly.
+
+    With max_operand=99 there are 2 * 100 * 100 = 20,000 problems; `n_eval` of them are held out.
+    """
+    if not 0 < n_eval < 2 * (max_operand + 1) ** 2:
+        raise ValueError(f"n_eval={n_eval} must be between 1 and the number of problems - 1")
+    problems = [
+        (a, op, b)
+        for a in range(max_operand + 1)
+        for b in range(max_operand + 1)
+        for op in ARITHMETIC_OPS
+    ]
+    random.Random(seed).shuffle(problems)
+
+    def record(p):
+        a, op, b = p
+        return {"prompt": arithmetic_prompt(a, op, b), "answer": str(a + b if op == "+" else a - b)}
+
+    return Task(
+        "arithmetic",
+        train=[record(p) for p in problems[n_eval:]],
+        eval=[record(p) for p in problems[:n_eval]],
+    )
+
+
+def gsm8k_gold(answer: str) -> str:
+    """The final number of a GSM8K solution: the text after its `####` line, commas removed."""
+    match = re.search(r"####\s*(.+?)\s*$", answer.strip())
+    if match is None:
+        raise ValueError(f"GSM8K answer has no '#### <number>' line: {answer[-80:]!r}")
+    return match.group(1).replace(",", "").strip()
+
+
+def gsm8k_prompt(question: str) -> str:
+    """Phi-2's QA format: `Instruct: <instruction> <question>\\nOutput:`."""
+    return f"Instruct: {GSM8K_INSTRUCTION}\n{question.strip()}\nOutput:"
+
+
+def _gsm8k_records(rows) -> list[dict]:
+    records = []
+    for i, row in enumerate(rows):
+        if "question" not in row or "answer" not in row:
+            raise ValueError(
+                f"GSM8K row {i} has columns {sorted(row)}; need 'question' and 'answer' "
+                "(answer ending in '#### <number>')"
+            )
+        records.append(
+            {"prompt": gsm8k_prompt(row["question"]), "answer": gsm8k_gold(row["answer"])}
+        )
+    return records
+
+
+def gsm8k_task(source: str = "openai/gsm8k", n_eval: int | None = None) -> Task:
+    """GSM8K from a local .jsonl/.json/.parquet file (train split only: the last `n_eval` rows, or
+    10%, are held out) or from the hub id `source` (its own train/test splits)."""
+    from datasets import load_dataset
+
+    path = Path(source)
+    if path.suffix in {".jsonl", ".json", ".parquet"}:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"dataset file {source!r} does not exist; pass a GSM8K-format file"
+            )
+        kind = "parquet" if path.suffix == ".parquet" else "json"
+        rows = list(load_dataset(kind, data_files=str(path), split="train"))
+        records = _gsm8k_records(rows)
+        k = n_eval if n_eval is not None else max(1, len(records) // 10)
+        if not 0 < k < len(records):
+            raise ValueError(f"n_eval={k} must be between 1 and {len(records) - 1} for {source!r}")
+        return Task("gsm8k", train=records[:-k], eval=records[-k:])
+    ds = load_dataset(source, "main")
+    test = _gsm8k_records(ds["test"])
+    return Task("gsm8k", train=_gsm8k_records(ds["train"]), eval=test[:n_eval] if n_eval else test)
+
+
+def load_task(
+    name: str, *, seed: int = 0, n_eval: int | None = None, dataset_path: str = ""
+) -> Task:
+    """`name` is "arithmetic" or "gsm8k" (then `dataset_path` is a hub id or a local file)."""
+    if name == "arithmetic":
+        return arithmetic_task(seed=seed, n_eval=n_eval or 500)
+    if name == "gsm8k":
+        return gsm8k_task(dataset_path or "openai/gsm8k", n_eval=n_eval)
+    raise ValueError(f"task={name!r} is unknown; use 'arithmetic' or 'gsm8k'")

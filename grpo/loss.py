@@ -1,0 +1,343 @@
+"""The GRPO objective as pure tensor functions: no model, no tokenizer, no I/O.
+
+Shapes: B completions in the batch, T completion positions (right-padded), V vocabulary size. The
+K = group_size completions of one prompt are contiguous rows. m[i, t] is 1 on a real completion
+token and 0 on padding. This is exactly what the code below computes:
+
+    advantage        A_i    = (r_i - mean_{j in group(i)} r_j) / (std_{j in group(i)} r_j + eps)
+                              (scale="batch": std of all rewards; "none": no division; 0 for a
+                              group of equal rewards; std is Bessel-corrected)
+    token ratio      rho_it = exp(logp_it - logp_old_it)
+    sequence ratio   rho_it = s_i = exp( sum_t m_it (logp_it - logp_old_it) / sum_t m_it )   (GSPO)
+    KL estimate      k3_it  = exp(logp_ref_it - logp_it) - (logp_ref_it - logp_it) - 1  >= 0
+    per-token loss   L_it   = -min( rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i )
+                              + beta k3_it
+
+    loss_type   loss                                            normalisation
+    "grpo"      (1/B) sum_i [ sum_t m_it L_it / sum_t m_it ]    per-sequence mean, then mean
+    "bnpo"      sum_it m_it L_it / sum_it m_it                  token mean of this batch
+    "dr_grpo"   sum_it m_it L_it / (B * max_completion_length)  a constant
+    "dapo"      sum_it m_it L_it / num_items_in_batch           token mean of the generation batch
+                (num_items_in_batch=None: sum_it m_it, and "dapo" equals "bnpo")
+
+(every token-count denominator is clamped at 1, so an all-padding sequence adds 0, never NaN).
+
+At token level, an unclipped token's gradient is -A_i rho_it grad(logp_it) / normaliser. Where
+the clip is active, rho < 1 - eps_low with A < 0 or rho > 1 + eps_high with A > 0, the min selects
+the clipped, constant term and the token's gradient is exactly zero: the update stops once the
+policy has moved far enough in the advantage's direction. On-policy (old_logps=None: one
+optimiser step per generation) rho = 1 in value, and the loss is REINFORCE with the group mean as
+baseline.
+
+DeepSeekMath GRPO (Shao et al., 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning
+in Open Language Models"). PPO's clipped surrogate (Schulman et al., 2017) without a value
+network: the baseline is the mean reward of the K completions of the same prompt, divided by their
+std. Each sequence's token losses are averaged over its own length, then over sequences. The KL to
+the reference model is added to the loss, not to the reward, estimated per token with k3
+(Schulman, 2020, "Approximating KL Divergence"): unbiased and never negative. Paper: beta = 0.04.
+Here: loss_type="grpo", scale="group".
+
+Dr. GRPO (Liu et al., 2025, "Understanding R1-Zero-Like Training: A Critical Perspective").
+Removes two biases. Dividing by the sequence length gives each token of a short sequence more
+weight, so correct answers are pushed shorter while long wrong answers are penalised less per
+token, and wrong answers grow. Dividing by the group std up-weights prompts that are almost always
+or almost never solved. Fix: a constant normaliser and no std. Here: loss_type="dr_grpo",
+max_completion_length=<the generation limit>, scale="none".
+
+DAPO (Yu et al., 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale").
+Token-level mean over every real token of the generation batch, so a token weighs the same whatever
+its sequence's length; pass num_items_in_batch (real tokens in all micro-batches and processes)
+and accumulated micro-batch losses sum to exactly that mean ("bnpo" is the same mean over one
+micro-batch). Clip-higher: epsilon_high = 0.28 > epsilon_low = 0.2 lets unlikely tokens with a
+positive advantage gain more probability, which keeps entropy from collapsing. No KL term.
+Here: loss_type="dapo", epsilon_high=0.28, beta=0. Dynamic sampling and overlong reward shaping
+are not part of the loss.
+
+GSPO (Zheng et al., 2025, "Group Sequence Policy Optimization"). The reward belongs to the whole
+sequence, so the importance ratio does too: s_i is the length-normalised sequence likelihood ratio
+(the geometric mean of the token ratios), shared by the tokens of sequence i, which clip together.
+s_i stays close to 1, so the clip range is tiny (3e-4 below, 4e-4 above in the paper). With
+loss_type="grpo" the loss is GSPO's -(1/B) sum_i min(s_i A_i, clip(s_i) A_i). Here:
+importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["group_advantages", "selective_log_softmax", "kl_k3", "masked_mean", "grpo_loss"]
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """A_i = (r_i - mean(group)) / (std + eps); rewards [N] -> advantages [N], groups contiguous.
+
+    scale="group": std of the group (Bessel-corrected); "batch": std of all N rewards (the mean is
+    still the group's); "none": no division (Dr. GRPO). A group whose rewards are all equal
+    carries no signal and gets exactly 0. eps keeps near-constant groups from exploding.
+
+    Worked example, two prompts with 4 completions each; the second group is all wrong:
+    >>> group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]), group_size=4)
+    tensor([ 0.8659, -0.8659, -0.8659,  0.8659,  0.0000,  0.0000,  0.0000,  0.0000])
+    >>> group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), group_size=4, scale="none")
+    tensor([ 0.5000, -0.5000, -0.5000,  0.5000])
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards has shape {tuple(rewards.shape)}; expected [N] (one per row)")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} must be >= 1 and divide len(rewards)={rewards.numel()}"
+        )
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale={scale!r} is not one of {ADVANTAGE_SCALES}")
+    if eps < 0:
+        raise ValueError(f"eps={eps} must be >= 0")
+    if not torch.isfinite(rewards).all():
+        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
+        raise ValueError(
+            f"rewards are NaN or infinite at rows {bad}: a reward function returned a non-number; "
+            "fix the reward function (a NaN would silently poison every advantage of its group)"
+        )
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+
+    grouped = rewards.view(-1, group_size)  # [G, K]
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # [G, K]
+    if scale == "group" and group_size > 1:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch" and rewards.numel() > 1:
+        centred = centred / (rewards.std() + eps)
+    # Equal rewards: the float mean may differ from them by an ulp, which / (0 + eps) would inflate.
+    constant = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)  # [G, 1]
+    return torch.where(constant, 0.0, centred).view(-1)  # [N]
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(logits)[index], chunk by chunk, with the gradient written by hand.
+
+    Autograd through a chunked loop would save every fp32 chunk for backward (a full fp32 [B, T, V]
+    again); here backward recomputes each chunk's softmax from the saved logsumexp.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, index, chunk_size):  # logits [B, T, V], index [B, T]
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
+        logsumexp = torch.empty(index.shape, dtype=dtype, device=logits.device)  # [B, T]
+        picked = torch.empty(index.shape, dtype=dtype, device=logits.device)  # [B, T]
+        for b, start in _chunks(logits, chunk_size):
+            rows = slice(start, start + chunk_size)
+            chunk = logits[b, rows].to(dtype)  # [chunk, V]: the only upcast temporary
+            logsumexp[b, rows] = torch.logsumexp(chunk, dim=-1)
+            picked[b, rows] = chunk.gather(-1, index[b, rows, None]).squeeze(-1)
+        ctx.save_for_backward(logits, index, logsumexp)
+        ctx.chunk_size = chunk_size
+        return picked - logsumexp  # [B, T]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps):  # grad_logps [B, T]
+        logits, index, logsumexp = ctx.saved_tensors
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for b, start in _chunks(logits, ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            grad = grad_logps[b, rows, None].to(logsumexp.dtype)  # [chunk, 1]
+            # d log p(y) / d z_v = 1[v = y] - softmax(z)_v
+            chunk = logits[b, rows].to(logsumexp.dtype, copy=True)  # [chunk, V]
+            chunk.sub_(logsumexp[b, rows, None]).exp_().mul_(-grad)
+            chunk.scatter_add_(-1, index[b, rows, None], grad)
+            grad_logits[b, rows] = chunk
+        return grad_logits, None, None
+
+
+def _chunks(logits: torch.Tensor, chunk_size: int):
+    # Chunks never cross a sequence, so logits[:, :-1] (not flattenable) is read without a copy.
+    batch, length, _ = logits.shape
+    return ((b, start) for b in range(batch) for start in range(0, length, chunk_size))
+
+
+def selective_log_softmax(
+    logits: torch.Tensor, index: torch.Tensor, *, chunk_size: int = 512
+) -> torch.Tensor:
+    """log p(index) = logits[index] - logsumexp(logits): logits [B, T, V], index [B, T] -> [B, T].
+
+    The result is fp32 (fp64 for fp64 logits) whatever the logits' dtype. A full fp32 [B, T, V]
+    log-softmax is never materialised: at most chunk_size rows are upcast at once, forward and
+    backward (Phi-2, V = 51200: 512 rows is 100 MiB, against 1.6 GiB for 8 x 1024 positions).
+
+    >>> logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]]])  # [1, 2, 4]
+    >>> selective_log_softmax(logits, torch.tensor([[3, 0]]))  # log(1/4), log(e^2 / (e^2 + 3))
+    tensor([[-1.3863, -0.3408]])
+    """
+    if logits.dim() != 3 or index.shape != logits.shape[:2]:
+        raise ValueError(
+            f"logits has shape {tuple(logits.shape)} and index {tuple(index.shape)}; "
+            "expected logits [B, T, V] and index [B, T]"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    return _SelectiveLogSoftmax.apply(logits, index.long(), chunk_size)
+
+
+def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1, [B, T].
+
+    Schulman (2020), "Approximating KL Divergence": for tokens sampled from pi its mean is exactly
+    KL(pi || pi_ref), and every term is >= 0 (e^x >= 1 + x), unlike the plain -log ratio.
+    The gradient with respect to logp is 1 - exp(ref - logp).
+
+    >>> kl_k3(torch.tensor([[0.5, 0.25]]).log(), torch.tensor([[0.5, 0.5]]).log())  # 0, 1 - ln 2
+    tensor([[0.0000, 0.3069]])
+    """
+    if logps.shape != ref_logps.shape:
+        raise ValueError(
+            f"ref_logps has shape {tuple(ref_logps.shape)}, logps {tuple(logps.shape)}; "
+            "they must match"
+        )
+    log_ratio = ref_logps - logps  # log(pi_ref / pi)
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over mask == 1 (along dim, or all of it); the count is clamped at 1, so an empty
+    mask gives 0. Masked-out entries are selected away, not multiplied: NaN or inf there is fine."""
+    real = mask.bool()
+    total = torch.where(real, x, 0.0).sum() if dim is None else torch.where(real, x, 0.0).sum(dim)
+    count = real.sum() if dim is None else real.sum(dim)
+    return total / count.clamp(min=1)
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "grpo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped GRPO loss (module docstring) and its statistics, for one (micro-)batch.
+
+    logps, old_logps, ref_logps, mask: [B, T], completion tokens only. old_logps=None means
+    on-policy (old = logps.detach()); ref_logps may be None when beta == 0. advantages: [B].
+    epsilon_high=None means epsilon_low (symmetric clip). max_completion_length is used by
+    "dr_grpo" only, num_items_in_batch by "dapo" only (None: the real tokens of this batch).
+
+    stats: "clip_low" / "clip_high" / "clip_region" are the fractions of real tokens where the clip
+    changed the objective: ratio < 1 - eps_low with A < 0 / ratio > 1 + eps_high with A > 0 /
+    either. "ratio_mean" is the token mean of the ratio, "kl" the token mean of k3 (when ref_logps
+    is given).
+
+    Worked example: sequence 0 has A = +1 and three tokens with ratios 1.0, 1.1, 1.5 (the last one
+    is clipped to 1.2); sequence 1 has A = -1 and one token with ratio 0.5 (clipped to 0.8).
+    "grpo" = mean(-(1.0 + 1.1 + 1.2) / 3, 0.8 / 1) = -0.15; "bnpo" = (-3.3 + 0.8) / 4 = -0.625.
+    >>> old = torch.zeros(2, 3)
+    >>> logps = torch.tensor([[1.0, 1.1, 1.5], [0.5, 1.0, 1.0]]).log()
+    >>> mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    >>> loss, stats = grpo_loss(logps, old, None, torch.tensor([1.0, -1.0]), mask)
+    >>> round(loss.item(), 4), stats["clip_low"], stats["clip_high"], stats["clip_region"]
+    (-0.15, 0.25, 0.25, 0.5)
+    """
+    _check_arguments(
+        logps, old_logps, ref_logps, advantages, mask, loss_type, epsilon_low, epsilon_high, beta,
+        importance_sampling_level, max_completion_length, num_items_in_batch,
+    )  # fmt: skip
+    eps_high = epsilon_low if epsilon_high is None else epsilon_high
+    batch = logps.shape[0]
+    real = mask.bool()  # [B, T]
+    # Padding may hold anything (even -inf). Select it to 0 before any arithmetic: multiplying by
+    # the mask afterwards would still let 0 * inf = NaN into the loss or its gradient.
+    old_logps = logps.detach() if old_logps is None else old_logps
+    log_ratio = torch.where(real, logps - old_logps, 0.0)  # [B, T], log(pi / pi_old)
+
+    if importance_sampling_level == "token":
+        ratio = torch.exp(log_ratio)  # [B, T]
+    else:  # GSPO: s_i = exp(mean_t log ratio), shared by the tokens of sequence i
+        ratio = torch.exp(masked_mean(log_ratio, real, dim=-1))[:, None].expand_as(logps)  # [B, T]
+    adv = advantages[:, None]  # [B, 1]
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped_ratio * adv)  # [B, T]
+    if ref_logps is not None:
+        kl = kl_k3(torch.where(real, logps, 0.0), torch.where(real, ref_logps, 0.0))  # [B, T]
+        if beta > 0:
+            per_token = per_token + beta * kl
+    per_token = torch.where(real, per_token, 0.0)  # [B, T], m * L
+
+    if loss_type == "grpo":
+        loss = masked_mean(per_token, real, dim=-1).mean()
+    elif loss_type == "bnpo":
+        loss = per_token.sum() / real.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = per_token.sum() / (batch * max_completion_length)
+    else:  # "dapo"
+        num_items = real.sum() if num_items_in_batch is None else num_items_in_batch
+        num_items = torch.as_tensor(num_items, dtype=per_token.dtype, device=per_token.device)
+        loss = per_token.sum() / num_items.clamp(min=1)
+
+    with torch.no_grad():
+        clip_low = real & (ratio < 1 - epsilon_low) & (adv < 0)  # [B, T]
+        clip_high = real & (ratio > 1 + eps_high) & (adv > 0)  # [B, T]
+        tokens = real.sum().clamp(min=1)
+        stats = {
+            "clip_low": (clip_low.sum() / tokens).item(),
+            "clip_high": (clip_high.sum() / tokens).item(),
+            "clip_region": ((clip_low | clip_high).sum() / tokens).item(),
+            "ratio_mean": masked_mean(ratio, real).item(),
+        }
+        if ref_logps is not None:
+            stats["kl"] = masked_mean(kl, real).item()
+    return loss, stats
+
+
+def _check_arguments(
+    logps, old_logps, ref_logps, advantages, mask, loss_type, epsilon_low, epsilon_high, beta,
+    importance_sampling_level, max_completion_length, num_items_in_batch,
+):  # fmt: skip
+    """Raise ValueError naming the argument and its value for every input grpo_loss cannot use."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"importance_sampling_level={importance_sampling_level!r} is not one of "
+            f"{IMPORTANCE_SAMPLING_LEVELS}"
+        )
+    nonnegative = {"epsilon_low": epsilon_low, "epsilon_high": epsilon_high, "beta": beta}
+    for name, value in nonnegative.items():
+        if value is not None and value < 0:
+            raise ValueError(f"{name}={value} must be >= 0")
+    if logps.dim() != 2:
+        raise ValueError(f"logps has shape {tuple(logps.shape)}; expected [B, T]")
+    for name, value in [("old_logps", old_logps), ("ref_logps", ref_logps), ("mask", mask)]:
+        if value is not None and value.shape != logps.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(value.shape)}, logps {tuple(logps.shape)}; must match"
+            )
+    if advantages.shape != logps.shape[:1]:
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}; expected [B] = [{logps.shape[0]}]"
+        )
+    if ref_logps is None and beta > 0:
+        raise ValueError(f"ref_logps=None with beta={beta}: the KL term needs reference log-probs")
+    if loss_type == "dr_grpo":
+        if max_completion_length is None or max_completion_length < 1:
+            raise ValueError(
+                f"max_completion_length={max_completion_length} with loss_type='dr_grpo': pass "
+                "the generation limit (the constant normaliser is B * max_completion_length)"
+            )
+        if logps.shape[1] > max_completion_length:
+            raise ValueError(
+                f"max_completion_length={max_completion_length} is below the {logps.shape[1]} "
+                "positions of logps: pass completion tokens only, or the real generation limit"
+            )
+    if loss_type == "dapo" and num_items_in_batch is not None and num_items_in_batch < 0:
+        raise ValueError(f"num_items_in_batch={num_items_in_batch} must be >= 0")

@@ -1,0 +1,178 @@
+"""`python -m grpo.train --config FILE.yaml [--key value ...]`: the whole run, end to end.
+
+validate config -> (tiny: build + supervised warm-up, cached) -> load base with the one loader
+-> NF4 + LoRA -> greedy eval "before" -> GRPO steps -> greedy eval "after" -> adapter,
+summary.json, metrics.jsonl, samples.jsonl, plots.png in output_dir
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from grpo.config import ConfigError, GRPOConfig, exit_on_error, parse_cli
+from grpo.model import ModelLoadError
+
+PLOTTED = [
+    ("reward", "reward (mean)"),
+    ("accuracy", "sampled accuracy"),
+    ("kl", "KL (k3)"),
+    ("completion_length", "completion length (tokens)"),
+]
+
+
+def write_plots(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.2))
+    for ax, (key, title) in zip(axes, PLOTTED, strict=True):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), lw=1)
+        ax.set_title(title)
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def run(cfg: GRPOConfig) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from grpo.trainer import GRPOTrainer, atomic_write_text, evaluate
+
+    t_start = time.time()
+    out = Path(cfg.output_dir)
+    trainer = GRPOTrainer(cfg)  # loads the model first: a missing model leaves nothing written
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save_yaml(out / "config.yaml")
+    report = trainer.parameter_report()
+    print(
+        f"model: {trainer.model.config.model_type}, {report['total_parameters']:,} parameters, "
+        f"{report['trainable_parameters']:,} trainable; stored {report['bytes'] / 2**20:.2f} MiB"
+        f" ({report['bits_per_param']:.2f} bits/param overall)",
+        flush=True,
+    )
+
+    resumed_from = None
+    if cfg.resume and (ckpt := trainer.latest_checkpoint()) is not None:
+        trainer.load_checkpoint(ckpt)
+        resumed_from = str(ckpt)
+        print(f"resumed from {ckpt} at step {trainer.step}", flush=True)
+    elif not cfg.resume:
+        for name in ("metrics.jsonl", "samples.jsonl", "warnings.log"):
+            (out / name).unlink(missing_ok=True)
+
+    before_path = out / "eval_before.json"
+    if resumed_from and before_path.is_file():
+        before = json.loads(before_path.read_text())
+    else:
+        acc, comps = evaluate(
+            trainer.model, trainer.tokenizer, trainer.task.eval, cfg.max_new_tokens
+        )
+        before = {"accuracy": acc, "completions": comps}
+        atomic_write_text(before_path, json.dumps(before))
+    print(
+        f"held-out greedy accuracy before GRPO: {before['accuracy']:.1%} "
+        f"(n={len(trainer.task.eval)})",
+        flush=True,
+    )
+
+    t_grpo = time.time()
+    bar = tqdm(
+        total=cfg.max_steps, initial=trainer.step, desc="GRPO", dynamic_ncols=True, disable=None
+    )
+    while trainer.step < cfg.max_steps:
+        metrics = trainer.train_step()
+        trainer.log_line("metrics.jsonl", metrics)
+        bar.update(1)
+        if trainer.step % cfg.log_every == 0 or trainer.step == cfg.max_steps:
+            bar.set_postfix(
+                reward=f"{metrics['reward']:.3f}",
+                acc=f"{metrics['accuracy']:.2f}",
+                kl=f"{metrics.get('kl', 0.0):.4f}",
+                refresh=False,
+            )
+        if trainer.step % cfg.sample_every == 0:
+            trainer.write_samples()
+        if cfg.eval_every and trainer.step % cfg.eval_every == 0:
+            acc, _ = evaluate(
+                trainer.model, trainer.tokenizer, trainer.task.eval, cfg.max_new_tokens
+            )
+            trainer.log_line("eval.jsonl", {"step": trainer.step, "accuracy": acc})
+            bar.write(f"step {trainer.step}: held-out greedy accuracy {acc:.1%}")
+        if cfg.save_every and trainer.step % cfg.save_every == 0:
+            trainer.save_checkpoint()
+    bar.close()
+    grpo_seconds = time.time() - t_grpo
+    if (
+        trainer.latest_checkpoint() is None
+        or trainer.latest_checkpoint().name != f"step-{trainer.step:06d}"
+    ):
+        trainer.save_checkpoint()
+
+    acc_after, comps_after = evaluate(
+        trainer.model, trainer.tokenizer, trainer.task.eval, cfg.max_new_tokens
+    )
+    adapter_dir = trainer.save_final_adapter()
+    write_plots(out / "metrics.jsonl", out / "plots.png")
+
+    print("\n              held-out greedy accuracy")
+    print(f"  before GRPO  {before['accuracy']:7.1%}")
+    print(
+        f"  after GRPO   {acc_after:7.1%}   ({(acc_after - before['accuracy']) * 100:+.1f} points, "
+        f"n={len(trainer.task.eval)})"
+    )
+    shown = 0
+    print("\n  prompt        base -> tuned   (gold)")
+    for rec, b, a in zip(trainer.task.eval, before["completions"], comps_after, strict=True):
+        if b.strip() != a.strip() and shown < 6:
+            print(f"  {rec['prompt']!r:<14}{b.strip()!r:>6} -> {a.strip()!r:<8}({rec['answer']})")
+            shown += 1
+
+    summary = {
+        "model": cfg.model,
+        "task": cfg.task,
+        "quantize": cfg.quantize,
+        "use_lora": cfg.use_lora,
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": acc_after,
+        "n_eval": len(trainer.task.eval),
+        "grpo_steps": trainer.step,
+        "grpo_seconds": round(grpo_seconds, 1),
+        "total_seconds": round(time.time() - t_start, 1),
+        "resumed_from": resumed_from,
+        "adapter_dir": str(adapter_dir),
+        "torch_threads": torch.get_num_threads(),
+        **report,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    print(f"\nwrote {out / 'summary.json'}, {adapter_dir}, metrics.jsonl, plots.png", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_cli(argv).validate()
+    except ConfigError as err:
+        exit_on_error(err)
+    try:
+        run(cfg)
+    except (ModelLoadError, ConfigError, FileNotFoundError) as err:
+        exit_on_error(err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""QLoRA written by hand: NF4 4-bit weights with double quantization (byte-identical to
+bitsandbytes), LoRA adapters on top, adapters saved in peft's format.
+
+    nf4.py      NF4_CODE, quantize_nf4, dequantize_nf4 (pure tensor functions)
+    layers.py   NF4Linear (frozen 4-bit linear), LoRALinear (the adapter)
+    model.py    prepare_qlora, adapters_disabled, merge_adapters, footprint
+    adapter.py  save_adapter / load_adapter (peft format, safetensors only)
+    bench.py    `python -m qlora.bench`: NF4Linear+LoRA vs bitsandbytes vs fp32, CPU or GPU
+
+This package never imports grpo/.
+"""
+
+from .adapter import AdapterError, load_adapter, read_adapter_config, save_adapter
+from .layers import LoRALinear, NF4Linear
+from .model import (
+    PHI_TARGETS,
+    QLoRAConfig,
+    adapters_disabled,
+    footprint,
+    lora_layers,
+    merge_adapters,
+    prepare_qlora,
+    stored_bytes,
+    trainable_parameters,
+)
+from .nf4 import (
+    NF4_CODE,
+    NF4Weight,
+    create_dynamic_map,
+    create_normal_map,
+    dequantize_nf4,
+    quantize_nf4,
+)
+
+__all__ = [
+    "NF4_CODE",
+    "PHI_TARGETS",
+    "AdapterError",
+    "LoRALinear",
+    "NF4Linear",
+    "NF4Weight",
+    "QLoRAConfig",
+    "adapters_disabled",
+    "create_dynamic_map",
+    "create_normal_map",
+    "dequantize_nf4",
+    "footprint",
+    "load_adapter",
+    "lora_layers",
+    "merge_adapters",
+    "prepare_qlora",
+    "quantize_nf4",
+    "read_adapter_config",
+    "save_adapter",
+    "stored_bytes",
+    "trainable_parameters",
+]

@@ -1,0 +1,208 @@
+"""The two layers of QLoRA: a frozen 4-bit linear layer and a LoRA adapter around any linear layer.
+
+    NF4Linear:   y = x W^T + b,   W = dequantize_nf4(qweight) rebuilt on every call, never stored
+    LoRALinear:  y = base(x) + s * B A dropout(x),   A [r, in], B [out, r],
+                 s = alpha / r (LoRA, Hu et al. 2021)
+                   or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023)
+
+Only A and B train. B starts at zero, so a fresh adapter leaves the base model's output unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+from torch import Tensor, nn
+
+from .nf4 import NF4Weight, dequantize_into, dequantize_nf4, quantize_nf4
+
+
+class _Scratch(threading.local):
+    """Per-thread decode buffers for NF4Linear on CPU, grown to the largest weight seen.
+
+    A fresh 100 MB tensor per call costs ~25k page faults, as long as the decode itself; one
+    buffer per thread (a Gradio server may run two generations at once) avoids that. The decoded
+    weight lives only until the matmul that reads it returns, so reuse is safe within a thread.
+    """
+
+    def __init__(self) -> None:
+        self.index = torch.empty(0, dtype=torch.int32)
+        self.words = torch.empty(0, dtype=torch.int64)
+
+    def decode(self, q: NF4Weight, dtype: torch.dtype) -> Tensor:
+        if q.device.type != "cpu":  # CUDA's caching allocator already recycles blocks
+            return dequantize_nf4(q, dtype)
+        # buffers born under inference_mode could not be written outside it later
+        with torch.inference_mode(False):
+            if self.index.numel() < q.packed.numel():
+                self.index = torch.empty(q.packed.numel(), dtype=torch.int32)
+            if self.words.numel() < q.n_blocks * q.blocksize // 2:
+                self.words = torch.empty(q.n_blocks * q.blocksize // 2, dtype=torch.int64)
+        weight = dequantize_into(q, self.index, self.words)  # float32, a view of self.words
+        return weight if dtype == torch.float32 else weight.to(dtype)
+
+
+_scratch = _Scratch()
+
+
+class _NF4LinearFunction(torch.autograd.Function):
+    """y = x W^T + b with W decoded in forward and decoded again in backward (the QLoRA way).
+
+    Nothing weight-sized is saved for backward: autograd keeps only the 4-bit codes it already
+    has. grad_x = grad_y W; W itself never gets a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bias: Tensor | None, layer: NF4Linear) -> Tensor:
+        ctx.layer = layer
+        weight = _scratch.decode(layer.qweight, x.dtype)  # [out, in]
+        return nn.functional.linear(x, weight, bias)  # [..., out]
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = _scratch.decode(ctx.layer.qweight, grad_y.dtype)  # [out, in]
+            grad_x = grad_y @ weight  # [..., in]
+        if ctx.needs_input_grad[1]:  # only if someone unfreezes the bias
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, grad_bias, None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in NF4: y = x W^T + b, W = dequantize(qweight).
+
+    The matmul runs in `compute_dtype` (float32 on CPU; bfloat16 is the GPU option) and the
+    output is cast back to the input's dtype. `qweight` is plain storage, not a parameter or a
+    buffer: `model.to(dtype)` must never cast quantized bytes or the float32 block scales.
+    """
+
+    def __init__(self, qweight: NF4Weight, bias: Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        if len(qweight.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-D [out, in] weight, got shape {qweight.shape}")
+        self.qweight = qweight
+        self.out_features, self.in_features = qweight.shape
+        self.compute_dtype = compute_dtype
+        if bias is not None:
+            bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = torch.float32,
+    ) -> NF4Linear:
+        """Quantize `linear.weight` (compute_dtype None: keep the weight's own dtype)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        qweight = quantize_nf4(linear.weight, blocksize=blocksize, double_quant=double_quant)
+        return cls(qweight, linear.bias, compute_dtype or linear.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self.bias
+        if bias is not None and bias.dtype != self.compute_dtype:
+            bias = bias.to(self.compute_dtype)
+        y = _NF4LinearFunction.apply(x.to(self.compute_dtype), bias, self)
+        return y.to(x.dtype)
+
+    def dequantize(self) -> Tensor:
+        """The weight as a fresh float tensor in its original dtype, [out, in]."""
+        return dequantize_nf4(self.qweight)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to / .cuda / .half funnel through here: follow device moves only. Applying fn to
+        # an empty uint8 tensor reveals the target device and, being an integer, never the dtype.
+        device = fn(torch.empty(0, dtype=torch.uint8, device=self.qweight.device)).device
+        if device != self.qweight.device:
+            self.qweight = self.qweight.to(device)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        q = self.qweight
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, blocksize={q.blocksize}, "
+            f"double_quant={q.double_quant}, compute_dtype={self.compute_dtype}"
+        )
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scaling * lora_B(lora_A(dropout(x))), base frozen (nn.Linear or NF4Linear).
+
+    lora_A: nn.Linear(in, r), Kaiming-uniform with a = sqrt(5) (peft's init); lora_B: nn.Linear
+    (r, out), zeros. Both are float32 whatever the base's dtype (peft's default too): the input
+    is cast to float32 for the adapter path and the sum cast back to the base output's dtype.
+    The attribute names are peft's, so `<path>.lora_A.weight` is the key peft saves and loads.
+    `disabled = True` (see adapters_disabled) returns base(x) exactly.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear | NF4Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(base, (nn.Linear, NF4Linear)):
+            raise TypeError(f"LoRALinear wraps nn.Linear or NF4Linear, got {type(base).__name__}")
+        if not (isinstance(r, int) and r > 0):
+            raise ValueError(f"LoRA rank r={r!r} must be a positive int (QLoRA uses 8 to 64)")
+        if not alpha > 0:
+            raise ValueError(f"lora alpha={alpha!r} must be > 0 (a common choice is 2 * r)")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"lora dropout={dropout!r} must be in [0, 1)")
+        self.base = base.requires_grad_(False)
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        # rsLoRA: alpha / sqrt(r) keeps the update's scale stable as r grows
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = base.qweight.device if isinstance(base, NF4Linear) else base.weight.device
+        kwargs = dict(bias=False, device=device, dtype=torch.float32)
+        self.lora_A = nn.Linear(base.in_features, r, **kwargs)
+        self.lora_B = nn.Linear(r, base.out_features, **kwargs)
+        self.disabled = False
+        self.reset_lora_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def dropout(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)  # [..., out]
+        if self.disabled:
+            return y
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # [..., r]
+        return y + (self.lora_B(h) * self.scaling).to(y.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """W + scaling * B A in float32, [out, in] (the base weight dequantized if NF4)."""
+        if isinstance(self.base, NF4Linear):
+            weight = dequantize_nf4(self.base.qweight, torch.float32)
+        else:
+            weight = self.base.weight.float()
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float()  # [out, in]
+        return weight + self.scaling * delta
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, disabled={self.disabled}"

@@ -1,0 +1,16 @@
+import os
+
+import pytest
+
+# Tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Phi saved with save_pretrained, loadable exactly like microsoft/phi-2."""
+    from grpo.tiny import save_tiny_phi
+
+    return save_tiny_phi(tmp_path_factory.mktemp("models") / "tiny-phi", seed=0)

@@ -1,0 +1,47 @@
+import json
+
+import pytest
+
+from grpo.data import arithmetic_task, gsm8k_gold, gsm8k_prompt, gsm8k_task, load_task
+
+
+def test_arithmetic_split_is_disjoint_seeded_and_correct():
+    task = arithmetic_task(seed=0, n_eval=500)
+    assert len(task.eval) == 500 and len(task.train) == 20_000 - 500
+    assert not {r["prompt"] for r in task.eval} & {r["prompt"] for r in task.train}
+    assert arithmetic_task(seed=0).eval == task.eval
+    assert arithmetic_task(seed=1).eval != task.eval
+    for r in task.eval[:50] + task.train[:50]:
+        assert str(eval(r["prompt"][:-1])) == r["answer"]  # "47+35=" -> "82"
+
+
+def test_gsm8k_gold_and_prompt():
+    assert gsm8k_gold("She has 3 + 4 = 7 apples.\n#### 1,234") == "1234"
+    with pytest.raises(ValueError, match="####"):
+        gsm8k_gold("no final line")
+    p = gsm8k_prompt("  What is 2+2? ")
+    assert p.startswith("Instruct: ") and p.endswith("What is 2+2?\nOutput:")
+
+
+def test_gsm8k_local_jsonl(tmp_path):
+    path = tmp_path / "gsm.jsonl"
+    rows = [
+        {"question": f"What is {i}+1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"} for i in range(10)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    task = gsm8k_task(str(path), n_eval=2)
+    assert len(task.train) == 8 and [r["answer"] for r in task.eval] == ["9", "10"]
+    assert load_task("gsm8k", dataset_path=str(path), n_eval=3).eval[0]["answer"] == "8"
+
+
+def test_gsm8k_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        gsm8k_task(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"q": "x", "a": "#### 1"}) + "\n" + json.dumps({"q": "y", "a": "#### 2"})
+    )
+    with pytest.raises(ValueError, match="need 'question' and 'answer'"):
+        gsm8k_task(str(bad))
+    with pytest.raises(ValueError, match="task='chess'"):
+        load_task("chess")

@@ -1,0 +1,167 @@
+"""A few real GRPO steps of the whole loop on the tiny model (seconds), checkpoints and resume."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grpo.config import GRPOConfig
+from grpo.train import run
+from grpo.trainer import GRPOTrainer
+
+FAST = dict(
+    model="tiny",
+    warmup_sft_steps=20,
+    warmup_sft_batch_size=32,
+    n_eval=16,
+    prompts_per_step=4,
+    num_generations=4,
+    micro_batch_size=8,
+    max_new_tokens=5,
+    log_every=1,
+    sample_every=1,
+    lora_r=4,
+    lora_alpha=8.0,
+)
+
+
+def fast_cfg(out, **kw) -> GRPOConfig:
+    return GRPOConfig(**{**FAST, "output_dir": str(out), **kw}).validate()
+
+
+@pytest.fixture(scope="module")
+def shared_base(tmp_path_factory):
+    """Build the warmed-up tiny base once; runs copy it into their own output_dir."""
+    out = tmp_path_factory.mktemp("base-run")
+    GRPOTrainer(fast_cfg(out))
+    return out / "base"
+
+
+def with_base(out: Path, base: Path) -> Path:
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(base, out / "base")
+    return out
+
+
+def test_run_writes_every_artifact_with_finite_metrics(tmp_path, shared_base):
+    out = with_base(tmp_path / "run", shared_base)
+    summary = run(fast_cfg(out, max_steps=3, save_every=2, beta=0.04, num_iterations=2))
+    for name in [
+        "config.yaml",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "plots.png",
+        "summary.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ]:
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for key in [
+            "reward",
+            "accuracy",
+            "kl",
+            "clip_region",
+            "grad_norm",
+            "loss",
+            "frac_reward_zero_std",
+            "completion_length",
+            "generated_tokens_per_second",
+        ]:
+            assert math.isfinite(r[key]), (key, r)
+        assert 0 <= r["frac_reward_zero_std"] <= 1 and r["completion_length_max"] <= 5
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: LoRA B = 0, policy == reference
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    for key in [
+        "accuracy_before",
+        "accuracy_after",
+        "n_eval",
+        "grpo_steps",
+        "grpo_seconds",
+        "total_seconds",
+    ]:
+        assert key in saved
+    assert saved["grpo_steps"] == 3 and saved["n_eval"] == 16
+    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert len(sample["completions"]) == 4 and len(sample["advantages"]) == 4
+
+
+def test_only_lora_moves_and_nf4_bytes_stay(tmp_path, shared_base):
+    out = with_base(tmp_path / "run", shared_base)
+    trainer = GRPOTrainer(fast_cfg(out, max_steps=2, learning_rate=0.05))
+    before = {n: t.clone() for n, t in trainer.model.state_dict().items()}
+    qbytes = [m.qweight.packed.clone() for m in trainer.model.modules() if hasattr(m, "qweight")]
+    for _ in range(2):
+        trainer.train_step()
+    after = trainer.model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+    now = [m.qweight.packed for m in trainer.model.modules() if hasattr(m, "qweight")]
+    assert all(torch.equal(a, b) for a, b in zip(qbytes, now, strict=True))
+
+
+def test_resume_ends_at_same_step_with_same_weights(tmp_path, shared_base):
+    straight = with_base(tmp_path / "straight", shared_base)
+    run(fast_cfg(straight, max_steps=4, save_every=2))
+    resumed = with_base(tmp_path / "resumed", shared_base)
+    run(fast_cfg(resumed, max_steps=2, save_every=2))
+    summary = run(fast_cfg(resumed, max_steps=4, save_every=2, resume=True))
+    assert summary["grpo_steps"] == 4 and summary["resumed_from"].endswith("step-000002")
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_sigkill_never_leaves_a_broken_checkpoint(tmp_path, shared_base):
+    out = with_base(tmp_path / "run", shared_base)
+    cfg = fast_cfg(out, max_steps=200, save_every=1)
+    cfg.save_yaml(tmp_path / "c.yaml")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grpo.train", "--config", str(tmp_path / "c.yaml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((out / "checkpoints").glob("step-*"))) < 3:
+            time.sleep(0.05)
+        time.sleep(0.13)  # somewhere inside a later step or a checkpoint write
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    resumed = GRPOTrainer(fast_cfg(out, max_steps=200, resume=True))
+    ckpt = resumed.latest_checkpoint()
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 3
+    resumed.load_checkpoint(ckpt)
+    assert resumed.step == int(ckpt.name.split("-")[1])
+
+
+def test_no_signal_warning_is_loud(tmp_path, shared_base, capsys):
+    out = with_base(tmp_path / "run", shared_base)
+    trainer = GRPOTrainer(fast_cfg(out, no_signal_patience=2))
+    out.mkdir(exist_ok=True)
+    for _ in range(2):
+        trainer.check_signal(1.0)
+    err = capsys.readouterr().err
+    assert "no learning signal" in err and "2 consecutive steps" in err
+    trainer.check_signal(0.5)
+    assert trainer.no_signal_streak == 0
