@@ -1,0 +1,11 @@
+"""The CPU Gradio demo: the base model and the GRPO-tuned adapter answer one prompt side by side.
+
+python -m app --run-dir runs/tiny            serve it (what `make demo` runs)
+python -m app.screenshot --run-dir runs/tiny --out docs/demo.png
+
+streaming.py  PairGenerator: base (adapters disabled) and tuned tokens, interleaved, streamed
+loading.py    resolve_spec / load_demo: run dir, the one model loader, adapter, examples, rewards
+ui.py         build_app(demo) -> gr.Blocks, with the `/compare` API endpoint and the queue
+browser.py    serve (subprocess on a free port) and compare_in_browser (Playwright, Chromium)
+screenshot.py the README screenshot through browser.py, the browser test's code path
+"""

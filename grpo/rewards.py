@@ -250,6 +250,35 @@ def correctness_reward(prompts: list[str], completions: list[str], **columns) ->
     return [float(is_correct(c, g)) for c, g in zip(completions, golds, strict=True)]
 
 
+def digits_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """Partial credit: the fraction of digit positions that match the gold answer, right-aligned.
+
+    A denser signal than correctness for arithmetic: "93" for gold "92" earns 0.5 (the tens digit
+    is right), "-51" for "-51" earns 1.0. With p and g the answer strings without a sign, right-
+    aligned and left-filled to n = max(len(p), len(g)):
+
+        reward = (#{i : p_i == g_i} + [sign(p) == sign(g)]) / (n + 1)
+
+    No answer at all earns 0. Needs the column `answer`; only integer golds make sense here.
+
+    >>> digits_reward(["Q"] * 4, ["92", "93", "-51", "x"], answer=["92", "92", "51", "92"])
+    [1.0, 0.6666666666666666, 0.6666666666666666, 0.0]
+    """
+    golds = _column(columns, "answer", len(completions), "digits_reward", "the gold answers")
+    scores = []
+    for completion, gold in zip(completions, golds, strict=True):
+        value, gold_value = answer_value(completion), _gold_value(gold)
+        if value is None or value != int(value):
+            scores.append(0.0)
+            continue
+        p, g = str(abs(int(value))), str(abs(int(gold_value)))
+        n = max(len(p), len(g))
+        p, g = p.rjust(n, " "), g.rjust(n, " ")
+        same_sign = (value < 0) == (gold_value < 0)
+        scores.append((sum(a == b for a, b in zip(p, g, strict=True)) + same_sign) / (n + 1))
+    return scores
+
+
 def _is_well_formatted(text: str) -> bool:
     """See `format_reward`. Counting literal tags (rather than one big regex) makes every rule
     explicit, and is multi-line safe by construction."""
@@ -345,6 +374,7 @@ def overlong_penalty(max_completion_length: int, cache_length: int) -> RewardFn:
 REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "correctness": correctness_reward,
     "format": format_reward,
+    "digits": digits_reward,
     "overlong": overlong_penalty,
 }
 _FACTORIES = frozenset({"overlong"})

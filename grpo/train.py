@@ -47,43 +47,47 @@ def write_plots(metrics_path: Path, png: Path) -> None:
 
 
 def run(cfg: GRPOConfig) -> dict:
+    """The whole run; under torchrun every rank calls it, rank 0 alone writes and prints."""
     import torch
     from tqdm import tqdm
 
-    from grpo.trainer import GRPOTrainer, atomic_write_text, evaluate
+    from grpo import distributed as dist
+    from grpo.trainer import GRPOTrainer, atomic_write_text
 
     t_start = time.time()
     out = Path(cfg.output_dir)
     trainer = GRPOTrainer(cfg)  # loads the model first: a missing model leaves nothing written
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save_yaml(out / "config.yaml")
+    main = dist.is_main()
+    say = print if main else (lambda *a, **k: None)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save_yaml(out / "config.yaml")
     report = trainer.parameter_report()
-    print(
+    say(
         f"model: {trainer.model.config.model_type}, {report['total_parameters']:,} parameters, "
-        f"{report['trainable_parameters']:,} trainable; stored {report['bytes'] / 2**20:.2f} MiB"
-        f" ({report['bits_per_param']:.2f} bits/param overall)",
+        f"{report['trainable_parameters']:,} trainable; stored {report['bytes'] / 2**20:.2f} MiB "
+        f"({report['bits_per_param']:.2f} bits/param overall); {dist.world_size()} process(es)",
         flush=True,
     )
 
     resumed_from = None
     if cfg.resume and (ckpt := trainer.latest_checkpoint()) is not None:
-        trainer.load_checkpoint(ckpt)
+        trainer.load_checkpoint(ckpt)  # every rank loads the same checkpoint
         resumed_from = str(ckpt)
-        print(f"resumed from {ckpt} at step {trainer.step}", flush=True)
-    elif not cfg.resume:
-        for name in ("metrics.jsonl", "samples.jsonl", "warnings.log"):
+        say(f"resumed from {ckpt} at step {trainer.step}", flush=True)
+    elif main:
+        for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "warnings.log"):
             (out / name).unlink(missing_ok=True)
 
     before_path = out / "eval_before.json"
     if resumed_from and before_path.is_file():
         before = json.loads(before_path.read_text())
     else:
-        acc, comps = evaluate(
-            trainer.model, trainer.tokenizer, trainer.task.eval, cfg.max_new_tokens
-        )
+        acc, comps = trainer.evaluate_heldout()
         before = {"accuracy": acc, "completions": comps}
-        atomic_write_text(before_path, json.dumps(before))
-    print(
+        if main:
+            atomic_write_text(before_path, json.dumps(before))
+    say(
         f"held-out greedy accuracy before GRPO: {before['accuracy']:.1%} "
         f"(n={len(trainer.task.eval)})",
         flush=True,
@@ -91,11 +95,16 @@ def run(cfg: GRPOConfig) -> dict:
 
     t_grpo = time.time()
     bar = tqdm(
-        total=cfg.max_steps, initial=trainer.step, desc="GRPO", dynamic_ncols=True, disable=None
+        total=cfg.max_steps,
+        initial=trainer.step,
+        desc="GRPO",
+        dynamic_ncols=True,
+        disable=None if main else True,
     )
     while trainer.step < cfg.max_steps:
         metrics = trainer.train_step()
-        trainer.log_line("metrics.jsonl", metrics)
+        if main:
+            trainer.log_line("metrics.jsonl", metrics)
         bar.update(1)
         if trainer.step % cfg.log_every == 0 or trainer.step == cfg.max_steps:
             bar.set_postfix(
@@ -104,43 +113,23 @@ def run(cfg: GRPOConfig) -> dict:
                 kl=f"{metrics.get('kl', 0.0):.4f}",
                 refresh=False,
             )
-        if trainer.step % cfg.sample_every == 0:
+        if main and trainer.step % cfg.sample_every == 0:
             trainer.write_samples()
         if cfg.eval_every and trainer.step % cfg.eval_every == 0:
-            acc, _ = evaluate(
-                trainer.model, trainer.tokenizer, trainer.task.eval, cfg.max_new_tokens
-            )
-            trainer.log_line("eval.jsonl", {"step": trainer.step, "accuracy": acc})
-            bar.write(f"step {trainer.step}: held-out greedy accuracy {acc:.1%}")
+            acc, _ = trainer.evaluate_heldout()
+            if main:
+                trainer.log_line("eval.jsonl", {"step": trainer.step, "accuracy": acc})
+                bar.write(f"step {trainer.step}: held-out greedy accuracy {acc:.1%}")
         if cfg.save_every and trainer.step % cfg.save_every == 0:
             trainer.save_checkpoint()
     bar.close()
     grpo_seconds = time.time() - t_grpo
-    if (
-        trainer.latest_checkpoint() is None
-        or trainer.latest_checkpoint().name != f"step-{trainer.step:06d}"
-    ):
+    latest = trainer.latest_checkpoint()
+    if latest is None or latest.name != f"step-{trainer.step:06d}":
         trainer.save_checkpoint()
 
-    acc_after, comps_after = evaluate(
-        trainer.model, trainer.tokenizer, trainer.task.eval, cfg.max_new_tokens
-    )
+    acc_after, comps_after = trainer.evaluate_heldout()
     adapter_dir = trainer.save_final_adapter()
-    write_plots(out / "metrics.jsonl", out / "plots.png")
-
-    print("\n              held-out greedy accuracy")
-    print(f"  before GRPO  {before['accuracy']:7.1%}")
-    print(
-        f"  after GRPO   {acc_after:7.1%}   ({(acc_after - before['accuracy']) * 100:+.1f} points, "
-        f"n={len(trainer.task.eval)})"
-    )
-    shown = 0
-    print("\n  prompt        base -> tuned   (gold)")
-    for rec, b, a in zip(trainer.task.eval, before["completions"], comps_after, strict=True):
-        if b.strip() != a.strip() and shown < 6:
-            print(f"  {rec['prompt']!r:<14}{b.strip()!r:>6} -> {a.strip()!r:<8}({rec['answer']})")
-            shown += 1
-
     summary = {
         "model": cfg.model,
         "task": cfg.task,
@@ -154,12 +143,38 @@ def run(cfg: GRPOConfig) -> dict:
         "total_seconds": round(time.time() - t_start, 1),
         "resumed_from": resumed_from,
         "adapter_dir": str(adapter_dir),
+        "world_size": dist.world_size(),
         "torch_threads": torch.get_num_threads(),
         **report,
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    print(f"\nwrote {out / 'summary.json'}, {adapter_dir}, metrics.jsonl, plots.png", flush=True)
+    if main:
+        write_plots(out / "metrics.jsonl", out / "plots.png")
+        print_report(trainer.task.eval, before, acc_after, comps_after)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        print(
+            f"\nwrote {out / 'summary.json'}, {adapter_dir}, metrics.jsonl, plots.png", flush=True
+        )
+    dist.barrier()
     return summary
+
+
+def print_report(records, before: dict, acc_after: float, comps_after: list[str]) -> None:
+    n = len(records)
+    print("\n              held-out greedy accuracy")
+    print(f"  before GRPO  {before['accuracy']:7.1%}")
+    print(
+        f"  after GRPO   {acc_after:7.1%}   "
+        f"({(acc_after - before['accuracy']) * 100:+.1f} points, n={n})"
+    )
+    print("\n  prompt              base -> tuned        (gold)")
+    shown = 0
+    for rec, b, a in zip(records, before["completions"], comps_after, strict=True):
+        if b.strip() != a.strip() and shown < 6:
+            print(
+                f"  {rec['prompt'][-16:]!r:<18}{b.strip()[-8:]!r:>8} -> {a.strip()[-8:]!r:<10}"
+                f"({rec['answer']})"
+            )
+            shown += 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,10 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_cli(argv).validate()
     except ConfigError as err:
         exit_on_error(err)
+    from grpo import distributed as dist
+
     try:
         run(cfg)
     except (ModelLoadError, ConfigError, FileNotFoundError) as err:
         exit_on_error(err)
+    finally:
+        dist.shutdown()
     return 0
 
 

@@ -17,6 +17,7 @@ whole (unquantized) model trains, and the reference is a frozen copy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -30,7 +31,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from grpo.config import GRPOConfig
+from grpo import distributed as dist
+from grpo.config import ConfigError, GRPOConfig
 from grpo.data import Task, load_task
 from grpo.loss import group_advantages, grpo_loss
 from grpo.model import load_model
@@ -187,14 +189,36 @@ class GRPOTrainer:
         self.out = Path(cfg.output_dir)
         self.log = log or (lambda msg: print(msg, flush=True))
         self.device = resolve_device(cfg)
+        dist.init_from_env(self.device.type)
+        if self.device.type == "cuda" and dist.world_size() > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if cfg.prompts_per_step % dist.world_size():
+            raise ConfigError(
+                f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the "
+                f"{dist.world_size()} processes, so no group is split across ranks"
+            )
         self.task = load_task(
             cfg.task, seed=cfg.seed, n_eval=cfg.n_eval, dataset_path=cfg.dataset_path
         )
         if cfg.model == "tiny":
-            ensure_tiny_base(cfg, self.task, log=self.log)
-        torch.manual_seed(cfg.seed)  # LoRA init
+            if dist.is_main():  # one rank builds the cached base, the others wait and load it
+                ensure_tiny_base(cfg, self.task, log=self.log)
+            dist.barrier()
+        torch.manual_seed(cfg.seed)  # LoRA init: identical on every rank
         self.model, self.tokenizer, self.reference = build_policy(cfg, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ddp = None
+        self.forward_model = self.model  # what the loss forward goes through (DDP when > 1 rank)
+        if dist.world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # NF4 codes are buffers that never change: no need to broadcast them every forward.
+            self.ddp = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+            self.forward_model = self.ddp
         self.opt = torch.optim.AdamW(
             self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
@@ -210,19 +234,22 @@ class GRPOTrainer:
 
     # ---- one GRPO step ------------------------------------------------------------------
     def sample_prompts(self, step: int) -> list[dict]:
-        """The step's prompts: a function of (seed, step) alone, so a resumed run sees the same."""
+        """This rank's prompts for `step`: a function of (seed, step) alone, so a resumed run sees
+        the same. The step's prompts_per_step prompts are cut into world_size contiguous shares."""
         rng = random.Random(self.cfg.seed * 1_000_003 + step)
-        return rng.sample(self.task.train, self.cfg.prompts_per_step)
+        records = rng.sample(self.task.train, self.cfg.prompts_per_step)
+        share = self.cfg.prompts_per_step // dist.world_size()
+        return records[dist.rank() * share : (dist.rank() + 1) * share]
 
-    def train_step(self) -> dict:
+    def make_batch(self) -> dict:
+        """Steps 1-3: rollouts, rewards and advantages for this rank's prompts."""
         cfg, G = self.cfg, self.cfg.num_generations
         t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1_000_003 + self.step)  # sampling: reproducible on resume
+        # Sampling seed: reproducible on resume, different on each rank.
+        torch.manual_seed(cfg.seed * 1_000_003 + self.step * 1_009 + dist.rank())
         records = self.sample_prompts(self.step)
         prompts = [r["prompt"] for r in records for _ in range(G)]  # [N], groups contiguous
         answers = [r["answer"] for r in records for _ in range(G)]
-
-        # 1. rollouts
         ro = generate_rollouts(
             self.model,
             self.tokenizer,
@@ -233,8 +260,6 @@ class GRPOTrainer:
         )
         t_gen = time.perf_counter()
         lengths = ro.completion_mask.sum(dim=1)  # [N]
-
-        # 2. rewards, 3. advantages
         rewards, per_fn = combine_rewards(
             self.reward_fns,
             self.reward_weights,
@@ -243,14 +268,32 @@ class GRPOTrainer:
             answer=answers,
             completion_lengths=lengths.tolist(),
         )
-        advantages = group_advantages(rewards, G, scale=cfg.scale_rewards).to(self.device)  # [N]
-        group_std = rewards.view(-1, G).std(dim=1)  # [prompts]
-        frac_zero_std = (group_std == 0).float().mean().item()
+        return {
+            "records": records,
+            "answers": answers,
+            "rollout": ro,
+            "rewards": rewards,
+            "per_fn": per_fn,
+            "generation_seconds": t_gen - t0,
+        }
 
-        loss_mask = ro.completion_mask.clone()
+    def update(self, batch: dict) -> dict:
+        """Steps 3-6 on a batch from `make_batch` (or any fixed rollouts): one optimizer step."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        t0 = time.perf_counter()
+        ro: Rollout = batch["rollout"]
+        rewards = batch["rewards"].float()  # [N] this rank's rows
+        N = len(ro)
+        # Advantages over the whole step's batch (all ranks), then this rank's rows.
+        all_rewards = dist.all_gather_cat(rewards.to(self.device)).cpu()  # [N * world]
+        advantages = group_advantages(all_rewards, G, scale=cfg.scale_rewards)
+        advantages = advantages[dist.rank() * N : (dist.rank() + 1) * N].to(self.device)  # [N]
+        frac_zero_std = (all_rewards.view(-1, G).std(dim=1) == 0).float().mean().item()
+
+        loss_mask = ro.completion_mask.clone()  # [N, C]
         if cfg.mask_truncated_completions:
             loss_mask[ro.truncated] = 0  # DAPO: a cut-off answer says nothing about its ending
-        num_items = int(loss_mask.sum())
+        num_items = int(dist.all_reduce_sum(int(loss_mask.sum()), self.device))
 
         # 4. reference, 5. old log-probs (no grad, whole batch in micro-batches)
         ref_logps = self.reference_logps(ro) if cfg.beta > 0 else None
@@ -258,47 +301,48 @@ class GRPOTrainer:
         t_ref = time.perf_counter()
 
         # 6. policy update
-        N, mb = len(ro), cfg.micro_batch_size
+        mb = cfg.micro_batch_size
+        starts = list(range(0, N, mb))
         stats_acc: dict[str, float] = {}
         grad_norm = 0.0
         self.model.train()
         for _ in range(cfg.num_iterations):
-            for start in range(0, N, mb):
+            for start in starts:
                 rows = slice(start, min(N, start + mb))
                 part = ro.select(rows)
-                logps = completion_logps(self.model, part, temperature=cfg.temperature)  # [n, C]
-                loss, stats = grpo_loss(
-                    logps,
-                    None if old_logps is None else old_logps[rows],
-                    None if ref_logps is None else ref_logps[rows],
-                    advantages[rows],
-                    loss_mask[rows],
-                    loss_type=cfg.loss_type,
-                    epsilon_low=cfg.epsilon_low,
-                    epsilon_high=cfg.epsilon_high,
-                    beta=cfg.beta,
-                    importance_sampling_level=cfg.importance_sampling_level,
-                    max_completion_length=cfg.max_new_tokens,
-                    num_items_in_batch=num_items,
-                )
-                # Sequence- and batch-normalised losses are means over this micro-batch: weigh
-                # them by its share of the batch so the accumulated gradient is the full-batch
-                # one ("dapo" already divides by the whole batch's token count).
-                share = 1.0 if cfg.loss_type == "dapo" else len(part) / N
-                (loss * share).backward()
+                # DDP all-reduces on the last micro-batch only (gradient accumulation).
+                sync = start == starts[-1] or self.ddp is None
+                with self.ddp.no_sync() if not sync else contextlib.nullcontext():
+                    logps = completion_logps(self.forward_model, part, cfg.temperature)  # [n, C]
+                    loss, stats = grpo_loss(
+                        logps,
+                        None if old_logps is None else old_logps[rows],
+                        None if ref_logps is None else ref_logps[rows],
+                        advantages[rows],
+                        loss_mask[rows],
+                        loss_type=cfg.loss_type,
+                        epsilon_low=cfg.epsilon_low,
+                        epsilon_high=cfg.epsilon_high,
+                        beta=cfg.beta,
+                        importance_sampling_level=cfg.importance_sampling_level,
+                        max_completion_length=cfg.max_new_tokens,
+                        num_items_in_batch=num_items,
+                    )
+                    # Per-sequence and per-micro-batch means weigh in by their share of the
+                    # rank's batch, so the accumulated gradient is the full-batch one; "dapo"
+                    # already divides by the global token count, so it undoes DDP's average.
+                    share = dist.world_size() if cfg.loss_type == "dapo" else len(part) / N
+                    (loss * share).backward()
                 for k, v in stats.items():
                     stats_acc[k] = stats_acc.get(k, 0.0) + v * len(part) / (N * cfg.num_iterations)
-                stats_acc["loss"] = (
-                    stats_acc.get("loss", 0.0) + loss.item() * share / cfg.num_iterations
+                stats_acc["loss"] = stats_acc.get("loss", 0.0) + loss.item() * len(part) / (
+                    N * cfg.num_iterations
                 )
             if cfg.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             else:
-                grad_norm = float(
-                    torch.linalg.vector_norm(
-                        torch.stack([p.grad.norm() for p in self.params if p.grad is not None])
-                    )
-                )
+                grads = [p.grad.norm() for p in self.params if p.grad is not None]
+                grad_norm = float(torch.linalg.vector_norm(torch.stack(grads)))
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         lr = self.sched.get_last_lr()[0]
@@ -306,31 +350,51 @@ class GRPOTrainer:
         self.step += 1
         t_end = time.perf_counter()
 
-        correct = [is_correct(c, a) for c, a in zip(ro.completions, answers, strict=True)]
+        lengths = ro.completion_mask.sum(dim=1)  # [N]
+        correct = [is_correct(c, a) for c, a in zip(ro.completions, batch["answers"], strict=True)]
+        W = dist.world_size()
         metrics = {
             "step": self.step,
-            "reward": rewards.mean().item(),
-            "reward_std": rewards.std().item(),
-            "accuracy": sum(correct) / N,
+            "reward": all_rewards.mean().item(),
+            "reward_std": all_rewards.std().item(),
+            "accuracy": dist.all_reduce_sum(sum(correct), self.device) / (N * W),
             "frac_reward_zero_std": frac_zero_std,
-            "completion_length": lengths.float().mean().item(),
+            "completion_length": dist.all_reduce_sum(lengths.sum().item(), self.device) / (N * W),
             "completion_length_max": int(lengths.max()),
-            "truncated_frac": ro.truncated.float().mean().item(),
+            "truncated_frac": dist.all_reduce_sum(ro.truncated.sum().item(), self.device) / (N * W),
             "lr": lr,
             "grad_norm": grad_norm,
-            "step_seconds": t_end - t0,
-            "generation_seconds": t_gen - t0,
-            "reference_seconds": t_ref - t_gen,
+            "step_seconds": batch.get("generation_seconds", 0.0) + t_end - t0,
+            "generation_seconds": batch.get("generation_seconds", 0.0),
+            "reference_seconds": t_ref - t0,
             "update_seconds": t_end - t_ref,
-            "generated_tokens_per_second": lengths.sum().item() / max(1e-9, t_gen - t0),
+            "generated_tokens_per_second": lengths.sum().item()
+            / max(1e-9, batch.get("generation_seconds", 0.0)),
             **stats_acc,
         }
-        for name, values in per_fn.items():
+        for name, values in batch["per_fn"].items():
             metrics[f"reward/{name}"] = values.mean().item()
             metrics[f"reward/{name}_std"] = values.std().item()
-        self._last = (records, ro, rewards, advantages)
+        self._last = (batch["records"], ro, rewards, advantages)
         self.check_signal(frac_zero_std)
         return metrics
+
+    def evaluate_heldout(self) -> tuple[float, list[str]]:
+        """Greedy accuracy on the held-out split and every completion, each rank taking an
+        interleaved share (records[rank::world_size])."""
+        W, r = dist.world_size(), dist.rank()
+        mine = self.task.eval[r::W]
+        _, completions = evaluate(self.model, self.tokenizer, mine, self.cfg.max_new_tokens)
+        shares = dist.gather_lists(completions)
+        ordered = [shares[i % W][i // W] for i in range(len(self.task.eval))]
+        correct = [
+            is_correct(c, rec["answer"]) for c, rec in zip(ordered, self.task.eval, strict=True)
+        ]
+        return sum(correct) / max(1, len(ordered)), ordered
+
+    def train_step(self) -> dict:
+        """One GRPO step: make_batch (generate, score) then update (advantages, loss, step)."""
+        return self.update(self.make_batch())
 
     @torch.no_grad()
     def reference_logps(self, ro: Rollout) -> torch.Tensor:
@@ -364,8 +428,9 @@ class GRPOTrainer:
                 "are 0 and nothing is learned. Check the reward functions and the columns they "
                 "get, raise temperature or num_generations, or pick easier prompts."
             )
-            print(msg, file=sys.stderr, flush=True)
-            self.log_line("warnings.log", {"step": self.step, "warning": msg})
+            if dist.is_main():
+                print(msg, file=sys.stderr, flush=True)
+                self.log_line("warnings.log", {"step": self.step, "warning": msg})
 
     # ---- files ------------------------------------------------------------------------------
     def log_line(self, name: str, record: dict) -> None:
@@ -397,7 +462,15 @@ class GRPOTrainer:
         }
 
     def save_checkpoint(self) -> Path:
-        """checkpoints/step-N, written complete in a temp dir and renamed: never half-written."""
+        """checkpoints/step-N, written by rank 0, complete in a temp dir then renamed: a kill at
+        any moment leaves either no step-N or a whole one, never a half-written one."""
+        final = self.out / "checkpoints" / f"step-{self.step:06d}"
+        if dist.is_main():
+            self._write_checkpoint()
+        dist.barrier()
+        return final
+
+    def _write_checkpoint(self) -> Path:
         root = self.out / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.step:06d}"
@@ -457,6 +530,8 @@ class GRPOTrainer:
 
     def save_final_adapter(self) -> Path:
         target = self.out / ("adapter" if self.cfg.use_lora else "model")
+        if not dist.is_main():
+            return target
         if self.cfg.use_lora:
             save_adapter(self.model, target, model_path(self.cfg))
         else:

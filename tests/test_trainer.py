@@ -19,8 +19,8 @@ from grpo.trainer import GRPOTrainer
 
 FAST = dict(
     model="tiny",
-    warmup_sft_steps=20,
-    warmup_sft_batch_size=32,
+    warmup_sft_steps=150,
+    warmup_sft_batch_size=64,
     n_eval=16,
     prompts_per_step=4,
     num_generations=4,
@@ -30,6 +30,8 @@ FAST = dict(
     sample_every=1,
     lora_r=4,
     lora_alpha=8.0,
+    reward_funcs=["correctness", "digits"],  # partial credit: signal even from a weak base
+    reward_weights=[1.0, 1.0],
 )
 
 
@@ -83,7 +85,9 @@ def test_run_writes_every_artifact_with_finite_metrics(tmp_path, shared_base):
         ]:
             assert math.isfinite(r[key]), (key, r)
         assert 0 <= r["frac_reward_zero_std"] <= 1 and r["completion_length_max"] <= 5
-    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: LoRA B = 0, policy == reference
+    # Step 1: the first of its 2 passes has B = 0, so policy == reference and k3 = 0 exactly;
+    # the second pass comes after one small update: a small positive KL.
+    assert 0 < rows[0]["kl"] < 1e-2
     saved = json.loads((out / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     for key in [

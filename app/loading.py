@@ -1,0 +1,120 @@
+"""Load what a DemoSpec names: the model (the project's one loader), NF4 quantization, the
+adapter, the task's examples and gold answers. No Gradio here."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from grpo.config import GRPOConfig
+from grpo.data import load_task
+from grpo.model import ModelLoadError, load_model
+from grpo.rewards import build_reward_functions, combine_rewards, format_reward, is_correct
+from qlora import (
+    AdapterError,
+    footprint,
+    load_adapter,
+    merge_adapters,
+    read_adapter_config,
+    trainable_parameters,
+)
+
+from .spec import DemoError, DemoSpec
+from .streaming import PairGenerator
+
+N_EXAMPLES = 8
+
+
+@dataclass
+class Demo:
+    """The loaded demo: a generator over the two models, and what the UI shows about them."""
+
+    generator: PairGenerator
+    spec: DemoSpec
+    info: dict  # model, adapter, parameter counts, footprint, accuracies
+    examples: list[str]  # held-out evaluation prompts
+    answers: dict[str, str]  # prompt -> gold answer, every prompt of the task
+    reward_fns: dict = field(default_factory=dict)  # the run's reward functions, by name
+    reward_weights: list[float] = field(default_factory=list)
+
+
+def load_demo(spec: DemoSpec) -> Demo:
+    """Load the model with the project's loader, NF4-quantize it (unless --no-quantize), load the
+    adapter, optionally merge it into a dequantized copy, and gather the task's examples."""
+    try:
+        model, tokenizer = load_model(spec.model, spec.dtype)
+    except ModelLoadError as err:
+        raise DemoError(str(err)) from err
+    model.eval()
+    try:
+        load_adapter(model, spec.adapter, quantize=spec.quantize)
+    except AdapterError as err:
+        raise DemoError(str(err)) from err  # names the file, the bad key or shape, and the fix
+    trainable, total = trainable_parameters(model)  # LoRA matrices are the trainable ones
+    model.requires_grad_(False)
+    adapter_config = read_adapter_config(spec.adapter)
+    stored = footprint(model)
+    info = {
+        "model": spec.model,
+        "dtype": spec.dtype,
+        "quantized": spec.quantize,
+        "adapter": str(spec.adapter),
+        "lora": {k: adapter_config.get(k) for k in ("r", "lora_alpha", "target_modules")},
+        "trainable_params": trainable,
+        "total_params": total,
+        "footprint_mb": stored["bytes"] / 1e6,
+        "bits_per_param": stored["bits_per_param"],
+        "summary": spec.summary,
+    }
+    tuned = model
+    if spec.merge:
+        tuned = merge_adapters(model).eval()
+        info["merged_footprint_mb"] = footprint(tuned)["bytes"] / 1e6
+    generator = PairGenerator(model, tuned, tokenizer, spec.max_new_tokens_cap)
+
+    examples, answers = task_examples(spec)
+    reward_fns, reward_weights = {}, []
+    cfg = spec.config
+    if cfg is not None and set(cfg.reward_funcs) <= {"correctness", "format"}:
+        reward_fns, reward_weights = build_reward_functions(cfg.reward_funcs, cfg.reward_weights)
+    return Demo(generator, spec, info, examples, answers, reward_fns, reward_weights)
+
+
+def task_examples(spec: DemoSpec) -> tuple[list[str], dict[str, str]]:
+    """(the first held-out prompts, {prompt: gold answer} over both splits); empty when the
+    task is unknown or cannot be loaded (a warning, not a failure: the demo still runs)."""
+    if spec.task is None:
+        return [], {}
+    cfg = spec.config or GRPOConfig(task=spec.task)
+    try:
+        task = load_task(spec.task, seed=cfg.seed, n_eval=cfg.n_eval, dataset_path=cfg.dataset_path)
+    except (OSError, ValueError, ImportError) as err:
+        print(
+            f"demo: warning: task {spec.task!r} could not be loaded ({err}); no examples",
+            file=sys.stderr,
+        )
+        return [], {}
+    answers = {r["prompt"]: r["answer"] for r in task.train + task.eval}
+    return [r["prompt"] for r in task.eval[:N_EXAMPLES]], answers
+
+
+def reward_breakdown(demo: Demo, prompt: str, completion: str) -> str:
+    """Markdown line: is the answer correct, is it well formatted, the run's reward; or why not."""
+    gold = demo.answers.get(prompt)
+    if gold is None:
+        return "_No gold answer for this prompt (pick an example to see rewards)._"
+    correct = is_correct(completion, gold)
+    formatted = format_reward([prompt], [completion])[0] == 1.0
+    parts = [
+        f"correct: **{'yes' if correct else 'no'}** (gold {gold})",
+        f"format: **{'yes' if formatted else 'no'}**",
+    ]
+    if demo.reward_fns:
+        total, _ = combine_rewards(
+            demo.reward_fns, demo.reward_weights, [prompt], [completion], answer=[gold]
+        )
+        terms = " + ".join(
+            f"{w:g}·{n}" for n, w in zip(demo.reward_fns, demo.reward_weights, strict=True)
+        )
+        parts.append(f"reward {terms} = **{total.item():g}**")
+    return " · ".join(parts)

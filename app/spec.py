@@ -1,0 +1,119 @@
+"""What the demo should load, from the command line and the run directory: paths, task,
+settings. Only light imports (no torch), so a bad path fails in a fraction of a second.
+
+A run directory (`make train` writes runs/tiny) holds config.yaml, base/ (model: tiny only),
+adapter/ and summary.json. `--model` and `--adapter` override the run's, or replace it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grpo.config import ConfigError, GRPOConfig
+
+
+class DemoError(RuntimeError):
+    """The demo cannot start; the message is one line naming the path and the fix (exit 2)."""
+
+
+@dataclass
+class DemoSpec:
+    """What to load, resolved from the CLI: paths, task, settings."""
+
+    model: str
+    adapter: Path
+    quantize: bool = True
+    merge: bool = False
+    dtype: str = "float32"
+    task: str | None = None  # examples and gold answers come from this task's splits
+    config: GRPOConfig | None = None  # the run's config, when loading a run directory
+    summary: dict = field(default_factory=dict)  # the run's summary.json, when present
+    max_new_tokens: int = 64  # the slider's starting value
+    max_new_tokens_cap: int = 256
+
+
+def resolve_spec(
+    run_dir: str | None,
+    model: str | None = None,
+    adapter: str | None = None,
+    *,
+    quantize: bool = True,
+    merge: bool = False,
+    task: str | None = None,
+    max_new_tokens_cap: int = 256,
+) -> DemoSpec:
+    """Turn the CLI's paths into a DemoSpec, or raise DemoError naming the missing path."""
+    cfg, summary = None, {}
+    if run_dir is not None:
+        run = Path(run_dir)
+        config_path = run / "config.yaml"
+        if not config_path.is_file():
+            raise DemoError(
+                f"{config_path} is missing, so {run} is not a trained run; fix: train it "
+                "(`make train` writes runs/tiny) or pass --model MODEL --adapter DIR"
+            )
+        try:
+            cfg = GRPOConfig.from_yaml(config_path)
+        except ConfigError as err:
+            raise DemoError(f"{err}; fix: repair the file or re-run `make train`") from err
+        # A tiny run's base lives inside the run directory, wherever that has been moved.
+        model = model or str(run / "base" if cfg.model == "tiny" else cfg.model)
+        adapter = adapter or str(run / "adapter")
+        summary_path = run / "summary.json"
+        if summary_path.is_file():
+            try:
+                summary = json.loads(summary_path.read_text())
+            except json.JSONDecodeError:
+                print(f"demo: warning: {summary_path} is not valid JSON; ignored", file=sys.stderr)
+        task = task or cfg.task
+    if adapter is None:
+        raise DemoError(
+            "no adapter given; fix: pass --run-dir runs/tiny (after `make train`) or "
+            "--adapter DIR (a peft-format LoRA directory)"
+        )
+    adapter_dir = Path(adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        fix = (
+            f"run `make train` (writes {adapter_dir}) or pass --adapter DIR"
+            if run_dir is not None
+            else "pass a directory written by save_adapter or peft's save_pretrained"
+        )
+        raise DemoError(f"adapter {adapter_dir / 'adapter_config.json'} does not exist; fix: {fix}")
+    if model is None:  # --adapter alone: the base the adapter says it was trained on
+        config_path = adapter_dir / "adapter_config.json"
+        try:
+            model = json.loads(config_path.read_text()).get("base_model_name_or_path")
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise DemoError(
+                f"{config_path} is not a JSON object ({err}); fix: re-save the "
+                "adapter, or pass --model"
+            ) from err
+        if not model:
+            raise DemoError(
+                f"{adapter_dir / 'adapter_config.json'} names no "
+                "base_model_name_or_path; fix: pass --model"
+            )
+    local = Path(model).expanduser()
+    if str(model).startswith((".", "/", "~")) and not (local / "config.json").is_file():
+        # A path, not a hub id: say so now rather than after importing torch (load_model
+        # still checks hub ids and everything else).
+        raise DemoError(
+            f"model {model}: no config.json there; fix: pass a directory written by "
+            "save_pretrained (`make train` builds runs/tiny/base) or a hub id such as "
+            "microsoft/phi-2"
+        )
+    return DemoSpec(
+        model=str(model),
+        adapter=adapter_dir,
+        quantize=quantize,
+        merge=merge,
+        dtype=cfg.dtype if cfg else "float32",
+        task=task,
+        config=cfg,
+        summary=summary,
+        max_new_tokens=cfg.max_new_tokens if cfg else 64,
+        max_new_tokens_cap=max_new_tokens_cap,
+    )

@@ -1,0 +1,201 @@
+"""The Gradio Blocks app: one prompt, the base and the GRPO-tuned answer side by side.
+
+Clicking "Compare" runs three queued events in a chain:
+
+    1. start    check the prompt; show a notice (empty prompt, truncated prompt); clear outputs
+    2. compare  stream (base_text, tuned_text), token by token; the public API endpoint
+                `/compare`: gradio_client's `predict(prompt, max_new_tokens, temperature, top_p,
+                greedy, api_name="/compare")` returns the final (base_text, tuned_text)
+    3. score    each answer's reward breakdown, when the prompt has a known gold answer
+
+The queue runs at most `concurrency_limit` of each event at once (1 by default: users are
+served in turn, and each generation gets all the CPU cores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import gradio as gr
+
+from .loading import Demo, reward_breakdown
+from .streaming import Sampling
+
+EMPTY_PROMPT = "Type a prompt first (or click one of the examples below)."
+CSS = "#notice p { color: #b45309; font-weight: 600; }"
+
+
+def info_markdown(demo: Demo) -> str:
+    """The info panel: model, adapter, parameter counts, footprint, the run's accuracies."""
+    info = demo.info
+    lora = info["lora"]
+    storage = "NF4 4-bit base (double quantization)" if info["quantized"] else "not quantized"
+    rows = [
+        ("Model", f"`{info['model']}` ({info['dtype']}, {storage})"),
+        (
+            "Adapter",
+            f"`{info['adapter']}`: LoRA r={lora['r']}, alpha={lora['lora_alpha']}, "
+            f"targets {', '.join(lora['target_modules'])}",
+        ),
+        (
+            "Trainable / total parameters",
+            f"{info['trainable_params']:,} / {info['total_params']:,} "
+            f"({100 * info['trainable_params'] / max(1, info['total_params']):.2f}%)",
+        ),
+        (
+            "Quantized footprint" if info["quantized"] else "Footprint",
+            f"{info['footprint_mb']:.2f} MB, {info['bits_per_param']:.2f} bits/parameter "
+            "(everything stored: 4-bit codes, scales, LoRA, embeddings)",
+        ),
+    ]
+    if "merged_footprint_mb" in info:
+        rows.append(
+            (
+                "GRPO-tuned runs on",
+                f"a merged copy, W + s·B·A in {info['dtype']} ({info['merged_footprint_mb']:.2f} "
+                "MB, --merge)",
+            )
+        )
+    summary = info["summary"]
+    if "accuracy_before" in summary and "accuracy_after" in summary:
+        extra = ", ".join(
+            f"{label} {summary[key]}"
+            for key, label in (("n_eval", "n ="), ("grpo_steps", "steps:"))
+            if key in summary
+        )
+        rows.append(
+            (
+                "Held-out accuracy (greedy)",
+                f"before GRPO **{summary['accuracy_before']:.1%}** → after "
+                f"**{summary['accuracy_after']:.1%}**" + (f" ({extra})" if extra else ""),
+            )
+        )
+    else:
+        rows.append(("Held-out accuracy", "no summary.json in the run directory"))
+    return "\n".join(f"- **{k}**: {v}" for k, v in rows)
+
+
+def build_app(demo: Demo, concurrency_limit: int = 1) -> gr.Blocks:
+    """The Blocks app over a loaded Demo, with its queue set; launch it with `.launch(...)`."""
+    generator = demo.generator
+    cap = generator.max_new_tokens_cap
+
+    def start(prompt: str, max_new_tokens: float):
+        notice = (
+            EMPTY_PROMPT if not prompt.strip() else generator.prepare(prompt, max_new_tokens).notice
+        )
+        return notice, "", "", "", "", gr.Button(interactive=False)
+
+    def compare(
+        prompt: str, max_new_tokens: float, temperature: float, top_p: float, greedy: bool
+    ) -> Iterator[tuple[str, str]]:
+        """(base_text, tuned_text), streamed; ("", "") for an empty prompt."""
+        if not prompt.strip():
+            yield "", ""
+            return
+        prepared = generator.prepare(prompt, int(max_new_tokens))
+        sampling = Sampling(
+            prepared.max_new_tokens,
+            greedy=bool(greedy),
+            temperature=max(float(temperature), 1e-3),  # Sampling needs T > 0, 0 < top_p <= 1
+            top_p=min(max(float(top_p), 1e-3), 1.0),
+        )
+        yield from generator.stream(prepared, sampling)
+
+    def score(prompt: str, base_text: str, tuned_text: str):
+        if not prompt.strip():
+            return "", "", gr.Button(interactive=True)
+        return (
+            reward_breakdown(demo, prompt, base_text),
+            reward_breakdown(demo, prompt, tuned_text),
+            gr.Button(interactive=True),
+        )
+
+    with gr.Blocks(title="GRPO: base vs tuned", analytics_enabled=False) as app:
+        gr.Markdown(
+            "# Base vs GRPO-tuned\nThe same prompt, answered by the base model (LoRA adapter "
+            "switched off) and by the GRPO-tuned adapter. Tokens stream into both."
+        )
+        with gr.Accordion("Model and run", open=True):
+            gr.Markdown(info_markdown(demo), elem_id="info")
+        with gr.Row():
+            prompt = gr.Textbox(
+                label="Prompt",
+                lines=2,
+                max_lines=12,
+                scale=5,
+                elem_id="prompt",
+                placeholder=demo.examples[0] if demo.examples else "Ask something",
+            )
+            run = gr.Button("Compare", variant="primary", scale=1, elem_id="run")
+        notice = gr.Markdown(elem_id="notice")
+        with gr.Row(equal_height=True):
+            with gr.Column():
+                base_out = gr.Textbox(
+                    label="Base",
+                    lines=4,
+                    interactive=False,
+                    buttons=["copy"],
+                    elem_id="base-output",
+                )
+                base_reward = gr.Markdown(elem_id="base-reward")
+            with gr.Column():
+                tuned_out = gr.Textbox(
+                    label="GRPO-tuned",
+                    lines=4,
+                    interactive=False,
+                    buttons=["copy"],
+                    elem_id="tuned-output",
+                )
+                tuned_reward = gr.Markdown(elem_id="tuned-reward")
+        with gr.Accordion("Generation settings", open=False):
+            with gr.Row():
+                max_new_tokens = gr.Slider(
+                    1,
+                    cap,
+                    value=min(demo.spec.max_new_tokens, cap),
+                    step=1,
+                    label=f"Max new tokens (cap {cap})",
+                )
+                greedy = gr.Checkbox(value=True, label="Greedy (ignore temperature and top_p)")
+                temperature = gr.Slider(
+                    0.05, 2.0, value=1.0, step=0.05, label="Temperature", interactive=False
+                )
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p", interactive=False)
+        if demo.examples:
+            gr.Examples(
+                demo.examples,
+                inputs=[prompt],
+                label="Held-out evaluation prompts",
+                cache_examples=False,
+            )
+
+        greedy.change(
+            lambda g: (gr.Slider(interactive=not g), gr.Slider(interactive=not g)),
+            inputs=greedy,
+            outputs=[temperature, top_p],
+            queue=False,
+            api_visibility="private",
+        )
+        gr.on(
+            [run.click, prompt.submit],
+            start,
+            inputs=[prompt, max_new_tokens],
+            outputs=[notice, base_out, tuned_out, base_reward, tuned_reward, run],
+            api_visibility="private",
+            show_progress="hidden",
+        ).then(
+            compare,
+            inputs=[prompt, max_new_tokens, temperature, top_p, greedy],
+            outputs=[base_out, tuned_out],
+            api_name="compare",
+            show_progress="minimal",
+        ).then(
+            score,
+            inputs=[prompt, base_out, tuned_out],
+            outputs=[base_reward, tuned_reward, run],
+            api_visibility="private",
+            show_progress="hidden",
+        )
+    app.queue(default_concurrency_limit=concurrency_limit)
+    return app

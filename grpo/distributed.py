@@ -1,0 +1,77 @@
+"""torch.distributed in the few places GRPO needs it (launched by `torchrun`; no-ops alone).
+
+What has to be global for a multi-process run to equal a one-process run:
+- groups: each rank generates whole groups for its share of the step's prompts, so the G
+  completions of a prompt never straddle ranks;
+- rewards: gathered before the advantages, so scale_rewards="batch" sees the whole batch;
+- gradients: DDP all-reduces (averages) the LoRA gradients; the "dapo" loss is multiplied by the
+  world size to undo that average, since it already divides by the global token count;
+- num_items_in_batch ("dapo"): the real tokens of all ranks, all-reduced.
+Rank 0 alone writes logs, samples, plots and checkpoints; every rank resumes from the same one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device_type: str) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); gloo on CPU, nccl on CUDA."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def all_reduce_sum(value: float | int, device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors of every rank along dim 0, in rank order."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def gather_lists(items: list) -> list[list]:
+    """Every rank's list, in rank order (small Python objects, e.g. evaluation completions)."""
+    if not dist.is_initialized():
+        return [items]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, items)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,86 @@
+"""One optimizer step on a fixed batch of rollouts; run alone or under torchrun (see
+tests/test_distributed.py). Writes the LoRA weights after the step to <out>/lora.safetensors."""
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from grpo import distributed as dist
+from grpo.config import GRPOConfig
+from grpo.rewards import combine_rewards
+from grpo.rollout import generate_rollouts
+from grpo.trainer import GRPOTrainer
+
+
+def main(run_dir: str, loss_type: str, out: str) -> None:
+    cfg = GRPOConfig(
+        model="tiny",
+        output_dir=run_dir,
+        loss_type=loss_type,
+        prompts_per_step=8,
+        num_generations=4,
+        micro_batch_size=4,
+        max_new_tokens=5,
+        lora_r=4,
+        lora_alpha=8.0,
+        beta=0.04,
+        learning_rate=1e-2,
+        n_eval=16,
+        reward_funcs=["correctness", "digits"],
+        reward_weights=[1.0, 1.0],
+    ).validate()
+    torch.set_num_threads(1)
+    trainer = GRPOTrainer(cfg, log=lambda m: None)
+    with torch.no_grad():  # a non-zero B, the same on every rank: every LoRA gradient is live
+        g = torch.Generator().manual_seed(7)
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    # The fixed batch: the same 32 rollouts on every rank (same seed, same model) ...
+    records = trainer.task.train[:8]
+    prompts = [r["prompt"] for r in records for _ in range(4)]
+    answers = [r["answer"] for r in records for _ in range(4)]
+    torch.manual_seed(1234)
+    ro = generate_rollouts(trainer.model, trainer.tokenizer, prompts, max_new_tokens=5)
+    lengths = ro.completion_mask.sum(1).tolist()
+    rewards, per_fn = combine_rewards(
+        trainer.reward_fns,
+        trainer.reward_weights,
+        prompts,
+        ro.completions,
+        answer=answers,
+        completion_lengths=lengths,
+    )
+    # ... of which each rank keeps its contiguous share of whole groups.
+    n = len(ro) // dist.world_size()
+    rows = slice(dist.rank() * n, (dist.rank() + 1) * n)
+    batch = {
+        "records": records,
+        "answers": answers[rows],
+        "rollout": ro.select(rows),
+        "rewards": rewards[rows],
+        "per_fn": {k: v[rows] for k, v in per_fn.items()},
+    }
+    # Record the (all-reduced, accumulated) gradients the optimizer sees: Adam's first step is
+    # nearly sign(g), so the weights alone would hide a wrong gradient scale.
+    grads, step = {}, trainer.opt.step
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+
+    def recording_step(*args, **kwargs):
+        grads.update({f"grad.{names[id(p)]}": p.grad.detach().clone() for p in trainer.params})
+        return step(*args, **kwargs)
+
+    trainer.opt.step = recording_step
+    trainer.update(batch)
+    if dist.is_main():
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in trainer.trainable_state().items()}
+        save_file(state | grads, out)
+    dist.barrier()
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
