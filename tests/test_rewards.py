@@ -18,6 +18,7 @@ from grpo.rewards import (
     build_reward_functions,
     combine_rewards,
     correctness_reward,
+    digits_reward,
     extract_answer,
     format_reward,
     gold_answer,
@@ -301,11 +302,38 @@ def test_overlong_penalty_missing_column():
         fn(["Q"], ["c"], answer=["1"])
 
 
+# --- digits (partial credit) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "completion, gold, expected",
+    [
+        ("92", "92", 1.0),  # 2 digits + sign, all right
+        ("93", "92", 2 / 3),  # tens right, units wrong, sign right
+        ("29", "92", 1 / 3),  # only the sign
+        ("-51", "51", 2 / 3),  # digits right, sign wrong
+        ("5", "105", 2 / 4),  # right-aligned: units 5 and the sign
+        ("105", "5", 2 / 4),
+        ("<answer>-7</answer>", "-7", 1.0),
+        ("no number", "7", 0.0),
+        ("7.5", "7", 0.0),  # not an integer
+        ("1,234", "1234", 1.0),
+    ],
+)
+def test_digits_reward_values(completion, gold, expected):
+    assert digits_reward(["Q"], [completion], answer=[gold]) == [pytest.approx(expected)]
+
+
+def test_digits_reward_needs_answer_column():
+    with pytest.raises(MissingColumnError, match="answer"):
+        digits_reward(["Q"], ["1"])
+
+
 # --- registry ----------------------------------------------------------------------------------
 
 
 def test_registry_and_build():
-    assert set(REWARD_FUNCTIONS) == {"correctness", "format", "overlong"}
+    assert set(REWARD_FUNCTIONS) == {"correctness", "format", "digits", "overlong"}
     fns, weights = build_reward_functions(
         ["format", "overlong"], [0.5, 1], max_completion_length=10, cache_length=5, unused=1
     )

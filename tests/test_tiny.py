@@ -41,7 +41,9 @@ def test_tokenizer_special_tokens_and_exact_round_trip():
 def test_save_and_from_pretrained_round_trip(tmp_path):
     model, tok = build_tiny_phi(seed=3)
     path = save_tiny_phi(tmp_path / "tiny", seed=3)
-    assert sorted(p.name for p in path.iterdir()) >= ["config.json", "model.safetensors"]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in path.iterdir()
+    }
     assert not list(tmp_path.glob(".tiny.tmp-*"))  # atomic: no temp dir left behind
     loaded = AutoModelForCausalLM.from_pretrained(path)
     loaded_tok = AutoTokenizer.from_pretrained(path)

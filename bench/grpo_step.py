@@ -1,0 +1,189 @@
+"""Part 3: whole GRPO steps of the tiny default config (examples/tiny.yaml), four ways.
+
+    NF4 base + LoRA, beta 0        the default
+    NF4 base + LoRA, beta 0.04     + a reference forward (adapters disabled) for the KL term
+    fp32 base + LoRA, beta 0       quantize: false
+    fp32 base + LoRA, beta 0.04
+
+Each runs in its own process (so its peak RSS is its own): build the trainer on a warmed-up tiny
+base shared by all four, one untimed step, then `steps` timed `train_step()`s. A step splits into
+
+    generation       sampling prompts_per_step x num_generations completions (KV cache)
+    reference        log-probs with adapters disabled (beta > 0 only)
+    policy fwd/bwd   the update minus the optimizer: forward, loss, backward, gradient clipping
+    optimizer        AdamW step (timed here by wrapping trainer.opt.step)
+
+generated tokens/s = completion tokens sampled / generation seconds (the trainer's own metric);
+trained tokens/s = completion tokens in the loss / (policy fwd/bwd + optimizer) seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .measure import child_main, exact, figure, peak_rss_bytes, ratio_of, run_child
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml"
+BETA_KL = 0.04  # DeepSeekMath's beta
+CONFIGS = {  # name -> (quantize, beta)
+    "nf4_beta0": (True, 0.0),
+    "nf4_beta0.04": (True, BETA_KL),
+    "fp32_beta0": (False, 0.0),
+    "fp32_beta0.04": (False, BETA_KL),
+}
+PHASES = (
+    "step_seconds",
+    "generation_seconds",
+    "reference_seconds",
+    "policy_fwd_bwd_seconds",
+    "optimizer_seconds",
+)
+
+
+def config_label(name: str) -> str:
+    quantize, beta = CONFIGS[name]
+    return f"{'NF4' if quantize else 'fp32'} base + LoRA, beta {beta:g}"
+
+
+def make_config(output_dir: str, overrides: dict):
+    from grpo.config import GRPOConfig
+
+    cfg = GRPOConfig.from_yaml(TINY_CONFIG)
+    for key, value in {"output_dir": str(output_dir), "device": "cpu", **overrides}.items():
+        setattr(cfg, key, value)
+    return cfg.validate()
+
+
+def build_base(output_dir: str, overrides: dict) -> Path:
+    """The warmed-up tiny Phi in <output_dir>/base, built once and shared by every config.
+
+    Setup, not a measured figure: it runs single-threaded, the fastest setting for a model this
+    small on a machine whose cores other processes also use.
+    """
+    from grpo.data import load_task
+    from grpo.trainer import ensure_tiny_base
+
+    cfg = make_config(output_dir, overrides)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        task = load_task(cfg.task, seed=cfg.seed, n_eval=cfg.n_eval, dataset_path=cfg.dataset_path)
+        return ensure_tiny_base(cfg, task, log=lambda msg: None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def child(args: dict) -> dict:
+    """In a fresh process: time `steps` GRPO steps of one config."""
+    from grpo.trainer import GRPOTrainer
+
+    quantize, beta = CONFIGS[args["config"]]
+    cfg = make_config(args["output_dir"], {**args["overrides"], "quantize": quantize, "beta": beta})
+    start = time.perf_counter()
+    trainer = GRPOTrainer(cfg, log=lambda msg: None)  # reuses <output_dir>/base
+    init_seconds = time.perf_counter() - start
+    optimizer_seconds: list[float] = []
+    step_optimizer = trainer.opt.step
+
+    def timed_step(*a, **kw):
+        t0 = time.perf_counter()
+        out = step_optimizer(*a, **kw)
+        optimizer_seconds.append(time.perf_counter() - t0)
+        return out
+
+    trainer.opt.step = timed_step
+    n = cfg.prompts_per_step * cfg.num_generations
+    steps = []
+    for i in range(args["warmup_steps"] + args["steps"]):
+        optimizer_seconds.clear()
+        m = trainer.train_step()
+        if i < args["warmup_steps"]:
+            continue
+        opt = sum(optimizer_seconds)
+        trained_tokens = m["completion_length"] * n * cfg.num_iterations
+        steps.append(
+            {
+                "step_seconds": m["step_seconds"],
+                "generation_seconds": m["generation_seconds"],
+                "reference_seconds": m["reference_seconds"],
+                "policy_fwd_bwd_seconds": m["update_seconds"] - opt,
+                "optimizer_seconds": opt,
+                "generated_tokens_per_second": m["generated_tokens_per_second"],
+                "trained_tokens_per_second": trained_tokens / m["update_seconds"],
+                "completion_length": m["completion_length"],
+            }
+        )
+    return {
+        "steps": steps,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "init_seconds": init_seconds,
+        "completions_per_step": n,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run(output_dir: str, overrides: dict, steps: int, warmup_steps: int, threads: int, log=print):
+    """Every config on the base that build_base(output_dir, overrides) made."""
+    results = {}
+    for name in CONFIGS:
+        args = dict(
+            config=name,
+            output_dir=str(output_dir),
+            overrides=overrides,
+            steps=steps,
+            warmup_steps=warmup_steps,
+            threads=threads,
+        )
+        out = run_child("bench.grpo_step", args)
+        per = {k: [s[k] for s in out["steps"]] for k in out["steps"][0]}
+        results[name] = {
+            "label": config_label(name),
+            **{k: figure(per[k], "s") for k in PHASES},
+            "generated_tokens_per_second": figure(per["generated_tokens_per_second"], "tokens/s"),
+            "trained_tokens_per_second": figure(per["trained_tokens_per_second"], "tokens/s"),
+            "completion_length": figure(per["completion_length"], "tokens"),
+            "peak_rss": exact(
+                out["peak_rss_bytes"] / 2**20,
+                "MiB",
+                of="the whole process: interpreter, torch, model, optimizer, all steps",
+            ),
+            "trainer_init_seconds": round(out["init_seconds"], 2),
+            "completions_per_step": out["completions_per_step"],
+        }
+        r = results[name]
+        log(
+            f"  {r['label']}: {r['step_seconds']['median']:.3f} s/step "
+            f"(generation {r['generation_seconds']['median']:.3f}, reference "
+            f"{r['reference_seconds']['median']:.3f}, fwd/bwd "
+            f"{r['policy_fwd_bwd_seconds']['median']:.3f}, optimizer "
+            f"{r['optimizer_seconds']['median']:.3f}), peak RSS {r['peak_rss']['median']:.0f} MiB"
+        )
+
+    def step_ratio(a: str, b: str, key: str = "step_seconds") -> dict:
+        return ratio_of(
+            results[a][key],
+            results[b][key],
+            f"{key} {config_label(a)}",
+            f"{key} {config_label(b)}",
+        )
+
+    ratios = {
+        "step_nf4_vs_fp32_beta0": step_ratio("nf4_beta0", "fp32_beta0"),
+        "step_nf4_vs_fp32_beta0.04": step_ratio("nf4_beta0.04", "fp32_beta0.04"),
+        "step_beta0.04_vs_beta0_nf4": step_ratio("nf4_beta0.04", "nf4_beta0"),
+        "peak_rss_nf4_vs_fp32_beta0": step_ratio("nf4_beta0", "fp32_beta0", "peak_rss"),
+    }
+    return {
+        "config": f"{TINY_CONFIG.relative_to(TINY_CONFIG.parents[1])} with {overrides}",
+        "steps_timed": steps,
+        "steps_untimed": warmup_steps,
+        "configs": results,
+        "ratios": ratios,
+    }
+
+
+if __name__ == "__main__":
+    child_main(child)
