@@ -9,9 +9,11 @@ Each runs in its own process (so its peak RSS is its own): build the trainer on 
 base shared by all four, one untimed step, then `steps` timed `train_step()`s. A step splits into
 
     generation       sampling prompts_per_step x num_generations completions (KV cache)
-    reference        log-probs with adapters disabled (beta > 0 only)
+    reference        log-probs with adapters disabled (beta > 0 only; at beta 0 what remains
+                     is computing the advantages, a fraction of a millisecond)
     policy fwd/bwd   the update minus the optimizer: forward, loss, backward, gradient clipping
     optimizer        AdamW step (timed here by wrapping trainer.opt.step)
+    other            the rest of the train_step() call: rewards, metrics, bookkeeping
 
 generated tokens/s = completion tokens sampled / generation seconds (the trainer's own metric);
 trained tokens/s = completion tokens in the loss / (policy fwd/bwd + optimizer) seconds.
@@ -40,6 +42,7 @@ PHASES = (
     "reference_seconds",
     "policy_fwd_bwd_seconds",
     "optimizer_seconds",
+    "other_seconds",
 )
 
 
@@ -99,14 +102,18 @@ def child(args: dict) -> dict:
     steps = []
     for i in range(args["warmup_steps"] + args["steps"]):
         optimizer_seconds.clear()
+        t0 = time.perf_counter()
         m = trainer.train_step()
+        step_seconds = time.perf_counter() - t0  # the whole call, whatever the trainer counts
         if i < args["warmup_steps"]:
             continue
         opt = sum(optimizer_seconds)
         trained_tokens = m["completion_length"] * n * cfg.num_iterations
+        phases = m["generation_seconds"] + m["reference_seconds"] + m["update_seconds"]
         steps.append(
             {
-                "step_seconds": m["step_seconds"],
+                "step_seconds": step_seconds,
+                "other_seconds": step_seconds - phases,
                 "generation_seconds": m["generation_seconds"],
                 "reference_seconds": m["reference_seconds"],
                 "policy_fwd_bwd_seconds": m["update_seconds"] - opt,

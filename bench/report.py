@@ -257,6 +257,7 @@ def grpo_md(g: dict) -> list[str]:
                 cell(c["reference_seconds"]),
                 cell(c["policy_fwd_bwd_seconds"]),
                 cell(c["optimizer_seconds"]),
+                cell(c["other_seconds"]),
                 cell(c["generated_tokens_per_second"]),
                 cell(c["trained_tokens_per_second"]),
                 cell(c["peak_rss"], 4),
@@ -268,9 +269,10 @@ def grpo_md(g: dict) -> list[str]:
         "",
         f"Config: {g['config']}; {next(iter(g['configs'].values()))['completions_per_step']} "
         f"completions per step; {g['steps_untimed']} untimed + {g['steps_timed']} timed steps, "
-        "each config in its own process. Policy fwd/bwd = update minus optimizer (forward, loss, "
-        "backward, gradient clipping); trained tokens/s = completion tokens in the loss / "
-        "(fwd/bwd + optimizer) seconds.",
+        "each config in its own process. Step = the whole `train_step()` call; policy fwd/bwd = "
+        "the update minus the optimizer (forward, loss, backward, gradient clipping); rewards "
+        "etc. = the rest (rewards, metrics, bookkeeping); trained tokens/s = completion "
+        "tokens in the loss / (fwd/bwd + optimizer) seconds.",
         "",
         *table(
             [
@@ -280,6 +282,7 @@ def grpo_md(g: dict) -> list[str]:
                 "reference s",
                 "policy fwd/bwd s",
                 "optimizer s",
+                "rewards etc. s",
                 "generated tokens/s",
                 "trained tokens/s",
                 "peak RSS MiB",

@@ -1,8 +1,8 @@
 """`make bench`: speed, memory and footprint against the peers, as ratios, in one run (issue 7).
 
-    python -m bench.run                 all four parts (~6 min on 2 CPU cores), then
+    python -m bench.run                 all four parts (~2.5 min on 2 shared CPU cores), then
                                         bench/results.json, bench/results.md, README section
-    python -m bench.run --quick         tiny shapes, ~1 min: a smoke test, never published
+    python -m bench.run --quick         tiny shapes, ~30 s: a smoke test, never published
     python -m bench.run --readme-only   rewrite results.md and the README from results.json
 
 Parts: (1) layers.py: NF4Linear+LoRA vs bitsandbytes Linear4bit+LoRA vs fp32 Linear+LoRA, and
@@ -12,10 +12,11 @@ selective_log_softmax vs log_softmax().gather(). Parts 3 and 4 run each configur
 child process so that each has its own peak memory.
 
 Threads: 1 unless --threads says otherwise, recorded in results.json. On the 2-core machine this
-was tuned on, shared with other jobs, 2 torch threads made the Phi-2-shaped layer steps 1.3x
-slower than 1 thread, and made GRPO steps of the tiny model (many small ops) erratic: single steps
-up to 80x slower whenever another process held a core. One thread gives stable medians and the
-published figures are ratios; on a dedicated machine pass --threads $(nproc).
+was tuned on, shared with other jobs (load average ~3.4), 2 torch threads made the Phi-2-shaped
+layer steps ~1.3x slower than 1 thread, and GRPO steps of the tiny model (many small ops)
+erratic: with 2 threads part 3 took 384 s instead of 39 s, one config's median step 13.7 s
+instead of 0.46 s, so a 2-thread run overshoots the 10-minute budget. One thread gives stable
+medians, and the published figures are ratios; on a dedicated machine pass --threads $(nproc).
 """
 
 from __future__ import annotations

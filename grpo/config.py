@@ -48,6 +48,9 @@ class GRPOConfig:
         "dtype the weights are loaded in and LoRA computes in (float32 on CPU; bfloat16 on a GPU)",
     )
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
+    torch_threads: int = _f(
+        0, "CPU threads for torch (0: torch's default); 1 is fastest for the tiny model"
+    )
     # --- task ------------------------------------------------------------------------------
     task: str = _f("arithmetic", "'arithmetic' (two-digit +/-, for the tiny model) or 'gsm8k'")
     dataset_path: str = _f("", "gsm8k only: hub id (openai/gsm8k) or a local .jsonl/.parquet")
@@ -55,7 +58,7 @@ class GRPOConfig:
     # --- warm-up (model: tiny only) --------------------------------------------------------
     warmup_sft_steps: int = _f(1000, "supervised steps that make the random tiny Phi partly right")
     warmup_sft_batch_size: int = _f(128, "sequences per supervised warm-up step")
-    warmup_sft_learning_rate: float = _f(3e-3, "AdamW learning rate of the warm-up")
+    warmup_sft_learning_rate: float = _f(1e-3, "AdamW learning rate of the warm-up")
     # --- GRPO ------------------------------------------------------------------------------
     max_steps: int = _f(300, "GRPO optimizer steps (one generation batch each)")
     prompts_per_step: int = _f(32, "distinct prompts per generation batch")
@@ -156,7 +159,13 @@ class GRPOConfig:
         ):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("save_every", "eval_every", "warmup_sft_steps", "overlong_cache"):
+        for name in (
+            "save_every",
+            "eval_every",
+            "warmup_sft_steps",
+            "overlong_cache",
+            "torch_threads",
+        ):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if not 0 <= self.warmup_ratio < 1:

@@ -52,7 +52,7 @@ def run(cfg: GRPOConfig) -> dict:
     from tqdm import tqdm
 
     from grpo import distributed as dist
-    from grpo.trainer import GRPOTrainer, atomic_write_text
+    from grpo.trainer import GRPOTrainer, atomic_write_text, model_path
 
     t_start = time.time()
     out = Path(cfg.output_dir)
@@ -147,6 +147,9 @@ def run(cfg: GRPOConfig) -> dict:
         "torch_threads": torch.get_num_threads(),
         **report,
     }
+    warmup_json = Path(model_path(cfg)) / "warmup.json"
+    if warmup_json.is_file():  # the tiny default: the warm-up model's unquantized accuracy
+        summary["accuracy_dense_base"] = json.loads(warmup_json.read_text()).get("accuracy_dense")
     if main:
         write_plots(out / "metrics.jsonl", out / "plots.png")
         print_report(trainer.task.eval, before, acc_after, comps_after)

@@ -67,6 +67,7 @@ def test_quick_run_writes_both_files_with_every_part(quick):
             "reference_seconds",
             "policy_fwd_bwd_seconds",
             "optimizer_seconds",
+            "other_seconds",
             "generated_tokens_per_second",
             "trained_tokens_per_second",
             "peak_rss",
