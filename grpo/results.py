@@ -34,7 +34,8 @@ def render(run_dir: Path) -> str:
         )
     lines += [
         f"| **before GRPO**: the NF4 base GRPO starts from | **{s['accuracy_before']:.1%}** |",
-        f"| **after GRPO** ({s['grpo_steps']} steps, LoRA on NF4) | **{s['accuracy_after']:.1%}** |",
+        f"| **after GRPO** ({s['grpo_steps']} steps, LoRA on NF4) "
+        f"| **{s['accuracy_after']:.1%}** |",
         f"| gain | {gain:+.1f} points |",
         "",
         "| time | seconds |",
