@@ -14,21 +14,24 @@ import time
 import torch
 
 
-def sft_batch(tokenizer, records: list[dict]) -> dict[str, torch.Tensor]:
+def tokenize_records(tokenizer, records: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids + EOS) for every record, tokenized once up front."""
+    prompts = tokenizer([r["prompt"] for r in records], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([r["answer"] for r in records], add_special_tokens=False)["input_ids"]
+    return [(p, a + [tokenizer.eos_token_id]) for p, a in zip(prompts, answers, strict=True)]
+
+
+def sft_batch(
+    pairs: list[tuple[list[int], list[int]]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
     """prompt + answer + EOS, right-padded; labels are -100 on the prompt and the padding."""
-    seqs, labels = [], []
-    for r in records:
-        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        a = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        seqs.append(p + a)
-        labels.append([-100] * len(p) + a)
+    seqs = [p + a for p, a in pairs]
+    labels = [[-100] * len(p) + a for p, a in pairs]
     T = max(map(len, seqs))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([s + [pad] * (T - len(s)) for s in seqs])  # [B, T]
+    input_ids = torch.tensor([s + [pad_token_id] * (T - len(s)) for s in seqs])  # [B, T]
     labels_t = torch.tensor([lab + [-100] * (T - len(lab)) for lab in labels])  # [B, T]
-    attention_mask = (
-        torch.arange(T)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]
-    ).long()
+    lengths = torch.tensor([len(s) for s in seqs])
+    attention_mask = (torch.arange(T)[None, :] < lengths[:, None]).long()  # [B, T]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels_t}
 
 
@@ -45,6 +48,7 @@ def supervised_warmup(
 ) -> dict:
     """`steps` AdamW steps of answer-only cross-entropy on random batches of `records`."""
     rng = random.Random(seed)
+    pairs = tokenize_records(tokenizer, records)
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     # Linear warm-up over 5% then cosine decay to 10%: a stable, reproducible endpoint.
     warm = max(1, steps // 20)
@@ -59,7 +63,7 @@ def supervised_warmup(
     model.train()
     t0, loss = time.time(), torch.tensor(float("nan"))
     for step in range(steps):
-        batch = sft_batch(tokenizer, rng.sample(records, batch_size))
+        batch = sft_batch(rng.sample(pairs, batch_size), tokenizer.pad_token_id)
         loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
