@@ -31,11 +31,33 @@ def write_plots(metrics_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    eval_path = metrics_path.with_name("eval.jsonl")
+    evals = (
+        [json.loads(x) for x in eval_path.read_text().splitlines()] if eval_path.is_file() else []
+    )
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.2))
     for ax, (key, title) in zip(axes, PLOTTED, strict=True):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
-            ax.plot(*zip(*pts, strict=True), lw=1)
+            ax.plot(*zip(*pts, strict=True), lw=1, label="sampled (per step)")
+        elif key == "kl":
+            ax.text(
+                0.5,
+                0.5,
+                "beta = 0: no reference,\nKL not computed",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
+        if key == "accuracy" and evals:
+            ax.plot(
+                [e["step"] for e in evals],
+                [e["accuracy"] for e in evals],
+                "o-",
+                color="C3",
+                label="held-out greedy",
+            )
+            ax.legend(fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
