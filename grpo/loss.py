@@ -9,7 +9,8 @@ token and 0 on padding. This is exactly what the code below computes:
                               group of equal rewards; std is Bessel-corrected)
     token ratio      rho_it = exp(logp_it - logp_old_it)
     sequence ratio   rho_it = s_i = exp( sum_t m_it (logp_it - logp_old_it) / sum_t m_it )   (GSPO)
-    KL estimate      k3_it  = exp(logp_ref_it - logp_it) - (logp_ref_it - logp_it) - 1  >= 0
+    KL estimate      k3_it  = exp(d_it) - d_it - 1 >= 0,  d_it = logp_ref_it - logp_it
+                              (computed as expm1(d) - d: exact to rounding near d = 0)
     per-token loss   L_it   = -min( rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i )
                               + beta k3_it
 
@@ -188,7 +189,9 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 
     Schulman (2020), "Approximating KL Divergence": for tokens sampled from pi its mean is exactly
     KL(pi || pi_ref), and every term is >= 0 (e^x >= 1 + x), unlike the plain -log ratio.
-    The gradient with respect to logp is 1 - exp(ref - logp).
+    The gradient with respect to logp is 1 - exp(ref - logp). Computed as expm1(d) - d with
+    d = ref - logp, the same value without the cancellation of exp(d) - 1 near d = 0, which in
+    float32 could round a tiny KL to a negative number.
 
     >>> kl_k3(torch.tensor([[0.5, 0.25]]).log(), torch.tensor([[0.5, 0.5]]).log())  # 0, 1 - ln 2
     tensor([[0.0000, 0.3069]])
@@ -198,8 +201,8 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
             f"ref_logps has shape {tuple(ref_logps.shape)}, logps {tuple(logps.shape)}; "
             "they must match"
         )
-    log_ratio = ref_logps - logps  # log(pi_ref / pi)
-    return torch.exp(log_ratio) - log_ratio - 1
+    log_ratio = ref_logps - logps  # d = log(pi_ref / pi)
+    return torch.expm1(log_ratio) - log_ratio  # exp(d) - 1 - d
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

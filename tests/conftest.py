@@ -11,8 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402  (after the environment above)
+from hypothesis import settings  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# Property tests draw the same examples on every run: CI is reproducible, a failure replays.
+settings.register_profile("repo", derandomize=True, deadline=None)
+settings.load_profile("repo")
 
 
 @pytest.fixture(scope="session")
