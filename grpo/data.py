@@ -25,6 +25,10 @@ GSM8K_INSTRUCTION = (
 )
 
 
+class DatasetLoadError(RuntimeError):
+    """The dataset is neither a local file nor reachable on the hub; the CLI prints one line."""
+
+
 @dataclass
 class Task:
     name: str
@@ -108,7 +112,14 @@ def gsm8k_task(source: str = "openai/gsm8k", n_eval: int | None = None) -> Task:
         if not 0 < k < len(records):
             raise ValueError(f"n_eval={k} must be between 1 and {len(records) - 1} for {source!r}")
         return Task("gsm8k", train=records[:-k], eval=records[-k:])
-    ds = load_dataset(source, "main")
+    try:
+        ds = load_dataset(source, "main")
+    except OSError as err:  # FileNotFoundError, ConnectionError (offline, unreachable, missing)
+        raise DatasetLoadError(
+            f"dataset {source!r} is not a local .jsonl/.json/.parquet file and could not be loaded "
+            f"from the hub ({type(err).__name__}); fix: `huggingface-cli download --repo-type "
+            f"dataset {source}` on a machine with internet, or pass --dataset_path FILE.jsonl"
+        ) from err
     test = _gsm8k_records(ds["test"])
     return Task("gsm8k", train=_gsm8k_records(ds["train"]), eval=test[:n_eval] if n_eval else test)
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from grpo.config import ConfigError, GRPOConfig, exit_on_error, parse_cli
+from grpo.data import DatasetLoadError
 from grpo.model import ModelLoadError
 
 PLOTTED = [
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(cfg)
-    except (ModelLoadError, ConfigError, FileNotFoundError) as err:
+    except (ModelLoadError, DatasetLoadError, ConfigError, FileNotFoundError) as err:
         exit_on_error(err)
     finally:
         dist.shutdown()

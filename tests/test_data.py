@@ -2,7 +2,14 @@ import json
 
 import pytest
 
-from grpo.data import arithmetic_task, gsm8k_gold, gsm8k_prompt, gsm8k_task, load_task
+from grpo.data import (
+    DatasetLoadError,
+    arithmetic_task,
+    gsm8k_gold,
+    gsm8k_prompt,
+    gsm8k_task,
+    load_task,
+)
 
 
 def test_arithmetic_split_is_disjoint_seeded_and_correct():
@@ -32,6 +39,17 @@ def test_gsm8k_local_jsonl(tmp_path):
     task = gsm8k_task(str(path), n_eval=2)
     assert len(task.train) == 8 and [r["answer"] for r in task.eval] == ["9", "10"]
     assert load_task("gsm8k", dataset_path=str(path), n_eval=3).eval[0]["answer"] == "8"
+
+
+def test_gsm8k_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nobody/nothing' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DatasetLoadError, match=r"'nobody/nothing'.*--dataset_path FILE.jsonl"):
+        gsm8k_task("nobody/nothing")
 
 
 def test_gsm8k_bad_inputs(tmp_path):
