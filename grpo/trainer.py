@@ -494,7 +494,6 @@ class GRPOTrainer:
             "step": self.step,
             "scheduler_last_epoch": self.sched.last_epoch,
             "no_signal_streak": self.no_signal_streak,
-            "python_random": None,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
         if final.exists():
@@ -541,8 +540,7 @@ class GRPOTrainer:
         if self.cfg.use_lora:
             save_adapter(self.model, target, model_path(self.cfg))
         else:
-            merged = copy.deepcopy(self.model)
-            save_model_dir(merged, self.tokenizer, target)
+            save_model_dir(self.model, self.tokenizer, target)  # full fine-tuning: the model itself
         return target
 
     def parameter_report(self) -> dict:

@@ -179,3 +179,22 @@ def test_no_signal_warning_is_loud(tmp_path, shared_base, capsys):
     assert "no learning signal" in err and "2 consecutive steps" in err
     trainer.check_signal(0.5)
     assert trainer.no_signal_streak == 0
+
+
+def test_full_fine_tuning_option_saves_a_loadable_model(tmp_path, shared_base):
+    from grpo.model import load_model
+
+    out = with_base(tmp_path / "run", shared_base)
+    summary = run(
+        fast_cfg(out, max_steps=1, use_lora=False, quantize=False, beta=0.04, learning_rate=1e-4)
+    )
+    assert summary["trainable_parameters"] == summary["total_parameters"]  # every weight trains
+    assert (out / "checkpoints" / "step-000001" / "model.safetensors").is_file()
+    model, _ = load_model(out / "model")
+    base, _ = load_model(out / "base")
+    moved = [
+        n
+        for (n, p), q in zip(model.named_parameters(), base.parameters(), strict=True)
+        if not torch.equal(p, q)
+    ]
+    assert moved and any("fc1" in n for n in moved)
