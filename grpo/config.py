@@ -49,7 +49,8 @@ class GRPOConfig:
     )
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
     torch_threads: int = _f(
-        0, "CPU threads for torch (0: torch's default); 1 is fastest for the tiny model"
+        0,
+        "CPU threads for torch (0: torch's default); examples/tiny.yaml uses 1 (see its comment)",
     )
     # --- task ------------------------------------------------------------------------------
     task: str = _f("arithmetic", "'arithmetic' (two-digit +/-, for the tiny model) or 'gsm8k'")
