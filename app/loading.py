@@ -87,7 +87,13 @@ def task_examples(spec: DemoSpec) -> tuple[list[str], dict[str, str]]:
         return [], {}
     cfg = spec.config or GRPOConfig(task=spec.task)
     try:
-        task = load_task(spec.task, seed=cfg.seed, n_eval=cfg.n_eval, dataset_path=cfg.dataset_path)
+        task = load_task(
+            spec.task,
+            seed=cfg.seed,
+            n_eval=cfg.n_eval,
+            dataset_path=cfg.dataset_path,
+            arithmetic_format=cfg.arithmetic_format,
+        )
     except (OSError, ValueError, ImportError) as err:
         print(
             f"demo: warning: task {spec.task!r} could not be loaded ({err}); no examples",

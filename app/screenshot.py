@@ -1,6 +1,6 @@
 """`python -m app.screenshot`: the README's screenshot, taken by the browser test's code path.
 
-    python -m app.screenshot --run-dir runs/tiny --out docs/demo.png [--prompt "47+35="]
+    python -m app.screenshot --run-dir runs/tiny --out docs/demo.png [--prompt "47+05="]
 
 Starts `python -m app` with every argument it does not know itself (--run-dir, --model,
 --adapter, --no-quantize, --merge, ...) on a free loopback port, opens it in headless Chromium,

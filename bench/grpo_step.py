@@ -73,7 +73,13 @@ def build_base(output_dir: str, overrides: dict) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        task = load_task(cfg.task, seed=cfg.seed, n_eval=cfg.n_eval, dataset_path=cfg.dataset_path)
+        task = load_task(
+            cfg.task,
+            seed=cfg.seed,
+            n_eval=cfg.n_eval,
+            dataset_path=cfg.dataset_path,
+            arithmetic_format=cfg.arithmetic_format,
+        )
         return ensure_tiny_base(cfg, task, log=lambda msg: None)
     finally:
         torch.set_num_threads(threads)
@@ -84,7 +90,16 @@ def child(args: dict) -> dict:
     from grpo.trainer import GRPOTrainer
 
     quantize, beta = CONFIGS[args["config"]]
-    cfg = make_config(args["output_dir"], {**args["overrides"], "quantize": quantize, "beta": beta})
+    cfg = make_config(
+        args["output_dir"],
+        {
+            **args["overrides"],
+            "quantize": quantize,
+            "beta": beta,
+            # the bench's thread count (set by its runner), not the config's
+            "torch_threads": torch.get_num_threads(),
+        },
+    )
     start = time.perf_counter()
     trainer = GRPOTrainer(cfg, log=lambda msg: None)  # reuses <output_dir>/base
     init_seconds = time.perf_counter() - start

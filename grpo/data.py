@@ -2,9 +2,10 @@
 
 Two tasks ship:
 
-- `arithmetic`: two-digit addition and subtraction for the tiny Phi ("47+35=" -> "82"), generated
-  from a seed. Every problem (a, op, b) lives in exactly one split, so the held-out accuracy is
-  measured on problems the model never trained on, in the warm-up or in GRPO.
+- `arithmetic`: two-digit addition and subtraction for the tiny Phi ("47+05=" -> "+052"), generated
+  from a seed, in a fixed-width format (see `arithmetic_prompt`). Every problem (a, op, b) lives in
+  exactly one split, so the held-out accuracy is measured on problems the model never trained on,
+  in the warm-up or in GRPO.
 - `gsm8k`: grade-school maths word problems for Phi-2, from the hub (`openai/gsm8k`, config "main")
   or from a local JSONL/parquet file with the same columns: `question`, and `answer` whose last line
   is `#### 42`. Prompts use Phi-2's plain "Instruct: ... Output:" style.
@@ -36,16 +37,43 @@ class Task:
     eval: list[dict]
 
 
-def arithmetic_prompt(a: int, op: str, b: int) -> str:
-    """The tiny model's prompt, the bare expression: arithmetic_prompt(47, "+", 35) == "47+35=" ."""
-    return f"{a}{op}{b}="
+ARITHMETIC_FORMATS = ("fixed", "plain")
 
 
-def arithmetic_task(seed: int = 0, n_eval: int = 500, max_operand: int = 99) -> Task:
+def arithmetic_prompt(a: int, op: str, b: int, width: int = 2) -> str:
+    """The tiny model's prompt, the bare expression with zero-padded operands:
+    arithmetic_prompt(47, "+", 5) == "47+05=" (width=0: unpadded, "47+5=").
+
+    Fixed width puts every digit at the same position in every problem (the units digits of the
+    operands are always characters 1 and 4), so a 0.8M-parameter model can find them by position.
+    With unpadded operands ("47+5=") the same model, warmed up the same way, learned the task far
+    more slowly and GRPO gained far less (see the README, "Why a fixed-width format").
+    """
+    if width == 0:
+        return f"{a}{op}{b}="
+    return f"{a:0{width}d}{op}{b:0{width}d}="
+
+
+def arithmetic_answer(value: int, width: int = 2) -> str:
+    """The gold answer: a sign and width + 1 digits, so every answer digit has a fixed position too:
+    arithmetic_answer(52) == "+052", arithmetic_answer(-7) == "-007". Rewards compare numerically,
+    so "52" is just as correct; this is only the form the warm-up teaches. width=0: str(value)."""
+    if width == 0:
+        return str(value)
+    return f"{value:+0{width + 2}d}"
+
+
+def arithmetic_task(
+    seed: int = 0, n_eval: int = 500, max_operand: int = 99, fmt: str = "fixed"
+) -> Task:
     """All problems a op b with 0 <= a, b <= max_operand, shuffled by `seed`, split disjointly.
 
     With max_operand=99 there are 2 * 100 * 100 = 20,000 problems; `n_eval` of them are held out.
+    fmt="fixed": operands zero-padded to the width of `max_operand`, answers signed and one digit
+    wider ("07+35=" -> "+042"); fmt="plain": "7+35=" -> "42", for comparison.
     """
+    if fmt not in ARITHMETIC_FORMATS:
+        raise ValueError(f"arithmetic format {fmt!r} is unknown; use 'fixed' or 'plain'")
     if not 0 < n_eval < 2 * (max_operand + 1) ** 2:
         raise ValueError(f"n_eval={n_eval} must be between 1 and the number of problems - 1")
     problems = [
@@ -55,10 +83,15 @@ def arithmetic_task(seed: int = 0, n_eval: int = 500, max_operand: int = 99) -> 
         for op in ARITHMETIC_OPS
     ]
     random.Random(seed).shuffle(problems)
+    width = len(str(max_operand)) if fmt == "fixed" else 0
 
     def record(p):
         a, op, b = p
-        return {"prompt": arithmetic_prompt(a, op, b), "answer": str(a + b if op == "+" else a - b)}
+        value = a + b if op == "+" else a - b
+        return {
+            "prompt": arithmetic_prompt(a, op, b, width),
+            "answer": arithmetic_answer(value, width),
+        }
 
     return Task(
         "arithmetic",
@@ -125,11 +158,17 @@ def gsm8k_task(source: str = "openai/gsm8k", n_eval: int | None = None) -> Task:
 
 
 def load_task(
-    name: str, *, seed: int = 0, n_eval: int | None = None, dataset_path: str = ""
+    name: str,
+    *,
+    seed: int = 0,
+    n_eval: int | None = None,
+    dataset_path: str = "",
+    arithmetic_format: str = "fixed",
 ) -> Task:
-    """`name` is "arithmetic" or "gsm8k" (then `dataset_path` is a hub id or a local file)."""
+    """`name` is "arithmetic" (in `arithmetic_format`) or "gsm8k" (then `dataset_path` is a hub id
+    or a local file)."""
     if name == "arithmetic":
-        return arithmetic_task(seed=seed, n_eval=n_eval or 500)
+        return arithmetic_task(seed=seed, n_eval=n_eval or 500, fmt=arithmetic_format)
     if name == "gsm8k":
         return gsm8k_task(dataset_path or "openai/gsm8k", n_eval=n_eval)
     raise ValueError(f"task={name!r} is unknown; use 'arithmetic' or 'gsm8k'")

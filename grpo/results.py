@@ -37,6 +37,17 @@ def render(run_dir: Path) -> str:
         f"| **after GRPO** ({s['grpo_steps']} steps, LoRA on NF4) "
         f"| **{s['accuracy_after']:.1%}** |",
         f"| gain | {gain:+.1f} points |",
+    ]
+    evals = run_dir / "eval.jsonl"
+    if evals.is_file():
+        points = [json.loads(x) for x in evals.read_text().splitlines() if x.strip()]
+        if points:
+            lines.append(
+                "| during GRPO (`eval.jsonl`) | "
+                + ", ".join(f"step {p['step']}: {p['accuracy']:.1%}" for p in points)
+                + " |"
+            )
+    lines += [
         "",
         "| time | seconds |",
         "|---|---|",

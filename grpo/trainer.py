@@ -39,7 +39,7 @@ from grpo.model import load_model
 from grpo.rewards import build_reward_functions, combine_rewards, is_correct
 from grpo.rollout import Rollout, completion_logps, generate_rollouts
 from grpo.tiny import build_tiny_phi, save_model_dir
-from grpo.warmup import supervised_warmup
+from grpo.warmup import accuracy_target, supervised_warmup
 from qlora import (
     adapters_disabled,
     footprint,
@@ -72,15 +72,34 @@ def atomic_write_text(path: Path, text: str) -> None:
 def ensure_tiny_base(cfg: GRPOConfig, task: Task, log=print) -> Path:
     """<output_dir>/base: the tiny Phi after the supervised warm-up (built once, then reused)."""
     base_dir = Path(cfg.output_dir) / "base"
+    wanted = warmup_settings(cfg)
     if (base_dir / "config.json").is_file():
-        log(f"warm-up: reusing {base_dir} (delete it to rebuild)")
-        return base_dir
+        built = _read_warmup_settings(base_dir)
+        if built == wanted:
+            log(f"warm-up: reusing {base_dir} (delete it to rebuild)")
+            return base_dir
+        changed = sorted(k for k in wanted if built.get(k) != wanted[k])
+        log(
+            f"warm-up: {base_dir} was built with other settings ("
+            + ", ".join(f"{k}: {built.get(k)!r} -> {wanted[k]!r}" for k in changed)
+            + "); rebuilding it"
+        )
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_tiny_phi(seed=cfg.seed)
     log(
         f"warm-up: tiny Phi, {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{cfg.warmup_sft_steps} supervised steps on the train split"
+        f"up to {cfg.warmup_sft_steps} supervised steps on the train split"
+        + (
+            f", until {cfg.warmup_target_accuracy:.0%} of a train probe is right"
+            if cfg.warmup_target_accuracy > 0
+            else ""
+        )
     )
+    stop = None
+    if cfg.warmup_target_accuracy > 0:
+        stop = accuracy_target(
+            tokenizer, task.train, cfg.warmup_target_accuracy, cfg.max_new_tokens, log=log
+        )
     info = supervised_warmup(
         model,
         tokenizer,
@@ -90,14 +109,39 @@ def ensure_tiny_base(cfg: GRPOConfig, task: Task, log=print) -> Path:
         learning_rate=cfg.warmup_sft_learning_rate,
         seed=cfg.seed,
         log=log,
+        callback=stop,
     )
+    if stop is not None:
+        info["probe_accuracy"] = stop.history
     # For reference only: the unquantized warm-up model's held-out accuracy. GRPO's "before"
     # is measured later on the NF4 base it actually starts from.
     info["accuracy_dense"], _ = evaluate(model, tokenizer, task.eval, cfg.max_new_tokens)
     log(f"warm-up: held-out greedy accuracy of the unquantized model {info['accuracy_dense']:.1%}")
+    info["settings"] = wanted
     save_model_dir(model, tokenizer, base_dir)
     atomic_write_text(base_dir / "warmup.json", json.dumps(info, indent=2))
     return base_dir
+
+
+def warmup_settings(cfg: GRPOConfig) -> dict:
+    """Everything the cached warm-up model depends on; a base built with other values is rebuilt."""
+    keys = (
+        "seed",
+        "task",
+        "arithmetic_format",
+        "n_eval",
+        "warmup_sft_steps",
+        "warmup_target_accuracy",
+    )
+    keys += ("warmup_sft_batch_size", "warmup_sft_learning_rate")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def _read_warmup_settings(base_dir: Path) -> dict:
+    try:
+        return json.loads((base_dir / "warmup.json").read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def model_path(cfg: GRPOConfig) -> str:
@@ -204,7 +248,11 @@ class GRPOTrainer:
                 f"{dist.world_size()} processes, so no group is split across ranks"
             )
         self.task = load_task(
-            cfg.task, seed=cfg.seed, n_eval=cfg.n_eval, dataset_path=cfg.dataset_path
+            cfg.task,
+            seed=cfg.seed,
+            n_eval=cfg.n_eval,
+            dataset_path=cfg.dataset_path,
+            arithmetic_format=cfg.arithmetic_format,
         )
         if cfg.model == "tiny":
             if dist.is_main():  # one rank builds the cached base, the others wait and load it

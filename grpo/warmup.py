@@ -1,9 +1,11 @@
 """Supervised warm-up of the embedded tiny Phi, so GRPO starts from a partly-right policy.
 
-GRPO only improves what the policy already samples sometimes: a random model never produces "82"
+GRPO only improves what the policy already samples sometimes: a random model never produces "+082"
 for "47+35=", every group's rewards are equal and every advantage is 0. A short cross-entropy
-warm-up on the train split (never the held-out split) gets the model to "often right", then GRPO
-takes it from there with rewards alone. Phi-2 needs no warm-up: it already answers GSM8K sometimes.
+warm-up on the train split (never the held-out split) gets the model to "partly right", then GRPO
+takes it from there with rewards alone. How partly matters: GRPO gains little on a kind of problem
+the warm-up model almost never gets right (see the README). Phi-2 needs no warm-up: it already
+answers GSM8K sometimes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,20 @@ def sft_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels_t}
 
 
+RAMP_STEPS = 100
+
+
+def warmup_lr_factor(step: int) -> float:
+    """Linear ramp over the first RAMP_STEPS steps, then constant (step counts from 0):
+
+        factor(step) = min(1, (step + 1) / RAMP_STEPS)
+
+    No decay and no dependence on the total, on purpose: the model after k steps of a longer
+    warm-up is exactly the model of a k-step warm-up, so one curve of accuracy against steps
+    (`python -m grpo.warmup_curve`, in the README) shows what any warm-up length gives."""
+    return min(1.0, (step + 1) / RAMP_STEPS)
+
+
 def supervised_warmup(
     model,
     tokenizer,
@@ -45,23 +61,18 @@ def supervised_warmup(
     learning_rate: float,
     seed: int = 0,
     log=print,
+    callback=None,
 ) -> dict:
-    """`steps` AdamW steps of answer-only cross-entropy on random batches of `records`."""
+    """`steps` AdamW steps of answer-only cross-entropy on random batches of `records`;
+    `callback(step, model)`, if given, runs after every step (step counts from 1); the warm-up
+    stops early when it returns True."""
     rng = random.Random(seed)
     pairs = tokenize_records(tokenizer, records)
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    # Linear warm-up over 5% then cosine decay to 10%: a stable, reproducible endpoint.
-    warm = max(1, steps // 20)
-
-    def lr_at(step):
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, steps - warm)
-        return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item())
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lr_factor)
     model.train()
     t0, loss = time.time(), torch.tensor(float("nan"))
+    done = 0
     for step in range(steps):
         batch = sft_batch(rng.sample(pairs, batch_size), tokenizer.pad_token_id)
         loss = model(**batch, use_cache=False).loss
@@ -70,13 +81,43 @@ def supervised_warmup(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        done = step + 1
         if (step + 1) % max(1, steps // 5) == 0:
             log(
                 f"warm-up step {step + 1}/{steps}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)"
             )
+        if callback is not None and callback(step + 1, model):
+            break
     model.eval()
     return {
-        "warmup_steps": steps,
+        "warmup_steps": done,
         "warmup_final_loss": float(loss.item()),
         "warmup_seconds": time.time() - t0,
     }
+
+
+PROBE_SIZE, PROBE_EVERY = 256, 25
+
+
+def accuracy_target(tokenizer, records: list[dict], target: float, max_new_tokens: int, log=print):
+    """A `supervised_warmup` callback: every PROBE_EVERY steps, greedy accuracy on the first
+    PROBE_SIZE of `records` (train-split problems: the held-out split stays unseen); True, i.e.
+    stop, once it is >= `target`. Its `.history` keeps [(step, accuracy), ...]."""
+    from grpo.trainer import evaluate
+
+    probe = records[:PROBE_SIZE]
+
+    def check(step: int, model) -> bool:
+        if step % PROBE_EVERY:
+            return False
+        model.eval()
+        acc, _ = evaluate(model, tokenizer, probe, max_new_tokens)
+        model.train()
+        check.history.append((step, acc))
+        if acc >= target:
+            log(f"warm-up: {acc:.1%} of {len(probe)} train problems right at step {step}: stop")
+            return True
+        return False
+
+    check.history = []
+    return check

@@ -48,6 +48,8 @@ def test_yaml_then_cli_overrides(tmp_path):
         ({"loss_type": "ppo"}, "loss_type='ppo': must be one of grpo, bnpo, dr_grpo, dapo"),
         ({"reward_funcs": ["nope"], "reward_weights": [1.0]}, "'nope' is unknown"),
         ({"reward_weights": [1.0, 2.0]}, "reward_weights=.*one weight per reward function"),
+        ({"warmup_target_accuracy": 1.0}, r"warmup_target_accuracy=1.0: must be in \[0, 1\)"),
+        ({"arithmetic_format": "words"}, "arithmetic_format='words': must be one of fixed, plain"),
     ],
 )
 def test_validation_names_field_and_value(override, message):

@@ -4,6 +4,8 @@ import pytest
 
 from grpo.data import (
     DatasetLoadError,
+    arithmetic_answer,
+    arithmetic_prompt,
     arithmetic_task,
     gsm8k_gold,
     gsm8k_prompt,
@@ -19,7 +21,23 @@ def test_arithmetic_split_is_disjoint_seeded_and_correct():
     assert arithmetic_task(seed=0).eval == task.eval
     assert arithmetic_task(seed=1).eval != task.eval
     for r in task.eval[:50] + task.train[:50]:
-        assert str(eval(r["prompt"][:-1])) == r["answer"]  # "47+35=" -> "82"
+        a, op, b = int(r["prompt"][:2]), r["prompt"][2], int(r["prompt"][3:5])
+        assert int(r["answer"]) == (a + b if op == "+" else a - b)
+        assert len(r["prompt"]) == 6 and len(r["answer"]) == 4 and r["answer"][0] in "+-"
+
+
+def test_arithmetic_fixed_width_format():
+    assert arithmetic_prompt(47, "+", 5) == "47+05=" and arithmetic_prompt(0, "-", 99) == "00-99="
+    assert [arithmetic_answer(v) for v in (52, -7, 0, 198, -99)] == [
+        "+052",
+        "-007",
+        "+000",
+        "+198",
+        "-099",
+    ]
+    small = arithmetic_task(seed=0, n_eval=10, max_operand=9)  # one-digit operands: "7+5=" "+12"
+    assert len(small.train) + len(small.eval) == 200
+    assert all(len(r["prompt"]) == 4 and len(r["answer"]) == 3 for r in small.train)
 
 
 def test_gsm8k_gold_and_prompt():

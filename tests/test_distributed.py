@@ -88,6 +88,8 @@ def test_torchrun_end_to_end_writes_one_checkpoint(tmp_path, base_dir):
         micro_batch_size=8,
         max_new_tokens=5,
         n_eval=16,
+        warmup_sft_steps=150,  # as the copied base was built (else it is rebuilt)
+        warmup_sft_batch_size=64,
         lora_r=4,
         lora_alpha=8.0,
     )

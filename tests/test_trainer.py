@@ -198,3 +198,22 @@ def test_full_fine_tuning_option_saves_a_loadable_model(tmp_path, shared_base):
         if not torch.equal(p, q)
     ]
     assert moved and any("fc1" in n for n in moved)
+
+
+def test_cached_base_is_reused_only_with_the_same_warmup_settings(tmp_path):
+    from grpo.data import load_task
+    from grpo.trainer import ensure_tiny_base
+
+    task = load_task("arithmetic", n_eval=16)
+    logs: list[str] = []
+    cfg = fast_cfg(tmp_path, warmup_sft_steps=2, warmup_sft_batch_size=4)
+    base = ensure_tiny_base(cfg, task, log=logs.append)
+    assert json.loads((base / "warmup.json").read_text())["settings"]["warmup_sft_steps"] == 2
+    ensure_tiny_base(cfg, task, log=logs.append)
+    assert logs[-1] == f"warm-up: reusing {base} (delete it to rebuild)"
+    plain = load_task("arithmetic", n_eval=16, arithmetic_format="plain")
+    cfg.arithmetic_format = "plain"  # a base taught "+042" must not serve a "42" run
+    ensure_tiny_base(cfg, plain, log=logs.append)
+    assert any("arithmetic_format: 'fixed' -> 'plain'" in m and "rebuilding" in m for m in logs)
+    settings = json.loads((base / "warmup.json").read_text())["settings"]
+    assert settings["arithmetic_format"] == "plain"
