@@ -46,8 +46,8 @@ def arithmetic_prompt(a: int, op: str, b: int, width: int = 2) -> str:
 
     Fixed width puts every digit at the same position in every problem (the units digits of the
     operands are always characters 1 and 4), so a 0.8M-parameter model can find them by position.
-    With unpadded operands ("47+5=") the same model, warmed up the same way, learned the task far
-    more slowly and GRPO gained far less (see the README, "Why a fixed-width format").
+    With unpadded operands ("47+5=") the same model needed about twice the supervised warm-up to
+    reach the same accuracy (see the README, "Why a fixed-width format").
     """
     if width == 0:
         return f"{a}{op}{b}="
