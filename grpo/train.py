@@ -25,6 +25,21 @@ PLOTTED = [
 ]
 
 
+def held_out_points(run_dir: Path) -> list[dict]:
+    """The held-out greedy accuracies of a run: eval.jsonl, with the base GRPO started from
+    (eval_before.json) as step 0 when there is at least one later point."""
+    eval_path = run_dir / "eval.jsonl"
+    evals = (
+        [json.loads(x) for x in eval_path.read_text().splitlines() if x.strip()]
+        if eval_path.is_file()
+        else []
+    )
+    before_path = run_dir / "eval_before.json"
+    if evals and before_path.is_file():
+        evals.insert(0, {"step": 0, "accuracy": json.loads(before_path.read_text())["accuracy"]})
+    return evals
+
+
 def write_plots(metrics_path: Path, png: Path) -> None:
     import matplotlib
 
@@ -32,10 +47,7 @@ def write_plots(metrics_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    eval_path = metrics_path.with_name("eval.jsonl")
-    evals = (
-        [json.loads(x) for x in eval_path.read_text().splitlines()] if eval_path.is_file() else []
-    )
+    evals = held_out_points(metrics_path.parent)
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.2))
     for ax, (key, title) in zip(axes, PLOTTED, strict=True):
         pts = [(r["step"], r[key]) for r in rows if key in r]
