@@ -7,7 +7,6 @@ import sys
 from dataclasses import dataclass, field
 
 from grpo.config import GRPOConfig
-from grpo.data import load_task
 from grpo.model import ModelLoadError, load_model
 from grpo.rewards import build_reward_functions, combine_rewards, format_reward, is_correct
 from qlora import (
@@ -87,13 +86,7 @@ def task_examples(spec: DemoSpec) -> tuple[list[str], dict[str, str]]:
         return [], {}
     cfg = spec.config or GRPOConfig(task=spec.task)
     try:
-        task = load_task(
-            spec.task,
-            seed=cfg.seed,
-            n_eval=cfg.n_eval,
-            dataset_path=cfg.dataset_path,
-            arithmetic_format=cfg.arithmetic_format,
-        )
+        task = cfg.load_task(spec.task)
     except (OSError, ValueError, ImportError) as err:
         print(
             f"demo: warning: task {spec.task!r} could not be loaded ({err}); no examples",

@@ -66,20 +66,13 @@ def build_base(output_dir: str, overrides: dict) -> Path:
     Setup, not a measured figure: it runs single-threaded, the fastest setting for a model this
     small on a machine whose cores other processes also use.
     """
-    from grpo.data import load_task
     from grpo.trainer import ensure_tiny_base
 
     cfg = make_config(output_dir, overrides)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        task = load_task(
-            cfg.task,
-            seed=cfg.seed,
-            n_eval=cfg.n_eval,
-            dataset_path=cfg.dataset_path,
-            arithmetic_format=cfg.arithmetic_format,
-        )
+        task = cfg.load_task()
         return ensure_tiny_base(cfg, task, log=lambda msg: None)
     finally:
         torch.set_num_threads(threads)

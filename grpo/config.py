@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from grpo.data import ARITHMETIC_FORMATS
+from grpo.data import ARITHMETIC_FORMATS, Task, load_task
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -132,6 +132,16 @@ class GRPOConfig:
     resume: bool = _f(False, "continue from the newest complete checkpoint in output_dir")
 
     # ------------------------------------------------------------------------------------
+    def load_task(self, task: str | None = None) -> Task:
+        """The config's task (or `task`) with its seed, n_eval, dataset_path and format."""
+        return load_task(
+            task or self.task,
+            seed=self.seed,
+            n_eval=self.n_eval,
+            dataset_path=self.dataset_path,
+            arithmetic_format=self.arithmetic_format,
+        )
+
     def validate(self) -> GRPOConfig:
         """Raise ConfigError naming the first bad field, its value and the fix."""
 

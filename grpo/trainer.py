@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from grpo import distributed as dist
 from grpo.config import ConfigError, GRPOConfig
-from grpo.data import Task, load_task
+from grpo.data import Task
 from grpo.loss import group_advantages, grpo_loss
 from grpo.model import load_model
 from grpo.rewards import build_reward_functions, combine_rewards, is_correct
@@ -247,13 +247,7 @@ class GRPOTrainer:
                 f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the "
                 f"{dist.world_size()} processes, so no group is split across ranks"
             )
-        self.task = load_task(
-            cfg.task,
-            seed=cfg.seed,
-            n_eval=cfg.n_eval,
-            dataset_path=cfg.dataset_path,
-            arithmetic_format=cfg.arithmetic_format,
-        )
+        self.task = cfg.load_task()
         if cfg.model == "tiny":
             if dist.is_main():  # one rank builds the cached base, the others wait and load it
                 ensure_tiny_base(cfg, self.task, log=self.log)

@@ -25,7 +25,6 @@ from grpo.config import ConfigError, exit_on_error, parse_cli
 def warmup_curve(cfg, steps: int, every: int, log=print) -> list[dict]:
     import torch
 
-    from grpo.data import load_task
     from grpo.tiny import build_tiny_phi
     from grpo.trainer import evaluate
     from grpo.warmup import PROBE_SIZE, supervised_warmup
@@ -33,9 +32,7 @@ def warmup_curve(cfg, steps: int, every: int, log=print) -> list[dict]:
 
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
-    task = load_task(
-        cfg.task, seed=cfg.seed, n_eval=cfg.n_eval, arithmetic_format=cfg.arithmetic_format
-    )
+    task = cfg.load_task()
     torch.manual_seed(cfg.seed)  # as grpo.trainer.ensure_tiny_base
     model, tokenizer = build_tiny_phi(seed=cfg.seed)
     rows: list[dict] = []

@@ -83,3 +83,11 @@ def test_help_lists_every_field_with_default():
     for name in GRPOConfig.__dataclass_fields__:
         assert f"--{name}" in proc.stdout
     assert "(default: 8)" in proc.stdout  # num_generations
+
+
+def test_config_loads_its_own_task():
+    task = GRPOConfig(n_eval=7, seed=3, arithmetic_format="plain").load_task()
+    assert len(task.eval) == 7 and all("+0" not in r["answer"] for r in task.eval)
+    assert task.eval == GRPOConfig(n_eval=7, seed=3, arithmetic_format="plain").load_task().eval
+    fixed = GRPOConfig(n_eval=7, seed=3).load_task("arithmetic")
+    assert all(len(r["prompt"]) == 6 and r["answer"][0] in "+-" for r in fixed.eval)
