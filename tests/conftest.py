@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -25,3 +27,14 @@ def tiny_model_dir(tmp_path_factory):
     from grpo.tiny import save_tiny_phi
 
     return save_tiny_phi(tmp_path_factory.mktemp("models") / "tiny-phi", seed=0)
+
+
+def run_cli_bad_input(module: str, *args: str) -> str:
+    """Run `python -m module args...`, expect exit 2 with one non-empty stderr line; return it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]

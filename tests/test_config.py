@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_cli_bad_input
 
 from grpo.config import ConfigError, GRPOConfig, parse_cli
 
@@ -63,15 +64,8 @@ def test_validation_names_field_and_value(override, message):
 )
 def test_cli_bad_value_one_line_exit_2_nothing_written(tmp_path, args):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "grpo.train", "--output_dir", str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    line = run_cli_bad_input("grpo.train", "--output_dir", str(out), *args)
+    assert line.startswith("error: ")
     assert not out.exists()
 
 

@@ -1,8 +1,7 @@
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli_bad_input
 
 from grpo.config import GRPOConfig
 from grpo.warmup_curve import main, warmup_curve
@@ -40,13 +39,5 @@ def test_main_writes_the_jsonl_atomically(tmp_path, capsys):
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     out = tmp_path / "curve"
-    proc = subprocess.run(
-        [sys.executable, "-m", "grpo.warmup_curve", "--output_dir", str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert message in run_cli_bad_input("grpo.warmup_curve", "--output_dir", str(out), *args)
     assert not out.exists()
