@@ -14,8 +14,6 @@ import argparse
 import os
 import sys
 
-SMALL_MODEL_PARAMS = 50_000_000
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
@@ -39,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="quantize",
         action="store_false",
         help="keep the base in its dtype instead of NF4",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        help="dtype of the weights that stay unquantized and of the compute (default: the run's; "
+        "without a run, auto: float32 for a model under 50M parameters, else bfloat16)",
     )
     p.add_argument(
         "--merge",
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             merge=args.merge,
             task=args.task,
             max_new_tokens_cap=args.max_new_tokens_cap,
+            dtype=args.dtype,
         )
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -103,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from a demo
     import torch
     from transformers.utils import logging as hf_logging
+
+    from grpo.model import SMALL_MODEL_PARAMS
 
     from .loading import load_demo
 

@@ -15,6 +15,7 @@ from qlora import (
     load_adapter,
     merge_adapters,
     read_adapter_config,
+    release_freed_memory,
     trainable_parameters,
 )
 
@@ -41,21 +42,22 @@ def load_demo(spec: DemoSpec) -> Demo:
     """Load the model with the project's loader, NF4-quantize it (unless --no-quantize), load the
     adapter, optionally merge it into a dequantized copy, and gather the task's examples."""
     try:
-        model, tokenizer = load_model(spec.model, spec.dtype)
+        adapter_config = read_adapter_config(spec.adapter)
+        # NF4 while reading the checkpoint: the 16-bit model is never whole in memory
+        targets = tuple(adapter_config["target_modules"]) if spec.quantize else None
+        model, tokenizer = load_model(spec.model, spec.dtype, nf4_targets=targets)
+        model.eval()
+        load_adapter(model, spec.adapter, quantize=spec.quantize)
     except ModelLoadError as err:
         raise DemoError(str(err)) from err
-    model.eval()
-    try:
-        load_adapter(model, spec.adapter, quantize=spec.quantize)
     except AdapterError as err:
         raise DemoError(str(err)) from err  # names the file, the bad key or shape, and the fix
     trainable, total = trainable_parameters(model)  # LoRA matrices are the trainable ones
     model.requires_grad_(False)
-    adapter_config = read_adapter_config(spec.adapter)
     stored = footprint(model)
     info = {
         "model": spec.model,
-        "dtype": spec.dtype,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "quantized": spec.quantize,
         "adapter": str(spec.adapter),
         "lora": {k: adapter_config.get(k) for k in ("r", "lora_alpha", "target_modules")},
@@ -69,6 +71,7 @@ def load_demo(spec: DemoSpec) -> Demo:
     if spec.merge:
         tuned = merge_adapters(model).eval()
         info["merged_footprint_mb"] = footprint(tuned)["bytes"] / 1e6
+    release_freed_memory()
     generator = PairGenerator(model, tuned, tokenizer, spec.max_new_tokens_cap)
 
     examples, answers = task_examples(spec)

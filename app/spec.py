@@ -27,7 +27,7 @@ class DemoSpec:
     adapter: Path
     quantize: bool = True
     merge: bool = False
-    dtype: str = "float32"
+    dtype: str = "auto"  # the run's, else by size: float32 for the tiny Phi, bf16 for Phi-2
     task: str | None = None  # examples and gold answers come from this task's splits
     config: GRPOConfig | None = None  # the run's config, when loading a run directory
     summary: dict = field(default_factory=dict)  # the run's summary.json, when present
@@ -44,6 +44,7 @@ def resolve_spec(
     merge: bool = False,
     task: str | None = None,
     max_new_tokens_cap: int = 256,
+    dtype: str | None = None,
 ) -> DemoSpec:
     """Turn the CLI's paths into a DemoSpec, or raise DemoError naming the missing path."""
     cfg, summary = None, {}
@@ -110,7 +111,7 @@ def resolve_spec(
         adapter=adapter_dir,
         quantize=quantize,
         merge=merge,
-        dtype=cfg.dtype if cfg else "float32",
+        dtype=dtype or (cfg.dtype if cfg else "auto"),
         task=task,
         config=cfg,
         summary=summary,

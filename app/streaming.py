@@ -1,14 +1,19 @@
-"""Token-by-token generation of the base and the tuned answer to one prompt, interleaved.
+"""Token-by-token generation of the base and the tuned answer to one prompt, in one pass.
 
-Both answers stream at once: each step runs one forward of the base (LoRA switched off with
-`adapters_disabled`) and one of the tuned model, each with its own KV cache, and yields both texts.
+The base and the tuned model are the same weights but for the LoRA update, so both answers decode
+as two rows of one batch: row 0 is the base (`adapter_rows(model, [1])` keeps the update off it,
+exactly), row 1 the tuned model. Each step reads every weight once for both answers; on a CPU,
+where decoding is bound by memory bandwidth, the pair costs about what one answer costs. With
+`--merge` the tuned model is a separate dense copy, and the two run one after the other each step.
+
 The loop mirrors what `model.generate` does for one unpadded prompt (prefill with
-`logits_to_keep=1`, then one token per step on the cache, attention mask of ones), so greedy
-decoding here gives exactly `model.generate(do_sample=False)`'s tokens; tests/test_app.py checks
-that through the running server.
+`logits_to_keep=1`, then one token per step on the KV cache, attention mask of ones), so greedy
+decoding gives exactly `model.generate(do_sample=False)`'s tokens for each side; tests/test_app.py
+checks that through the running server. When one side reaches EOS its row keeps decoding (its
+tokens are dropped: the other row's results do not depend on it) and the other side goes on.
 
-`adapters_disabled` flips a flag on the shared model's layers, so every forward holds `lock`: two
-requests running in two threads can never see each other's adapter state.
+`adapter_rows` and `adapters_disabled` set state on the shared model's layers, so every forward
+holds `lock`: two requests running in two threads never see each other's settings.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from qlora import adapters_disabled
+from qlora import adapter_rows, adapters_disabled
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,49 @@ class PreparedPrompt:
     notice: str  # "" or what was changed (truncated prompt, lowered limit), for the UI
 
 
+@dataclass
+class Side:
+    """One answer as it streams: its tokens, whether it has ended, and when things happened."""
+
+    ids: list[int] = field(default_factory=list)  # the answer's tokens, without the EOS
+    done: bool = False
+    eos: bool = False  # ended by EOS (else by the limit, or not yet)
+    first_token_seconds: float | None = None  # from the request's start: prefill included
+    seconds: float | None = None  # from the request's start to this side's latest token
+
+    def add(self, token: int, eos_token_id: int, elapsed: float) -> None:
+        if self.first_token_seconds is None:
+            self.first_token_seconds = elapsed
+        self.seconds = elapsed
+        if token == eos_token_id:
+            self.done = self.eos = True
+        else:
+            self.ids.append(token)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens generated: the answer's, and the EOS that ended it."""
+        return len(self.ids) + self.eos
+
+    def tokens_per_second(self) -> float | None:
+        """Decode speed: tokens after the first / time after the first (None below 2 tokens)."""
+        if self.first_token_seconds is None or self.tokens < 2:
+            return None
+        return (self.tokens - 1) / max(1e-9, self.seconds - self.first_token_seconds)
+
+    def speed_line(self) -> str:
+        """What the pane shows when the answer has ended, e.g. `12 tokens · first after 0.4 s ·
+        9.1 tokens/s`."""
+        if self.first_token_seconds is None:
+            return ""
+        parts = [f"{self.tokens} token{'s' if self.tokens != 1 else ''}"]
+        parts.append(f"first after {self.first_token_seconds:.2f} s")
+        rate = self.tokens_per_second()
+        if rate is not None:
+            parts.append(f"{rate:.1f} tokens/s")
+        return " · ".join(parts)
+
+
 def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Top-p (Holtzman et al. 2020) as transformers' TopPLogitsWarper: set to -inf the least
     likely tokens whose probabilities sum to at most 1 - top_p; the most likely always stays.
@@ -55,7 +104,7 @@ def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator=None) -> torch.Tensor:
-    """[1, V] logits -> [1] token id: argmax, or sample from softmax(nucleus(logits / T))."""
+    """[B, V] logits -> [B] token ids: argmax, or sample from softmax(nucleus(logits / T))."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
     logits = nucleus_filter(logits / sampling.temperature, sampling.top_p)
@@ -68,26 +117,21 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class _Stream:
-    """One model's generation state: token ids so far, its KV cache, finished or not."""
+class _Rows:
+    """Rows of one model decoding together on one KV cache; `setting` (a context-manager factory)
+    is entered around every forward (adapter_rows, adapters_disabled, or nothing)."""
 
-    def __init__(self, model, prompt_ids: torch.Tensor, eos_token_id: int, disable_adapters: bool):
+    def __init__(self, model, prompt_ids: torch.Tensor, setting):
         self.model = model
-        self.disable_adapters = disable_adapters
-        self.eos_token_id = eos_token_id
-        self.ids = prompt_ids  # [1, P + t]
-        self.prompt_len = prompt_ids.shape[1]
+        self.setting = setting
+        self.ids = prompt_ids  # [B, P + t]
         self.cache = None
-        self.done = False
         self.cache_key = _cache_kwarg(model)
 
-    def step(self, sampling: Sampling, generator=None) -> None:
+    def step(self, sampling: Sampling, generator=None) -> list[int]:
         first = self.cache is None
         inputs = self.ids if first else self.ids[:, -1:]
-        context = (
-            adapters_disabled(self.model) if self.disable_adapters else contextlib.nullcontext()
-        )
-        with context:
+        with self.setting():
             out = self.model(
                 input_ids=inputs,
                 attention_mask=torch.ones_like(self.ids),
@@ -96,28 +140,23 @@ class _Stream:
                 **({} if first else {self.cache_key: self.cache}),
             )
         self.cache = getattr(out, self.cache_key)
-        token = next_token(out.logits[:, -1, :].float(), sampling, generator)  # [1]
-        self.ids = torch.cat([self.ids, token[:, None].to(self.ids.device)], dim=1)
-        if int(token) == self.eos_token_id:
-            self.done = True
-
-    @property
-    def completion_ids(self) -> torch.Tensor:
-        """Generated ids without the EOS (what `skip_special_tokens` drops anyway)."""
-        ids = self.ids[0, self.prompt_len :]
-        return ids[:-1] if self.done else ids
+        tokens = next_token(out.logits[:, -1, :].float(), sampling, generator)  # [B]
+        self.ids = torch.cat([self.ids, tokens[:, None].to(self.ids.device)], dim=1)
+        return tokens.tolist()
 
 
 class PairGenerator:
-    """Streams (base_text, tuned_text) for a prompt.
+    """Streams the base and the tuned answer to a prompt, token by token.
 
-    `base_model` is run under `adapters_disabled`; `tuned_model` is the same object (adapter on)
-    or, with --merge, a separate merged copy.
+    `base_model` carries the adapter; its answer is computed with the update switched off. If
+    `tuned_model` is the same object, both answers are rows of one batch (one pass per token);
+    otherwise (`--merge`) the tuned model is its own copy and decodes beside it.
     """
 
     def __init__(self, base_model, tuned_model, tokenizer, max_new_tokens_cap: int):
         self.base_model = base_model
         self.tuned_model = tuned_model
+        self.one_pass = tuned_model is base_model
         self.tokenizer = tokenizer
         self.context_length = int(getattr(base_model.config, "max_position_embeddings", 2048))
         self.max_new_tokens_cap = max(1, min(max_new_tokens_cap, self.context_length - 1))
@@ -146,24 +185,40 @@ class PairGenerator:
             ids = ids[:, -room:]
         return PreparedPrompt(ids.to(self.device), new_tokens, " ".join(notes))
 
-    def decode(self, stream: _Stream) -> str:
-        return self.tokenizer.decode(stream.completion_ids, skip_special_tokens=True)
+    def decode(self, side: Side) -> str:
+        return self.tokenizer.decode(side.ids, skip_special_tokens=True)
+
+    def _batches(self, prompt_ids: torch.Tensor) -> list[tuple[_Rows, list[int]]]:
+        """(rows decoding together, which side each row is): one batch of two, or two of one."""
+        if self.one_pass:
+            model = self.base_model
+            both = _Rows(model, prompt_ids.repeat(2, 1), lambda: adapter_rows(model, [1]))
+            return [(both, [0, 1])]
+        base = _Rows(self.base_model, prompt_ids, lambda: adapters_disabled(self.base_model))
+        return [(base, [0]), (_Rows(self.tuned_model, prompt_ids, contextlib.nullcontext), [1])]
 
     @torch.inference_mode()
     def stream(
         self, prepared: PreparedPrompt, sampling: Sampling, generator=None
-    ) -> Iterator[tuple[str, str]]:
-        """Yield (base_text, tuned_text) after every step, until both stop (EOS or the limit)."""
+    ) -> Iterator[tuple[Side, Side]]:
+        """Yield (base, tuned) after every step, until both have ended (EOS or the limit)."""
         eos = self.tokenizer.eos_token_id
-        streams = [
-            _Stream(self.base_model, prepared.input_ids, eos, disable_adapters=True),
-            _Stream(self.tuned_model, prepared.input_ids, eos, disable_adapters=False),
-        ]
-        for _ in range(prepared.max_new_tokens):
-            for s in streams:
-                if not s.done:
-                    with self.lock:
-                        s.step(sampling, generator)
-            yield self.decode(streams[0]), self.decode(streams[1])
-            if all(s.done for s in streams):
+        sides = (Side(), Side())
+        batches = self._batches(prepared.input_ids)
+        start = time.perf_counter()
+        for step in range(prepared.max_new_tokens):
+            for rows, which in batches:
+                if all(sides[i].done for i in which):
+                    continue
+                with self.lock:
+                    tokens = rows.step(sampling, generator)
+                elapsed = time.perf_counter() - start
+                for token, i in zip(tokens, which, strict=True):
+                    if not sides[i].done:
+                        sides[i].add(token, eos, elapsed)
+            if step == prepared.max_new_tokens - 1:
+                for side in sides:
+                    side.done = True  # the limit ends whatever EOS did not
+            yield sides
+            if all(side.done for side in sides):
                 break

@@ -3,9 +3,11 @@
 Clicking "Compare" runs three queued events in a chain:
 
     1. start    check the prompt; show a notice (empty prompt, truncated prompt); clear outputs
-    2. compare  stream (base_text, tuned_text), token by token; the public API endpoint
-                `/compare`: gradio_client's `predict(prompt, max_new_tokens, temperature, top_p,
-                greedy, api_name="/compare")` returns the final (base_text, tuned_text)
+    2. compare  stream both answers token by token, in one batch (app/streaming.py); the public
+                API endpoint `/compare`: gradio_client's `predict(prompt, max_new_tokens,
+                temperature, top_p, greedy, api_name="/compare")` returns the final
+                (base_text, tuned_text, base_speed, tuned_speed), a speed line such as
+                "12 tokens · first after 0.41 s · 9.1 tokens/s" for each side
     3. score    each answer's reward breakdown, when the prompt has a known gold answer
 
 The queue runs at most `concurrency_limit` of each event at once (1 by default: users are
@@ -84,14 +86,15 @@ def build_app(demo: Demo, concurrency_limit: int = 1) -> gr.Blocks:
         notice = (
             EMPTY_PROMPT if not prompt.strip() else generator.prepare(prompt, max_new_tokens).notice
         )
-        return notice, "", "", "", "", gr.Button(interactive=False)
+        return notice, "", "", "", "", "", "", gr.Button(interactive=False)
 
     def compare(
         prompt: str, max_new_tokens: float, temperature: float, top_p: float, greedy: bool
-    ) -> Iterator[tuple[str, str]]:
-        """(base_text, tuned_text), streamed; ("", "") for an empty prompt."""
+    ) -> Iterator[tuple[str, str, str, str]]:
+        """(base_text, tuned_text, base_speed, tuned_speed), streamed; a side's speed line
+        appears when its answer has ended. All "" for an empty prompt."""
         if not prompt.strip():
-            yield "", ""
+            yield "", "", "", ""
             return
         prepared = generator.prepare(prompt, int(max_new_tokens))
         sampling = Sampling(
@@ -100,7 +103,13 @@ def build_app(demo: Demo, concurrency_limit: int = 1) -> gr.Blocks:
             temperature=max(float(temperature), 1e-3),  # Sampling needs T > 0, 0 < top_p <= 1
             top_p=min(max(float(top_p), 1e-3), 1.0),
         )
-        yield from generator.stream(prepared, sampling)
+        for base, tuned in generator.stream(prepared, sampling):
+            yield (
+                generator.decode(base),
+                generator.decode(tuned),
+                base.speed_line() if base.done else "",
+                tuned.speed_line() if tuned.done else "",
+            )
 
     def score(prompt: str, base_text: str, tuned_text: str):
         if not prompt.strip():
@@ -138,6 +147,7 @@ def build_app(demo: Demo, concurrency_limit: int = 1) -> gr.Blocks:
                     buttons=["copy"],
                     elem_id="base-output",
                 )
+                base_speed = gr.Markdown(elem_id="base-speed")
                 base_reward = gr.Markdown(elem_id="base-reward")
             with gr.Column():
                 tuned_out = gr.Textbox(
@@ -147,6 +157,7 @@ def build_app(demo: Demo, concurrency_limit: int = 1) -> gr.Blocks:
                     buttons=["copy"],
                     elem_id="tuned-output",
                 )
+                tuned_speed = gr.Markdown(elem_id="tuned-speed")
                 tuned_reward = gr.Markdown(elem_id="tuned-reward")
         with gr.Accordion("Generation settings", open=False):
             with gr.Row():
@@ -181,13 +192,22 @@ def build_app(demo: Demo, concurrency_limit: int = 1) -> gr.Blocks:
             [run.click, prompt.submit],
             start,
             inputs=[prompt, max_new_tokens],
-            outputs=[notice, base_out, tuned_out, base_reward, tuned_reward, run],
+            outputs=[
+                notice,
+                base_out,
+                tuned_out,
+                base_speed,
+                tuned_speed,
+                base_reward,
+                tuned_reward,
+                run,
+            ],
             api_visibility="private",
             show_progress="hidden",
         ).then(
             compare,
             inputs=[prompt, max_new_tokens, temperature, top_p, greedy],
-            outputs=[base_out, tuned_out],
+            outputs=[base_out, tuned_out, base_speed, tuned_speed],
             api_name="compare",
             show_progress="minimal",
         ).then(

@@ -6,7 +6,10 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qlora.loading import CheckpointError, load_quantized, stored_parameters
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,15 +26,32 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32"):
+SMALL_MODEL_PARAMS = 50_000_000  # "auto" dtype: float32 below this (the tiny Phi), else bf16
+
+
+def auto_dtype(directory: str | os.PathLike) -> torch.dtype:
+    """float32 for a small model (per-op overhead dominates, bf16 would only lose precision),
+    bfloat16 for a large one (Phi-2: half the memory of float32, and CPU bf16 matmuls are fast)."""
+    return torch.float32 if stored_parameters(directory) < SMALL_MODEL_PARAMS else torch.bfloat16
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+    *,
+    nf4_targets: tuple[str, ...] | None = None,
+):
     """Load a causal LM and its tokenizer from a hub id (`microsoft/phi-2`) or a local directory.
 
-    Returns (model, tokenizer) with `tokenizer.pad_token` set (Phi-2 has none: eos is used, as
-    everyone does) and `model.generation_config.pad_token_id` matching it. Raises `ModelLoadError`
-    with one line naming the model and the fix when it is neither local, cached, nor reachable.
+    dtype "auto" picks by size (`auto_dtype`). With `nf4_targets`, those linear layers are
+    quantized to NF4 while the checkpoint is read, tensor by tensor (`qlora.load_quantized`): a
+    16- or 32-bit copy of the whole model never exists, and `prepare_qlora` / `load_adapter`
+    then only add LoRA. Returns (model, tokenizer) with `tokenizer.pad_token` set (Phi-2 has none:
+    eos is used, as everyone does) and `model.generation_config.pad_token_id` matching it. Raises
+    `ModelLoadError` with one line naming the model and the fix when it is neither local, cached,
+    nor reachable.
     """
     name = str(name_or_path)
-    torch_dtype = resolve_dtype(dtype)
     local = Path(name).expanduser()
     looks_local = local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local and not (local / "config.json").is_file():
@@ -40,15 +60,21 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "floa
             "save_pretrained (e.g. `make train` builds runs/tiny/base) or a hub id such as "
             "microsoft/phi-2"
         )
-    source = str(local) if looks_local else name
     # Read at call time (huggingface_hub reads it only at import), so HF_HUB_OFFLINE=1 set later
     # still means "cache only, no network retries".
     offline = os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in {"1", "true", "yes", "on"}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, local_files_only=offline
-        )
+        source = str(local) if looks_local else snapshot_download(name, local_files_only=offline)
+        torch_dtype = auto_dtype(source) if dtype == "auto" else resolve_dtype(dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        if nf4_targets:
+            model = load_quantized(source, dtype=torch_dtype, target_modules=tuple(nf4_targets))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, local_files_only=True
+            )
+    except (CheckpointError, ValueError) as err:  # no safetensors, or a target it lacks
+        raise ModelLoadError(f"model {name!r}: {err}") from err
     except OSError as err:  # hub unreachable / not cached / repo missing all surface as OSError
         raise ModelLoadError(
             f"model {name!r} is not a local directory, not in the Hugging Face cache, and the hub "

@@ -3,7 +3,8 @@ bitsandbytes), LoRA adapters on top, adapters saved in peft's format.
 
     nf4.py      NF4_CODE, quantize_nf4, dequantize_nf4 (pure tensor functions)
     layers.py   NF4Linear (frozen 4-bit linear), LoRALinear (the adapter)
-    model.py    prepare_qlora, adapters_disabled, merge_adapters, footprint
+    model.py    prepare_qlora, adapters_disabled, adapter_rows, merge_adapters, footprint
+    loading.py  load_quantized: a checkpoint read tensor by tensor straight into NF4
     adapter.py  save_adapter / load_adapter (peft format, safetensors only)
     bench.py    `python -m qlora.bench`: NF4Linear+LoRA vs bitsandbytes vs fp32, CPU or GPU
 
@@ -12,9 +13,11 @@ This package never imports grpo/.
 
 from .adapter import AdapterError, load_adapter, read_adapter_config, save_adapter
 from .layers import LoRALinear, NF4Linear
+from .loading import CheckpointError, load_quantized, release_freed_memory
 from .model import (
     PHI_TARGETS,
     QLoRAConfig,
+    adapter_rows,
     adapters_disabled,
     footprint,
     lora_layers,
@@ -36,21 +39,25 @@ __all__ = [
     "NF4_CODE",
     "PHI_TARGETS",
     "AdapterError",
+    "CheckpointError",
     "LoRALinear",
     "NF4Linear",
     "NF4Weight",
     "QLoRAConfig",
+    "adapter_rows",
     "adapters_disabled",
     "create_dynamic_map",
     "create_normal_map",
     "dequantize_nf4",
     "footprint",
     "load_adapter",
+    "load_quantized",
     "lora_layers",
     "merge_adapters",
     "prepare_qlora",
     "quantize_nf4",
     "read_adapter_config",
+    "release_freed_memory",
     "save_adapter",
     "stored_bytes",
     "trainable_parameters",

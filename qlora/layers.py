@@ -139,7 +139,9 @@ class LoRALinear(nn.Module):
     (r, out), zeros. Both are float32 whatever the base's dtype (peft's default too): the input
     is cast to float32 for the adapter path and the sum cast back to the base output's dtype.
     The attribute names are peft's, so `<path>.lora_A.weight` is the key peft saves and loads.
-    `disabled = True` (see adapters_disabled) returns base(x) exactly.
+    `disabled = True` (see adapters_disabled) returns base(x) exactly. `rows` (see adapter_rows)
+    limits the update to some rows of the batch: y[b] = base(x)[b] + s B A x[b] for b in rows,
+    base(x)[b] exactly for every other b, so one batch can hold the base and the tuned model.
     """
 
     def __init__(
@@ -169,6 +171,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(base.in_features, r, **kwargs)
         self.lora_B = nn.Linear(r, base.out_features, **kwargs)
         self.disabled = False
+        self.rows: Tensor | None = None  # int64 [k] batch rows that get the update; None: all
         self.reset_lora_parameters()
 
     @property
@@ -187,12 +190,19 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    def update(self, x: Tensor) -> Tensor:
+        """s * B A dropout(x), in the adapter's float32: [..., in] -> [..., out]."""
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # [..., r]
+        return self.lora_B(h) * self.scaling
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)  # [..., out]
         if self.disabled:
             return y
-        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # [..., r]
-        return y + (self.lora_B(h) * self.scaling).to(y.dtype)
+        if self.rows is None:
+            return y + self.update(x).to(y.dtype)
+        # y[rows] + update(x[rows]): the same single addition as above, for those rows only
+        return y.index_add(0, self.rows, self.update(x.index_select(0, self.rows)).to(y.dtype))
 
     @torch.no_grad()
     def merged_weight(self) -> Tensor:
@@ -200,9 +210,9 @@ class LoRALinear(nn.Module):
         if isinstance(self.base, NF4Linear):
             weight = dequantize_nf4(self.base.qweight, torch.float32)
         else:
-            weight = self.base.weight.float()
+            weight = self.base.weight.to(torch.float32, copy=True)
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float()  # [out, in]
-        return weight + self.scaling * delta
+        return weight.add_(delta.mul_(self.scaling))  # W + s * (B A), in place: one fp32 copy
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, disabled={self.disabled}"

@@ -2,6 +2,7 @@
 
 prepare_qlora(model)          target nn.Linear -> LoRALinear(NF4Linear(...)), all else frozen
 adapters_disabled(model)      with-block in which the model is the frozen (quantized) base
+adapter_rows(model, rows)     with-block in which only those batch rows get the LoRA update
 merge_adapters(model)         a new plain model, W' = W + s B A in every adapted layer
 footprint(model)              bytes actually stored, parameters, bits per parameter
 """
@@ -44,10 +45,11 @@ def matches_target(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def find_target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear]:
-    """{module path: nn.Linear} for every module the targets name; ValueError naming the first
-    target that matches nothing (the seed demo asked Phi-2 for Llama names and silently trained
-    q/k/v only) or a match that is not an nn.Linear."""
+def find_target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear | NF4Linear]:
+    """{module path: layer} for every module the targets name: an nn.Linear, or an NF4Linear that
+    `load_quantized` already made; ValueError naming the first target that matches nothing (the
+    seed demo asked Phi-2 for Llama names and silently trained q/k/v only) or a match that is
+    neither."""
     targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
     if not targets:
         raise ValueError(f"target_modules is empty; for Phi-2 pass {PHI_TARGETS}")
@@ -67,7 +69,7 @@ def find_target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear
                 raise ValueError(
                     f"{name} already has a LoRA adapter; prepare (or load into) a fresh base model"
                 )
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, (nn.Linear, NF4Linear)):
                 raise ValueError(
                     f"target {target!r} matched {name}, a {type(module).__name__}, not an "
                     "nn.Linear; fix: name the linear layers inside it"
@@ -125,7 +127,8 @@ def prepare_qlora(
     """Turn `model` into a QLoRA model in place and return it.
 
     Every target nn.Linear becomes LoRALinear(NF4Linear(linear)) (or LoRALinear(linear) with
-    quantize=False); everything else is frozen. Embeddings and the output head are never
+    quantize=False); a target that is already an NF4Linear (`load_quantized`) is wrapped as it
+    is, never quantized twice. Everything else is frozen. Embeddings and the output head are never
     quantized, as in QLoRA. compute_dtype None means each weight's own dtype. The settings are
     stored as `model.qlora_config` and the counts as `model.qlora_summary` (also logged).
     """
@@ -134,7 +137,7 @@ def prepare_qlora(
     model.requires_grad_(False)
     for name, linear in targets.items():
         base = linear
-        if quantize and linear is not output_head:
+        if quantize and isinstance(linear, nn.Linear) and linear is not output_head:
             base = NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype)
         adapted = LoRALinear(base, r, alpha, dropout, use_rslora)
         _set_submodule(model, name, adapted.train(linear.training))  # an eval model stays eval
@@ -146,7 +149,7 @@ def prepare_qlora(
         alpha=alpha,
         dropout=dropout,
         use_rslora=use_rslora,
-        quantize=quantize,
+        quantize=quantize or any(isinstance(m, NF4Linear) for m in targets.values()),
         blocksize=blocksize,
         double_quant=double_quant,
         compute_dtype=dtype_name,
@@ -185,6 +188,32 @@ def adapters_disabled(model: nn.Module):
             layer.disabled = was_disabled
 
 
+@contextmanager
+def adapter_rows(model: nn.Module, rows):
+    """Inside the block every LoRALinear adds its update to the batch rows `rows` only (a list or
+    int64 tensor of indices into dim 0); every other row is the frozen base exactly. Row 0 the
+    base and row 1 the tuned model: one forward answers as both, reading each weight once."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no LoRA layers; fix: call prepare_qlora (or "
+            "load_adapter) first"
+        )
+    index = torch.as_tensor(rows, dtype=torch.long, device=_device_of(layers[0]))
+    previous = [layer.rows for layer in layers]
+    try:
+        for layer in layers:
+            layer.rows = index
+        yield model
+    finally:
+        for layer, was in zip(layers, previous, strict=True):
+            layer.rows = was
+
+
+def _device_of(layer: LoRALinear) -> torch.device:
+    return layer.lora_A.weight.device
+
+
 def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
     out_features, in_features = weight.shape
     linear = nn.Linear(
@@ -204,10 +233,14 @@ def _original_dtype(base: nn.Linear | NF4Linear) -> torch.dtype:
 def merge_adapters(model: nn.Module) -> nn.Module:
     """A new model with plain nn.Linear layers, W' = dequantize(W) + scaling * B A, in each
     weight's original dtype; the input model is left as it was. Never re-quantized: rounding
-    W' to NF4 again would add a second quantization error. Parameters stay frozen."""
-    merged = copy.deepcopy(model)
-    replaced: list[str] = []
-    for name, module in list(merged.named_modules()):
+    W' to NF4 again would add a second quantization error. Parameters stay frozen.
+
+    Memory: the copy shares every tensor outside the adapted layers with `model` (embeddings,
+    norms, lm_head: frozen, read-only), and the merged weights are made one layer at a time, so
+    merging costs the merged linears plus one float32 layer, never a second whole model.
+    """
+    replaced = {}  # module path -> merged nn.Linear
+    for name, module in list(model.named_modules()):
         if any(name.startswith(prefix + ".") for prefix in replaced):
             continue  # the NF4Linear inside a LoRALinear already merged
         if isinstance(module, LoRALinear):
@@ -216,8 +249,13 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             base, weight = module, module.dequantize()
         else:
             continue
-        _set_submodule(merged, name, _plain_linear(weight, base.bias, _original_dtype(base)))
-        replaced.append(name)
+        replaced[name] = _plain_linear(weight, base.bias, _original_dtype(base))
+        del weight
+    # deepcopy with a memo: tensors are shared, the replaced modules are never copied
+    memo: dict[int, object] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    memo.update({id(model.get_submodule(name)): linear for name, linear in replaced.items()})
+    merged = copy.deepcopy(model, memo)
     for attribute in ("qlora_config", "qlora_summary"):
         merged.__dict__.pop(attribute, None)
     return merged

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -101,8 +102,16 @@ def eval_prompts(n: int) -> list[str]:
     return [r["prompt"] for r in arithmetic_task(seed=0, n_eval=N_EVAL).eval[:n]]
 
 
-def compare(client, prompt: str, max_new_tokens: int = MAX_NEW) -> tuple[str, str]:
+def compare_all(client, prompt: str, max_new_tokens: int = MAX_NEW) -> tuple[str, str, str, str]:
+    """(base, tuned, base speed line, tuned speed line) from the `/compare` API."""
     return tuple(client.predict(prompt, max_new_tokens, 1.0, 1.0, True, api_name="/compare"))
+
+
+def compare(client, prompt: str, max_new_tokens: int = MAX_NEW) -> tuple[str, str]:
+    return compare_all(client, prompt, max_new_tokens)[:2]
+
+
+SPEED_LINE = re.compile(r"^(\d+) tokens? · first after \d+\.\d\d s( · \d+\.\d tokens/s)?$")
 
 
 # --- the API -------------------------------------------------------------------------------------
@@ -114,6 +123,16 @@ def test_compare_api_greedy_equals_generate(client, direct):
         assert all(expected), f"pick another prompt: a direct answer is empty {expected}"
         assert expected[0] != expected[1], "the fake adapter should change the greedy answer"
         assert compare(client, prompt) == expected, prompt
+
+
+def test_each_side_reports_its_speed(client, direct):
+    prompt = eval_prompts(1)[0]
+    *_, base_speed, tuned_speed = compare_all(client, prompt)
+    for line in (base_speed, tuned_speed):
+        match = SPEED_LINE.match(line)
+        assert match, line
+        assert 1 <= int(match.group(1)) <= MAX_NEW
+        assert match.group(2), f"{line}: more than one token, so a tokens/s figure"
 
 
 def test_eight_concurrent_calls_are_all_answered_exactly(client, direct):
