@@ -39,9 +39,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class ServedURL(str):
+    """The served demo's URL; `.pid` is the server process (for its memory figures)."""
+
+    pid: int
+
+
 @contextmanager
 def serve(app_args: list[str], timeout_s: float = 120.0, host: str = "127.0.0.1"):
-    """Run `python -m app APP_ARGS --host HOST --port <free>`; yield its URL once it answers HTTP.
+    """Run `python -m app APP_ARGS --host HOST --port <free>`; yield its URL (a ServedURL) once
+    it answers HTTP.
 
     Raises RuntimeError with the server's output if it exits or is not ready within timeout_s.
     The server is terminated (then killed) on exit.
@@ -72,7 +79,9 @@ def serve(app_args: list[str], timeout_s: float = 120.0, host: str = "127.0.0.1"
                     f"`python -m app` not ready after {timeout_s:.0f} s:\n{_tail(log)}"
                 )
             time.sleep(0.25)
-        yield url
+        served = ServedURL(url)
+        served.pid = proc.pid
+        yield served
     finally:
         proc.terminate()
         try:

@@ -117,7 +117,7 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class _Rows:
+class DecodeRows:
     """Rows of one model decoding together on one KV cache; `setting` (a context-manager factory)
     is entered around every forward (adapter_rows, adapters_disabled, or nothing)."""
 
@@ -188,14 +188,14 @@ class PairGenerator:
     def decode(self, side: Side) -> str:
         return self.tokenizer.decode(side.ids, skip_special_tokens=True)
 
-    def _batches(self, prompt_ids: torch.Tensor) -> list[tuple[_Rows, list[int]]]:
+    def _batches(self, prompt_ids: torch.Tensor) -> list[tuple[DecodeRows, list[int]]]:
         """(rows decoding together, which side each row is): one batch of two, or two of one."""
         if self.one_pass:
             model = self.base_model
-            both = _Rows(model, prompt_ids.repeat(2, 1), lambda: adapter_rows(model, [1]))
+            both = DecodeRows(model, prompt_ids.repeat(2, 1), lambda: adapter_rows(model, [1]))
             return [(both, [0, 1])]
-        base = _Rows(self.base_model, prompt_ids, lambda: adapters_disabled(self.base_model))
-        return [(base, [0]), (_Rows(self.tuned_model, prompt_ids, contextlib.nullcontext), [1])]
+        base = DecodeRows(self.base_model, prompt_ids, lambda: adapters_disabled(self.base_model))
+        return [(base, [0]), (DecodeRows(self.tuned_model, prompt_ids, contextlib.nullcontext), [1])]
 
     @torch.inference_mode()
     def stream(

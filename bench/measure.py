@@ -119,6 +119,11 @@ def peak_rss_bytes() -> int:
     return _proc_status_bytes("VmHWM")
 
 
+def current_rss_bytes() -> int:
+    """The process's resident set now (VmRSS)."""
+    return _proc_status_bytes("VmRSS")
+
+
 class MemoryProbe:
     """Memory above a baseline: resident set on CPU (Linux), the caching allocator on CUDA.
 

@@ -1,0 +1,316 @@
+"""Part 5: serving a Phi-2-sized model on CPU, the demo's job: ours vs bitsandbytes vs dense bf16.
+
+The model is Phi-2 built from its config with random bf16 weights (bench/phi2.py, cached), the
+adapter a random LoRA r=16 on all six linears of every block, saved in peft's format. Greedy
+decoding, a prompt of `prompt_tokens` tokens, every path at the demo's thread count. Each
+configuration runs in its own process, so its peak RSS (VmHWM: everything the process ever held
+resident, interpreter and libraries included) is its own:
+
+    ours           load_model(nf4_targets) + load_adapter, as the demo loads it. Decode of 2 rows
+                   (base + tuned: app.streaming.PairGenerator, the demo's own loop) and of 1 row
+                   (the tuned model alone); prefill = time to the first token of the 2 rows.
+    server         `python -m app --model DIR --adapter DIR` itself: one /compare call, the
+                   speed lines the demo shows, and the server's peak RSS.
+    bitsandbytes   transformers `load_in_4bit` (nf4, double quant, bf16 compute), then a peft
+                   adapter on it: 1 row each (a side-by-side demo on it needs two passes a token).
+    dense bf16     the unquantized model, 1 row: what `--merge` or no quantization would serve.
+
+decode tokens/s per side = 1 / median step time (2 rows: each step gives both sides a token).
+Read bandwidth used = bytes a step must read (NF4 codes + block scales + every 16-bit weight) /
+median step time, against the machine's read bandwidth measured by the kernel part.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .measure import (
+    child_main,
+    current_rss_bytes,
+    exact,
+    figure,
+    peak_rss_bytes,
+    ratio_of,
+    run_child,
+)
+from .phi2 import cache_root, phi2_config, phi2_dir
+
+LORA_R, LORA_ALPHA = 16, 32
+TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+CONFIGS = ("ours", "server", "bitsandbytes", "dense_bf16")
+LABELS = {
+    "ours": "ours: NF4 kernel + LoRA",
+    "server": "ours: the demo server",
+    "bitsandbytes": "bitsandbytes load_in_4bit",
+    "bitsandbytes_peft": "bitsandbytes load_in_4bit + peft LoRA",
+    "dense_bf16": "dense bf16 (no quantization)",
+}
+
+
+def random_adapter(num_layers: int = 32, seed: int = 0) -> Path:
+    """A peft-format LoRA adapter for the random Phi-2 with B != 0 (so tuned != base), cached."""
+    from safetensors.torch import save_file
+
+    directory = cache_root() / f"phi2-random-{num_layers}L-lora-r{LORA_R}-seed{seed}"
+    if (directory / "adapter_model.safetensors").is_file():
+        return directory
+    cfg = phi2_config(num_layers)
+    h, ff = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "dense": (h, h)}
+    shapes |= {"fc1": (h, ff), "fc2": (ff, h)}  # (in, out)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(num_layers):
+        for name, (d_in, d_out) in shapes.items():
+            block = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "dense") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{block}.{name}"
+            bound = 1 / math.sqrt(d_in)
+            tensors[f"{key}.lora_A.weight"] = (
+                torch.rand(LORA_R, d_in, generator=g) * 2 - 1
+            ) * bound
+            tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, LORA_R, generator=g) * 0.01
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": LORA_R,
+        "lora_alpha": LORA_ALPHA,
+        "lora_dropout": 0.0,
+        "target_modules": list(TARGETS),
+        "bias": "none",
+        "base_model_name_or_path": str(phi2_dir(num_layers)),
+    }
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    os.replace(tmp, directory)
+    return directory
+
+
+def prompt_text(tokens: int) -> str:
+    """A GSM8K-like prompt of `tokens` characters (the character tokenizer: one token each)."""
+    text = "Instruct: Natalia sold clips to 48 of her friends in April, and then she sold half "
+    text += "as many clips in May. How many clips did Natalia sell altogether in April and May?"
+    return (text * (tokens // len(text) + 1))[:tokens]
+
+
+def step_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every NF4 code and block scale, and every other
+    parameter (lm_head, LoRA, norms, biases) but the embedding table, of which one row is read."""
+    from qlora import NF4Linear
+
+    total = sum(m.qweight.nbytes for m in model.modules() if isinstance(m, NF4Linear))
+    embed = model.get_input_embeddings().weight
+    return total + sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+
+
+def _decode_times(rows, steps: int) -> tuple[float, list[float]]:
+    """(prefill seconds, decode step seconds) of `steps` greedy steps of app.streaming's loop."""
+    from app.streaming import Sampling
+
+    sampling = Sampling(steps)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        rows.step(sampling)
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1:]
+
+
+def _measure_rows(make_rows, calls: int, steps: int) -> dict:
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for _ in range(calls):
+            first, rest = _decode_times(make_rows(), steps)
+            prefill.append(first)
+            decode.extend(rest)
+    return {"prefill_seconds": prefill, "decode_step_seconds": decode}
+
+
+def child(args: dict) -> dict:
+    """In a fresh process: load one configuration, then time prefill and decode."""
+    import contextlib
+
+    from app.streaming import DecodeRows
+
+    model_dir, adapter_dir = Path(args["model_dir"]), Path(args["adapter_dir"])
+    kind, calls, steps = args["config"], args["calls"], args["steps"]
+    out: dict = {"config": kind, "threads": torch.get_num_threads()}
+    start = time.perf_counter()
+    if kind == "ours":
+        from app.streaming import PairGenerator
+        from grpo.model import load_model
+        from qlora import adapter_rows, load_adapter
+
+        model, tokenizer = load_model(model_dir, "bfloat16", nf4_targets=TARGETS)
+        load_adapter(model, adapter_dir, quantize=True)
+        model.eval().requires_grad_(False)
+    elif kind == "bitsandbytes":
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map="cpu"
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    elif kind == "dense_bf16":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    else:
+        raise ValueError(f"unknown config {kind!r}")
+    out["load_seconds"] = time.perf_counter() - start
+    out["rss_after_load_bytes"] = current_rss_bytes()
+    ids = tokenizer(prompt_text(args["prompt_tokens"]), return_tensors="pt")["input_ids"]
+    assert ids.shape[1] == args["prompt_tokens"], ids.shape
+
+    def one(m, setting=contextlib.nullcontext):
+        return lambda: DecodeRows(m, ids, setting)
+
+    if kind == "ours":
+        out["step_bytes"] = step_bytes(model)
+        pair = PairGenerator(model, model, tokenizer, max_new_tokens_cap=steps)
+        both = lambda: DecodeRows(model, ids.repeat(2, 1), lambda: adapter_rows(model, [1]))  # noqa: E731
+        assert pair.one_pass
+        out["rows2"] = _measure_rows(both, calls, steps)
+        out["rows1"] = _measure_rows(one(model), calls, steps)
+    elif kind == "bitsandbytes":
+        from peft import PeftModel
+
+        out["rows1"] = _measure_rows(one(model), calls, steps)
+        peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
+        out["rows1_peft"] = _measure_rows(one(peft_model.get_base_model()), calls, steps)
+    else:
+        out["rows1"] = _measure_rows(one(model), calls, steps)
+    out["peak_rss_bytes"] = peak_rss_bytes()
+    return out
+
+
+def server_child(model_dir: Path, adapter_dir: Path, prompt_tokens: int, steps: int) -> dict:
+    """The demo server itself: start it, one /compare call, read its speed lines and peak RSS."""
+    from gradio_client import Client
+
+    from app.browser import serve
+
+    start = time.perf_counter()
+    with serve(["--model", str(model_dir), "--adapter", str(adapter_dir)], timeout_s=900) as url:
+        ready = time.perf_counter() - start
+        client = Client(url, verbose=False)
+        prompt = prompt_text(prompt_tokens)
+        t0 = time.perf_counter()
+        base, tuned, base_speed, tuned_speed = client.predict(
+            prompt, steps, 1.0, 1.0, True, api_name="/compare"
+        )
+        call = time.perf_counter() - t0
+        status = Path(f"/proc/{url.pid}/status").read_text()
+        peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
+    return {
+        "ready_seconds": ready,
+        "compare_seconds": call,
+        "base_speed": base_speed,
+        "tuned_speed": tuned_speed,
+        "peak_rss_bytes": peak,
+        "answer_lengths": [len(base), len(tuned)],
+    }
+
+
+def run(threads: int, calls: int, steps: int, prompt_tokens: int, num_layers: int, log=print):
+    model_dir = phi2_dir(num_layers, log=log)
+    adapter_dir = random_adapter(num_layers)
+    common = dict(
+        model_dir=str(model_dir),
+        adapter_dir=str(adapter_dir),
+        calls=calls,
+        steps=steps,
+        prompt_tokens=prompt_tokens,
+        threads=threads,
+    )
+    raw = {}
+    for kind in ("ours", "bitsandbytes", "dense_bf16"):
+        raw[kind] = run_child("bench.serve", {**common, "config": kind}, timeout=1800)
+        log(f"  {kind}: loaded in {raw[kind]['load_seconds']:.0f} s")
+    raw["server"] = server_child(model_dir, adapter_dir, prompt_tokens, steps)
+    return summarize(raw, common, log)
+
+
+def _side_rate(samples: list[float]) -> dict:
+    return figure([1.0 / s for s in samples], "tokens/s")
+
+
+def summarize(raw: dict, common: dict, log=print) -> dict:
+    ours, bnb, dense = raw["ours"], raw["bitsandbytes"], raw["dense_bf16"]
+    res: dict = {"settings": {k: v for k, v in common.items() if k not in ("model_dir",)}}
+    res["raw"] = raw
+    paths = {
+        "ours_rows2": ours["rows2"],
+        "ours_rows1": ours["rows1"],
+        "bitsandbytes_rows1": bnb["rows1"],
+        "bitsandbytes_peft_rows1": bnb["rows1_peft"],
+        "dense_bf16_rows1": dense["rows1"],
+    }
+    for name, r in paths.items():
+        res[name] = {
+            "decode_tokens_per_second_per_side": _side_rate(r["decode_step_seconds"]),
+            "decode_step_seconds": figure(r["decode_step_seconds"], "s"),
+            "prefill_seconds": figure(r["prefill_seconds"], "s"),
+        }
+    for kind, r in (("ours", ours), ("bitsandbytes", bnb), ("dense_bf16", dense)):
+        res[f"{kind}_peak_rss"] = exact(r["peak_rss_bytes"] / 2**30, "GiB")
+        res[f"{kind}_load_seconds"] = exact(r["load_seconds"], "s")
+    res["server"] = raw["server"]
+    res["server_peak_rss"] = exact(raw["server"]["peak_rss_bytes"] / 2**30, "GiB")
+    step = res["ours_rows2"]["decode_step_seconds"]["median"]
+    res["ours_step_bytes"] = exact(ours["step_bytes"] / 1e9, "GB")
+    res["ours_rows2_read_gb_per_s"] = exact(ours["step_bytes"] / 1e9 / step, "GB/s")
+    rate = lambda name: res[name]["decode_tokens_per_second_per_side"]  # noqa: E731
+    res["ratios"] = {
+        "decode_2rows_vs_bnb_1row": ratio_of(
+            rate("ours_rows2"),
+            rate("bitsandbytes_rows1"),
+            LABELS["ours"] + ", 2 rows, per side",
+            LABELS["bitsandbytes"] + ", 1 row",
+        ),
+        "decode_2rows_vs_bnb_peft_1row": ratio_of(
+            rate("ours_rows2"),
+            rate("bitsandbytes_peft_rows1"),
+            LABELS["ours"] + ", 2 rows, per side",
+            LABELS["bitsandbytes_peft"] + ", 1 row",
+        ),
+        "decode_2rows_vs_dense_1row": ratio_of(
+            rate("ours_rows2"),
+            rate("dense_bf16_rows1"),
+            LABELS["ours"] + ", 2 rows, per side",
+            LABELS["dense_bf16"] + ", 1 row",
+        ),
+        "peak_rss_vs_bnb": ratio_of(
+            res["ours_peak_rss"],
+            res["bitsandbytes_peak_rss"],
+            LABELS["ours"],
+            LABELS["bitsandbytes"] + " + peft",
+        ),
+    }
+    r2 = rate("ours_rows2")["median"]
+    log(
+        f"  ours 2 rows: {r2:.2f} tokens/s per side, prefill "
+        f"{res['ours_rows2']['prefill_seconds']['median']:.2f} s, peak RSS "
+        f"{res['ours_peak_rss']['median']:.2f} GiB; bitsandbytes 1 row "
+        f"{rate('bitsandbytes_rows1')['median']:.2f} tokens/s; server peak RSS "
+        f"{res['server_peak_rss']['median']:.2f} GiB"
+    )
+    return res
+
+
+if __name__ == "__main__":
+    child_main(child)
