@@ -132,6 +132,52 @@ class NF4Linear(nn.Module):
         )
 
 
+class _LoRAFunction(torch.autograd.Function):
+    """u = s * (d(x) A^T) B^T with d(x) = dropout(float32(x)); only A and B get gradients.
+
+    Saved for backward: x itself, in its own dtype (q_proj, k_proj, v_proj and fc1 read the same
+    x, so it is kept once for all four), the dropout mask as bool, and h = d(x) A^T [..., r].
+    Autograd through nn.Dropout and nn.Linear would keep a float32 copy of x per adapter (and the
+    dropout output besides): for Phi-2 that is ~60% of a training forward's memory outside
+    attention and the MLP. d(x) is rebuilt from x and the mask in backward:
+
+        g = s * grad_u                 grad_B = g^T h          grad_h = g B
+        grad_A = grad_h^T d(x)         grad_x = d'(grad_h A)   (d': the same mask and 1/(1-p))
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, scaling: float, p: float) -> Tensor:
+        dx = x.to(a.dtype)  # [..., in], float32
+        mask = None
+        if p > 0:
+            dx, mask = torch.native_dropout(dx, p, True)
+        h = dx @ a.t()  # [..., r]
+        ctx.save_for_backward(x, mask, h, a, b)
+        ctx.scaling, ctx.p = scaling, p
+        return (h @ b.t()) * scaling  # [..., out], float32
+
+    @staticmethod
+    def backward(ctx, grad_u: Tensor):
+        x, mask, h, a, b = ctx.saved_tensors
+        g = (grad_u * ctx.scaling).reshape(-1, grad_u.shape[-1])  # [n, out]
+        h2 = h.reshape(-1, h.shape[-1])  # [n, r]
+        grad_h = g @ b  # [n, r]
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[2]:
+            grad_b = g.t() @ h2  # [out, r]
+        if ctx.needs_input_grad[1]:
+            dx = _dropped(x.to(a.dtype), mask, ctx.p).reshape(-1, a.shape[1])  # [n, in]
+            grad_a = grad_h.t() @ dx  # [r, in]
+        if ctx.needs_input_grad[0]:
+            grad_x = _dropped((grad_h @ a).reshape(x.shape), mask, ctx.p).to(x.dtype)  # [..., in]
+        return grad_x, grad_a, grad_b, None, None
+
+
+def _dropped(t: Tensor, mask: Tensor | None, p: float) -> Tensor:
+    """t * mask / (1 - p), as native_dropout scales the kept values; t itself when p == 0."""
+    return t if mask is None else t * mask * (1.0 / (1.0 - p))
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + scaling * lora_B(lora_A(dropout(x))), base frozen (nn.Linear or NF4Linear).
 
@@ -192,7 +238,11 @@ class LoRALinear(nn.Module):
 
     def update(self, x: Tensor) -> Tensor:
         """s * B A dropout(x), in the adapter's float32: [..., in] -> [..., out]."""
-        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # [..., r]
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
+            p = self.dropout if self.training else 0.0
+            return _LoRAFunction.apply(x, a, b, self.scaling, p)
+        h = self.lora_A(self.lora_dropout(x.to(a.dtype)))  # [..., r]
         return self.lora_B(h) * self.scaling
 
     def forward(self, x: Tensor) -> Tensor:

@@ -150,6 +150,62 @@ def test_lora_dropout_acts_in_train_mode_only():
     assert torch.equal(layer.eval()(x), layer.eval()(x))
 
 
+def reference_lora(layer: LoRALinear, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """base(x) + s B A d(x) through plain autograd (the same dropout mask, or none)."""
+    dx = x.float() if mask is None else x.float() * mask * (1.0 / (1.0 - layer.dropout))
+    update = (dx @ layer.lora_A.weight.T) @ layer.lora_B.weight.T * layer.scaling
+    return layer.base(x) + update.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_gradients_equal_plain_autograd(dtype, dropout):
+    """The hand-written backward gives autograd's gradients for A, B and x (both dtypes, with and
+    without dropout: the mask native_dropout drew in forward is reused)."""
+    base = NF4Linear.from_linear(linear(), compute_dtype=dtype)
+    layer = LoRALinear(base, r=8, alpha=16, dropout=dropout).train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 7, 128, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(2, 7, 96, dtype=dtype)
+    seed = torch.seed()
+    y = layer(x)
+    y.backward(grad_y)
+    ours = [x.grad.clone(), layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()]
+    mask = None
+    if dropout:
+        torch.manual_seed(seed)  # the same draw as in forward
+        _, mask = torch.native_dropout(x.detach().float(), dropout, True)
+    x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    expected_y = reference_lora(layer, x, mask)
+    expected_y.backward(grad_y)
+    theirs = [x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
+    assert torch.equal(y, expected_y)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    for name, a, b in zip(("x", "A", "B"), ours, theirs, strict=True):
+        assert torch.allclose(a.float(), b.float(), **tol), name
+
+
+def test_lora_keeps_its_input_once_in_its_own_dtype():
+    """Four adapters reading one bf16 x (q, k, v, fc1 in a Phi block) keep x once, as bf16; no
+    float32 copy of it is saved for backward."""
+    layers = [
+        LoRALinear(NF4Linear.from_linear(linear(seed=i), compute_dtype=torch.bfloat16), 8, 16)
+        for i in range(4)
+    ]
+    x = torch.randn(64, 128, dtype=torch.bfloat16, requires_grad=True)
+    storages: dict[int, tuple[int, torch.dtype]] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sum(layer(x).sum() for layer in layers)
+    activations = {k: v for k, v in storages.items() if v[0] >= 64 * 128 * 2}
+    assert list(activations.values()) == [(64 * 128 * 2, torch.bfloat16)]
+
+
 def test_lora_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match=r"r=0 must be a positive int"):
         LoRALinear(linear(), r=0, alpha=16)
