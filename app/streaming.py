@@ -195,7 +195,8 @@ class PairGenerator:
             both = DecodeRows(model, prompt_ids.repeat(2, 1), lambda: adapter_rows(model, [1]))
             return [(both, [0, 1])]
         base = DecodeRows(self.base_model, prompt_ids, lambda: adapters_disabled(self.base_model))
-        return [(base, [0]), (DecodeRows(self.tuned_model, prompt_ids, contextlib.nullcontext), [1])]
+        tuned = DecodeRows(self.tuned_model, prompt_ids, contextlib.nullcontext)
+        return [(base, [0]), (tuned, [1])]
 
     @torch.inference_mode()
     def stream(
