@@ -143,9 +143,13 @@ class Kernel:
     group_size: int  # in_features that run the SIMD row kernel are multiples of it (0: none)
     load_seconds: float  # compile + load on a cold cache, load only (~0.1 s) on a warm one
 
-    def matmul(self, x: Tensor, q: NF4Weight) -> Tensor:
-        """float32 [M, out] = x W^T for a contiguous float32/bfloat16 x [M, in], in even."""
-        return self.ops.matmul(x, q.packed, *_scale_args(q), q.shape[0], q.blocksize)
+    def matmul(
+        self, x: Tensor, q: NF4Weight, bias: Tensor | None = None, bf16_out: bool = False
+    ) -> Tensor:
+        """[M, out] = x W^T (+ bias, added in float32) for a contiguous float32/bfloat16 x
+        [M, in] with in even: float32, or rounded once to bfloat16 if bf16_out."""
+        args = _scale_args(q)
+        return self.ops.matmul(x, q.packed, *args, q.shape[0], q.blocksize, bias, bf16_out)
 
     def dequantize_flat(self, q: NF4Weight, out: Tensor) -> None:
         """Decode q into out, a contiguous float32/bfloat16 tensor of exactly q.numel elements."""
@@ -334,32 +338,41 @@ def decode(q: NF4Weight, dtype: torch.dtype) -> Tensor:
     return _scratch.decode(q, dtype)
 
 
+def _fused_kernel(x: Tensor, q: NF4Weight) -> Kernel | None:
+    """The kernel nf4_linear(x, q) runs fused, or None: see uses_fused."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not (0 < rows <= FUSED_MAX_ROWS and x.dtype in KERNEL_DTYPES and x.device == q.device):
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    k = _cpu_kernel(q, None)
+    if k is None:
+        return None
+    in_features = q.shape[1]
+    runs = in_features % k.group_size == 0 if k.group_size else in_features % 2 == 0
+    return k if runs else None
+
+
 def uses_fused(x: Tensor, q: NF4Weight) -> bool:
     """Whether nf4_linear(x, q) runs the fused kernel: CPU, float32/bfloat16 x without a
     gradient to carry, 1..FUSED_MAX_ROWS input rows, and an in_features the kernel's SIMD row
     loop takes (a multiple of its group size; any even size for the scalar build)."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if not (0 < rows <= FUSED_MAX_ROWS and x.dtype in KERNEL_DTYPES and x.device == q.device):
-        return False
-    if torch.is_grad_enabled() and x.requires_grad:
-        return False
-    k = _cpu_kernel(q, None)
-    if k is None:
-        return False
-    in_features = q.shape[1]
-    return in_features % k.group_size == 0 if k.group_size else in_features % 2 == 0
+    return _fused_kernel(x, q) is not None
 
 
 def nf4_linear(x: Tensor, q: NF4Weight, bias: Tensor | None = None) -> Tensor:
     """y = x W^T + b in x.dtype, x [..., in] -> [..., out].
 
-    uses_fused(x, q): y = fused_matmul(x, q) + b in float32, rounded once to x.dtype. Otherwise
-    F.linear(x, decode(q, x.dtype), b), the pure-PyTorch NF4Linear's arithmetic exactly (also
-    when x carries a gradient: autograd sees a plain F.linear with a constant weight).
+    uses_fused(x, q): the fused kernel, y = fl32(sum_k x_k W_nk) + b in float32, rounded once to
+    x.dtype. Otherwise F.linear(x, decode(q, x.dtype), b), the pure-PyTorch NF4Linear's
+    arithmetic exactly (also when x carries a gradient: autograd sees a plain F.linear with a
+    constant weight).
     """
-    if not uses_fused(x, q):
+    k = _fused_kernel(x, q)
+    if k is None:
         return F.linear(x, decode(q, x.dtype), bias)
-    y = fused_matmul(x, q)  # float32 [..., out]
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    if bias is not None and (bias.dtype not in KERNEL_DTYPES or bias.device != q.device):
+        bias = bias.to(device=q.device, dtype=torch.float32)
+    x2 = x.reshape(-1, q.shape[1]).contiguous()  # [M, in]; a copy only if x was strided
+    y = k.matmul(x2, q, bias.contiguous() if bias is not None else None, x.dtype == torch.bfloat16)
+    return y.view(*x.shape[:-1], q.shape[0])
