@@ -1,6 +1,8 @@
 """The two layers of QLoRA: a frozen 4-bit linear layer and a LoRA adapter around any linear layer.
 
-    NF4Linear:   y = x W^T + b,   W = dequantize_nf4(qweight) rebuilt on every call, never stored
+    NF4Linear:   y = x W^T + b,   W = dequantize_nf4(qweight), never stored: on CPU without a
+                 gradient to x, kernel.nf4_linear (the fused NF4 kernel for few rows, decode +
+                 GEMM for many); otherwise decoded on every call (in backward again)
     LoRALinear:  y = base(x) + s * B A dropout(x),   A [r, in], B [out, r],
                  s = alpha / r (LoRA, Hu et al. 2021)
                    or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023)
@@ -11,60 +13,33 @@ Only A and B train. B starts at zero, so a fresh adapter leaves the base model's
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 from torch import Tensor, nn
 
-from .nf4 import NF4Weight, dequantize_into, dequantize_nf4, quantize_nf4
-
-
-class _Scratch(threading.local):
-    """Per-thread decode buffers for NF4Linear on CPU, grown to the largest weight seen.
-
-    A fresh 100 MB tensor per call costs ~25k page faults, as long as the decode itself; one
-    buffer per thread (a Gradio server may run two generations at once) avoids that. The decoded
-    weight lives only until the matmul that reads it returns, so reuse is safe within a thread.
-    """
-
-    def __init__(self) -> None:
-        self.index = torch.empty(0, dtype=torch.int32)
-        self.words = torch.empty(0, dtype=torch.int64)
-
-    def decode(self, q: NF4Weight, dtype: torch.dtype) -> Tensor:
-        if q.device.type != "cpu":  # CUDA's caching allocator already recycles blocks
-            return dequantize_nf4(q, dtype)
-        # buffers born under inference_mode could not be written outside it later
-        with torch.inference_mode(False):
-            if self.index.numel() < q.packed.numel():
-                self.index = torch.empty(q.packed.numel(), dtype=torch.int32)
-            if self.words.numel() < q.n_blocks * q.blocksize // 2:
-                self.words = torch.empty(q.n_blocks * q.blocksize // 2, dtype=torch.int64)
-        weight = dequantize_into(q, self.index, self.words)  # float32, a view of self.words
-        return weight if dtype == torch.float32 else weight.to(dtype)
-
-
-_scratch = _Scratch()
+from . import kernel
+from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 
 class _NF4LinearFunction(torch.autograd.Function):
     """y = x W^T + b with W decoded in forward and decoded again in backward (the QLoRA way).
 
     Nothing weight-sized is saved for backward: autograd keeps only the 4-bit codes it already
-    has. grad_x = grad_y W; W itself never gets a gradient.
+    has. grad_x = grad_y W; W itself never gets a gradient. kernel.decode gives W bit for bit
+    as dequantize_nf4 (SIMD on CPU when the kernel is built), into a reused per-thread buffer.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, bias: Tensor | None, layer: NF4Linear) -> Tensor:
         ctx.layer = layer
-        weight = _scratch.decode(layer.qweight, x.dtype)  # [out, in]
+        weight = kernel.decode(layer.qweight, x.dtype)  # [out, in]
         return nn.functional.linear(x, weight, bias)  # [..., out]
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = _scratch.decode(ctx.layer.qweight, grad_y.dtype)  # [out, in]
+            weight = kernel.decode(ctx.layer.qweight, grad_y.dtype)  # [out, in]
             grad_x = grad_y @ weight  # [..., in]
         if ctx.needs_input_grad[1]:  # only if someone unfreezes the bias
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
@@ -74,9 +49,17 @@ class _NF4LinearFunction(torch.autograd.Function):
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4: y = x W^T + b, W = dequantize(qweight).
 
-    The matmul runs in `compute_dtype` (float32 on CPU; bfloat16 is the GPU option) and the
-    output is cast back to the input's dtype. `qweight` is plain storage, not a parameter or a
-    buffer: `model.to(dtype)` must never cast quantized bytes or the float32 block scales.
+    x is cast to `compute_dtype` (float32 on CPU; bfloat16 for a bf16 model or on GPU), and the
+    output cast back to the input's dtype. Two paths, the same W:
+
+        no gradient to x, on CPU   kernel.nf4_linear: for <= kernel.FUSED_MAX_ROWS input rows
+                                   the fused kernel, y = fl32(sum_k x_k W_nk) + b rounded once
+                                   to compute_dtype; for more rows F.linear(x, W, b)
+        otherwise (training, CUDA) _NF4LinearFunction: F.linear(x, W, b), W decoded again in
+                                   backward; grad_x = grad_y W
+
+    `qweight` is plain storage, not a parameter or a buffer: `model.to(dtype)` must never cast
+    quantized bytes or the float32 block scales.
     """
 
     def __init__(self, qweight: NF4Weight, bias: Tensor | None, compute_dtype: torch.dtype):
@@ -108,7 +91,11 @@ class NF4Linear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != self.compute_dtype:
             bias = bias.to(self.compute_dtype)
-        y = _NF4LinearFunction.apply(x.to(self.compute_dtype), bias, self)
+        xc = x.to(self.compute_dtype)
+        if self.qweight.device.type == "cpu" and not (torch.is_grad_enabled() and xc.requires_grad):
+            y = kernel.nf4_linear(xc, self.qweight, bias)
+        else:
+            y = _NF4LinearFunction.apply(xc, bias, self)
         return y.to(x.dtype)
 
     def dequantize(self) -> Tensor:
