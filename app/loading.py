@@ -7,11 +7,13 @@ import sys
 from dataclasses import dataclass, field
 
 from grpo.config import GRPOConfig
+from grpo.cpu_attention import use_cpu_decode_attention
 from grpo.model import ModelLoadError, load_model
 from grpo.rewards import build_reward_functions, combine_rewards, format_reward, is_correct
 from qlora import (
     AdapterError,
     footprint,
+    kernel,
     load_adapter,
     merge_adapters,
     read_adapter_config,
@@ -48,6 +50,7 @@ def load_demo(spec: DemoSpec) -> Demo:
         model, tokenizer = load_model(spec.model, spec.dtype, nf4_targets=targets)
         model.eval()
         load_adapter(model, spec.adapter, quantize=spec.quantize)
+        use_cpu_decode_attention(model)  # bf16 decode attention in float32 on CPU: faster
     except ModelLoadError as err:
         raise DemoError(str(err)) from err
     except AdapterError as err:
@@ -55,6 +58,8 @@ def load_demo(spec: DemoSpec) -> Demo:
     trainable, total = trainable_parameters(model)  # LoRA matrices are the trainable ones
     model.requires_grad_(False)
     stored = footprint(model)
+    # built now (once per machine, cached), not inside the first request
+    cpu_kernel = kernel.default_kernel() if spec.quantize and _on_cpu(model) else None
     info = {
         "model": spec.model,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -66,6 +71,7 @@ def load_demo(spec: DemoSpec) -> Demo:
         "footprint_mb": stored["bytes"] / 1e6,
         "bits_per_param": stored["bits_per_param"],
         "summary": spec.summary,
+        "kernel": cpu_kernel.isa if cpu_kernel is not None else None,
     }
     tuned = model
     if spec.merge:
@@ -80,6 +86,10 @@ def load_demo(spec: DemoSpec) -> Demo:
     if cfg is not None and set(cfg.reward_funcs) <= {"correctness", "format"}:
         reward_fns, reward_weights = build_reward_functions(cfg.reward_funcs, cfg.reward_weights)
     return Demo(generator, spec, info, examples, answers, reward_fns, reward_weights)
+
+
+def _on_cpu(model) -> bool:
+    return next(model.parameters()).device.type == "cpu"
 
 
 def task_examples(spec: DemoSpec) -> tuple[list[str], dict[str, str]]:

@@ -50,6 +50,15 @@ def info_markdown(demo: Demo) -> str:
             "(everything stored: 4-bit codes, scales, LoRA, embeddings)",
         ),
     ]
+    if info.get("quantized"):
+        rows.append(
+            (
+                "NF4 matmul",
+                f"hand-written fused CPU kernel ({info['kernel']})"
+                if info.get("kernel")
+                else "pure PyTorch (decode the weight, then multiply)",
+            )
+        )
     if "merged_footprint_mb" in info:
         rows.append(
             (

@@ -144,13 +144,13 @@ def child(args: dict) -> dict:
     out: dict = {"config": kind, "threads": torch.get_num_threads()}
     start = time.perf_counter()
     if kind == "ours":
-        from app.streaming import PairGenerator
-        from grpo.model import load_model
-        from qlora import adapter_rows, load_adapter
+        from app.loading import load_demo
+        from app.spec import resolve_spec
+        from qlora import adapter_rows
 
-        model, tokenizer = load_model(model_dir, "bfloat16", nf4_targets=TARGETS)
-        load_adapter(model, adapter_dir, quantize=True)
-        model.eval().requires_grad_(False)
+        demo = load_demo(resolve_spec(None, str(model_dir), str(adapter_dir)))  # as the demo
+        pair = demo.generator
+        model, tokenizer = pair.base_model, pair.tokenizer
     elif kind == "bitsandbytes":
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -177,12 +177,11 @@ def child(args: dict) -> dict:
     assert ids.shape[1] == args["prompt_tokens"], ids.shape
 
     def one(m, setting=contextlib.nullcontext):
-        return lambda: DecodeRows(m, ids, setting)
+        return lambda: DecodeRows(m, ids, setting, steps)
 
     if kind == "ours":
         out["step_bytes"] = step_bytes(model)
-        pair = PairGenerator(model, model, tokenizer, max_new_tokens_cap=steps)
-        both = lambda: DecodeRows(model, ids.repeat(2, 1), lambda: adapter_rows(model, [1]))  # noqa: E731
+        both = lambda: DecodeRows(model, ids.repeat(2, 1), lambda: adapter_rows(model, [1]), steps)  # noqa: E731
         assert pair.one_pass
         out["rows2"] = _measure_rows(both, calls, steps)
         out["rows1"] = _measure_rows(one(model), calls, steps)
