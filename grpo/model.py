@@ -35,6 +35,26 @@ def auto_dtype(directory: str | os.PathLike) -> torch.dtype:
     return torch.float32 if stored_parameters(directory) < SMALL_MODEL_PARAMS else torch.bfloat16
 
 
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
+
+
+def fold_output_head_input(model) -> None:
+    """Make the output head's input contiguous before its matmul.
+
+    With `logits_to_keep`, transformers hands lm_head a slice hidden[:, -k:] of the hidden
+    states, which is not contiguous; torch.matmul cannot fold such a [B, k, d] tensor into one
+    [B k, d] x [d, V] product and instead runs a batched matmul against the weight expanded and
+    copied B times. For Phi-2 (V = 51,200) and 2 rows that is a 524 MB copy and 1.15 s instead
+    of 9 ms (measured in bf16 on this project's CPU), in every prefill and every training
+    forward. A copy of the few kept hidden rows costs nothing in comparison.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and not getattr(head, "_folds_input", False):
+        head.register_forward_pre_hook(_contiguous_input)
+        head._folds_input = True
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     dtype: str | torch.dtype = "float32",
@@ -81,6 +101,7 @@ def load_model(
             f"cannot be reached ({type(err).__name__}); fix: run `huggingface-cli download {name}` "
             "on a machine with internet (or copy the cache here), or pass a local directory"
         ) from err
+    fold_output_head_input(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only generation pads on the left

@@ -59,3 +59,14 @@ def test_cli_turns_missing_model_into_one_line_and_exit_2(tmp_path):
     err_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(err_lines) == 1 and "huggingface-cli download" in err_lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_output_head_gets_a_contiguous_input(tiny_model_dir):
+    """logits_to_keep hands lm_head a strided slice; the loader's pre-hook makes it contiguous,
+    so torch folds it into one matmul instead of copying the weight once per row."""
+    model, _ = load_model(tiny_model_dir)
+    seen = []
+    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        model(torch.randint(4, 90, (3, 9)), logits_to_keep=2)
+    assert seen == [True]
