@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernel
-from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
+from .nf4 import NF4Weight, dequantize_nf4
 
 
 class _NF4LinearFunction(torch.autograd.Function):
@@ -81,10 +81,11 @@ class NF4Linear(nn.Module):
         double_quant: bool = True,
         compute_dtype: torch.dtype | None = torch.float32,
     ) -> NF4Linear:
-        """Quantize `linear.weight` (compute_dtype None: keep the weight's own dtype)."""
+        """Quantize `linear.weight` (compute_dtype None: keep the weight's own dtype) with
+        kernel.quantize: nf4.quantize_nf4's bytes, in one pass per block on CPU."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        qweight = quantize_nf4(linear.weight, blocksize=blocksize, double_quant=double_quant)
+        qweight = kernel.quantize(linear.weight, blocksize=blocksize, double_quant=double_quant)
         return cls(qweight, linear.bias, compute_dtype or linear.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -31,9 +31,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .kernel import quantize
 from .layers import NF4Linear
 from .model import PHI_TARGETS, _set_submodule, find_target_linears
-from .nf4 import quantize_nf4
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -144,9 +144,9 @@ def load_quantized(
                     )
                 module_name, _, attr = key.rpartition(".")
                 if module_name in quantized and attr == "weight":
-                    # quantize_nf4 works in fp32 on the stored values, as prepare_qlora does on
-                    # a model loaded in `dtype`: round to `dtype` first so the bytes match it
-                    qweights[module_name] = quantize_nf4(
+                    # quantize works on the values in `dtype`, as prepare_qlora does on a model
+                    # loaded in `dtype`: round to `dtype` first so the bytes match it
+                    qweights[module_name] = quantize(
                         tensor.to(dtype), blocksize=blocksize, double_quant=double_quant
                     )
                 else:

@@ -274,6 +274,66 @@ def test_dequantize_at_a_phi2_shape_every_path(kernels, phi2_weights):
         assert torch.equal(kernel.dequantize(q, torch.float32, kernel=kern), weight)
 
 
+# --- quantize -------------------------------------------------------------------------------------
+
+
+def assert_same_nf4(ours, theirs) -> None:
+    """Every stored tensor of two NF4Weights bit for bit, and the same metadata."""
+    for name in ("packed", "absmax", "absmax_scale", "absmax_offset"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert (ours.shape, ours.dtype, ours.blocksize) == (
+        theirs.shape,
+        theirs.dtype,
+        theirs.blocksize,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dq", [True, False], ids=["dq", "plain"])
+def test_quantize_is_bit_identical_at_phi2_shapes(kernels, dtype, dq):
+    g = torch.Generator().manual_seed(1)
+    for n, k in PHI2_SHAPES:
+        w = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
+        assert_same_nf4(
+            kernel.quantize(w, 64, dq, kernel=kernels[next(iter(kernels))]), quantize_nf4(w, 64, dq)
+        )
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dq", [True, False], ids=["dq", "plain"])
+def test_quantize_odd_shapes_ties_and_zero_blocks(kern, blocksize, dq):
+    g = torch.Generator().manual_seed(blocksize)
+    w = torch.randn(37, 333, generator=g)  # odd numel: a partial last block and a pad nibble
+    w[3] = 0.0  # all-zero blocks: absmax 0, every code 7
+    w[5] = w[5] * 1e-38  # subnormal values and a subnormal absmax
+    # values exactly on a decision boundary: a block with absmax 1 scales them by exactly 1
+    midpoints = (kernel.NF4_CODE[:-1] + kernel.NF4_CODE[1:]) / 2
+    ties = torch.cat([midpoints, -midpoints, torch.ones(1)])  # [31]
+    w.view(-1)[: blocksize * 2] = ties.repeat(blocksize)[: blocksize * 2]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = w.to(dtype)
+        assert_same_nf4(
+            kernel.quantize(x, blocksize, dq, kernel=kern), quantize_nf4(x, blocksize, dq)
+        )
+    short = torch.randn(5, generator=g)  # shorter than one block: the reference alone
+    assert_same_nf4(
+        kernel.quantize(short, blocksize, dq, kernel=kern), quantize_nf4(short, blocksize, dq)
+    )
+
+
+def test_quantize_other_dtypes_and_bad_input_go_through_the_reference():
+    w = torch.randn(64, 96, dtype=torch.float16)
+    assert_same_nf4(kernel.quantize(w), quantize_nf4(w))
+    for bad in (torch.zeros(0), torch.arange(128)):
+        with pytest.raises(ValueError, match="needs a non-empty float tensor"):
+            kernel.quantize(bad)
+    with pytest.raises(ValueError, match="blocksize=48 is not supported"):
+        kernel.quantize(torch.randn(128), blocksize=48)
+
+
 # --- NF4Linear ------------------------------------------------------------------------------------
 
 

@@ -44,6 +44,8 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <vector>
+#include <cmath>
 
 #ifndef QLORA_ISA
 #if defined(__AVX512F__)
@@ -661,6 +663,74 @@ void dequantize(const at::Tensor& packed, const at::Tensor& absmax, const at::Te
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Quantize
+// ---------------------------------------------------------------------------------------------
+
+// The full blocks of a flat weight x [n] (float32 or bfloat16, n a multiple of blocksize), as
+// qlora/nf4.py's quantize_nf4 computes them, bit for bit:
+//
+//     absmax_b = max_i |x_i|                      (float32, exact)
+//     s_i      = clamp(x_i * fl(1 / max(absmax_b, 1e-38)), -1, 1)
+//     q_i      = #{ j : not (s_i <= midpoint_j) }  (15 midpoints: the nearest NF4 code, the
+//                                                  lower one on a tie)
+//
+// A NaN weight gets code 15 and leaves its block's absmax to the other values (the reference
+// makes the whole block NaN).
+//
+// packed [n / 2] holds q_{2i} << 4 | q_{2i+1}; absmax [n / blocksize].
+void quantize(const at::Tensor& x, const at::Tensor& midpoints, int64_t blocksize,
+              at::Tensor& packed, at::Tensor& absmax) {
+  const int64_t n = x.numel();
+  TORCH_CHECK(x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0 && n % blocksize == 0,
+              "n=", n, " must be a multiple of the even blocksize ", blocksize);
+  TORCH_CHECK(midpoints.numel() == 15 && midpoints.scalar_type() == at::kFloat, "15 float32 midpoints");
+  TORCH_CHECK(packed.numel() == n / 2 && packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed must be uint8 [n / 2]");
+  TORCH_CHECK(absmax.numel() == n / blocksize && absmax.scalar_type() == at::kFloat &&
+                  absmax.is_contiguous(), "absmax must be float32 [n / blocksize]");
+  float mid[15];
+  std::memcpy(mid, midpoints.data_ptr<float>(), sizeof(mid));
+  const bool bf16_in = x.scalar_type() == at::kBFloat16;
+  const float* x_f32 = bf16_in ? nullptr : x.data_ptr<float>();
+  const uint16_t* x_bf16 =
+      bf16_in ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  float* scales = absmax.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 65536 / blocksize);  // blocks per task
+  at::parallel_for(0, n / blocksize, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> v(blocksize);
+    std::vector<uint8_t> q(blocksize);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t e0 = b * blocksize;
+      if (bf16_in) {
+        for (int64_t i = 0; i < blocksize; ++i) {
+          const uint32_t bits = static_cast<uint32_t>(x_bf16[e0 + i]) << 16;  // exact widening
+          std::memcpy(&v[i], &bits, sizeof(float));
+        }
+      } else {
+        std::memcpy(v.data(), x_f32 + e0, blocksize * sizeof(float));
+      }
+      float m = 0.0f;
+#pragma omp simd reduction(max : m)
+      for (int64_t i = 0; i < blocksize; ++i) m = std::max(m, std::fabs(v[i]));
+      scales[b] = m;
+      const float inv = 1.0f / std::max(m, 1e-38f);
+#pragma omp simd
+      for (int64_t i = 0; i < blocksize; ++i) {
+        const float s = std::min(std::max(v[i] * inv, -1.0f), 1.0f);
+        int32_t c = 0;
+        for (int j = 0; j < 15; ++j) c += (s <= mid[j]) ? 0 : 1;
+        q[i] = static_cast<uint8_t>(c);
+      }
+      for (int64_t i = 0; i < blocksize; i += 2) out[(e0 + i) / 2] = (q[i] << 4) | q[i + 1];
+    }
+  });
+}
+
 int64_t isa() { return QLORA_ISA; }
 
 // in_features that run the SIMD row kernel are multiples of this; 0: the scalar build
@@ -687,6 +757,10 @@ QLORA_LIBRARY(QLORA_NAMESPACE, m) {
       "Tensor? absmax_scale, Tensor? absmax_offset, int absmax_group, int blocksize, "
       "Tensor(a!) out) -> ()",
       &dequantize);
+  m.def(
+      "quantize(Tensor x, Tensor midpoints, int blocksize, Tensor(a!) packed, Tensor(b!) absmax) "
+      "-> ()",
+      &quantize);
   m.def("isa() -> int", &isa);
   m.def("group_size() -> int", &group_size);
 }
