@@ -13,7 +13,12 @@ This package never imports grpo/.
 
 from .adapter import AdapterError, load_adapter, read_adapter_config, save_adapter
 from .layers import LoRALinear, NF4Linear
-from .loading import CheckpointError, load_quantized, release_freed_memory
+from .loading import (
+    CheckpointError,
+    load_quantized,
+    release_freed_memory,
+    return_large_frees_to_os,
+)
 from .model import (
     PHI_TARGETS,
     QLoRAConfig,
@@ -58,6 +63,7 @@ __all__ = [
     "quantize_nf4",
     "read_adapter_config",
     "release_freed_memory",
+    "return_large_frees_to_os",
     "save_adapter",
     "stored_bytes",
     "trainable_parameters",

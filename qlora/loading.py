@@ -55,10 +55,34 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-@functools.cache
+MMAP_THRESHOLD = 1 << 20  # bytes: allocations this large get pages of their own
+
+
+def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make glibc serve every allocation of >= threshold bytes by mmap, so freeing it returns
+    its pages at once; True if set (glibc), False elsewhere.
+
+    By default glibc raises its mmap threshold to the size of each large block freed, up to
+    32 MB, and then serves such blocks from the heap, where free memory stays resident: a CPU
+    training step of Phi-2 (activations of 10-100 MB, allocated and freed by the hundred) peaked
+    at 6.0 GB resident with 2.7 GB in use. A fixed threshold (mallopt M_MMAP_THRESHOLD) turns the
+    adjustment off; the cost is a page fault per fresh page of a large tensor.
+    """
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
+        return False
+    m_mmap_threshold = -3  # glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, int(threshold)))
+
+
 def _malloc_trim():
+    return _libc_function("malloc_trim")
+
+
+@functools.cache
+def _libc_function(name: str):
     try:
-        return getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
+        return getattr(ctypes.CDLL("libc.so.6"), name, None)
     except OSError:  # not glibc (macOS, musl): nothing to call
         return None
 
