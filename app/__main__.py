@@ -112,23 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     from grpo.model import SMALL_MODEL_PARAMS
 
     from .loading import load_demo
+    from .worker import ModelThread
 
     hf_logging.disable_progress_bar()  # stderr is for errors: one line each
     mode = ("NF4" if spec.quantize else "not quantized") + (", merged" if spec.merge else "")
     print(f"demo: loading {spec.model} + adapter {spec.adapter} ({mode})", flush=True)
+    # the model is loaded on, and every forward pass runs on, this one thread (app/worker.py)
+    worker = ModelThread()
+    if args.threads:
+        worker.run(torch.set_num_threads, args.threads)
     try:
-        demo = load_demo(spec)
+        demo = worker.run(load_demo, spec, worker.run)
     except DemoError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    threads = args.threads
-    if threads == 0 and demo.info["total_params"] < SMALL_MODEL_PARAMS:
-        threads = (
-            1  # tiny matmuls: thread hand-offs cost more than they save, more so on a busy box
-        )
-    if threads:
-        torch.set_num_threads(threads)
-    print(f"demo: {torch.get_num_threads()} torch thread(s)", flush=True)
+    if not args.threads and demo.info["total_params"] < SMALL_MODEL_PARAMS:
+        # tiny matmuls: thread hand-offs cost more than they save, more so on a busy box
+        worker.run(torch.set_num_threads, 1)
+    print(f"demo: {worker.run(torch.get_num_threads)} torch thread(s)", flush=True)
     from .ui import CSS, build_app
 
     app = build_app(demo, concurrency_limit=args.concurrency)

@@ -40,9 +40,10 @@ class Demo:
     reward_weights: list[float] = field(default_factory=list)
 
 
-def load_demo(spec: DemoSpec) -> Demo:
+def load_demo(spec: DemoSpec, runner=None) -> Demo:
     """Load the model with the project's loader, NF4-quantize it (unless --no-quantize), load the
-    adapter, optionally merge it into a dequantized copy, and gather the task's examples."""
+    adapter, optionally merge it into a dequantized copy, and gather the task's examples.
+    `runner` is handed to the PairGenerator: what runs each forward pass (see app/worker.py)."""
     try:
         adapter_config = read_adapter_config(spec.adapter)
         # NF4 while reading the checkpoint: the 16-bit model is never whole in memory
@@ -78,7 +79,7 @@ def load_demo(spec: DemoSpec) -> Demo:
         tuned = merge_adapters(model).eval()
         info["merged_footprint_mb"] = footprint(tuned)["bytes"] / 1e6
     release_freed_memory()
-    generator = PairGenerator(model, tuned, tokenizer, spec.max_new_tokens_cap)
+    generator = PairGenerator(model, tuned, tokenizer, spec.max_new_tokens_cap, runner)
 
     examples, answers = task_examples(spec)
     reward_fns, reward_weights = {}, []

@@ -22,8 +22,9 @@ import contextlib
 import inspect
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -178,6 +179,7 @@ class DecodeRows:
         self.first = True
         self.cache_key = _cache_kwarg(model)
 
+    @torch.inference_mode()  # here, not only around stream(): steps may run on another thread
     def step(self, sampling: Sampling, generator=None) -> list[int]:
         inputs = self.ids if self.first else self.ids[:, -1:]
         self.first = False
@@ -201,9 +203,20 @@ class PairGenerator:
     `base_model` carries the adapter; its answer is computed with the update switched off. If
     `tuned_model` is the same object, both answers are rows of one batch (one pass per token);
     otherwise (`--merge`) the tuned model is its own copy and decodes beside it.
+
+    `runner(fn, *args)` runs each forward pass: by default in the calling thread; the server
+    passes `ModelThread.run` (app/worker.py) so every pass runs on the thread that loaded the model.
     """
 
-    def __init__(self, base_model, tuned_model, tokenizer, max_new_tokens_cap: int):
+    def __init__(
+        self,
+        base_model,
+        tuned_model,
+        tokenizer,
+        max_new_tokens_cap: int,
+        runner: Callable[..., Any] | None = None,
+    ):
+        self.runner = runner or (lambda fn, *args: fn(*args))
         self.base_model = base_model
         self.tuned_model = tuned_model
         self.one_pass = tuned_model is base_model
@@ -263,7 +276,7 @@ class PairGenerator:
                 if all(sides[i].done for i in which):
                     continue
                 with self.lock:
-                    tokens = rows.step(sampling, generator)
+                    tokens = self.runner(rows.step, sampling, generator)
                 elapsed = time.perf_counter() - start
                 for token, i in zip(tokens, which, strict=True):
                     if not sides[i].done:

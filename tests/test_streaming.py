@@ -129,3 +129,28 @@ def test_speed_line_counts_the_eos_and_times_the_decode():
     one = Side()
     one.add(2, eos_token_id=2, elapsed=0.25)
     assert one.speed_line() == "1 token · first after 0.25 s"
+
+
+def test_steps_run_on_the_model_thread_and_give_the_same_tokens(adapted):
+    """With a ModelThread as the runner (as the server does), every forward pass runs on that one
+    thread, none on the caller's, and the answers are the direct path's, token for token."""
+    import threading
+
+    from app.worker import ModelThread
+
+    model, tokenizer = adapted
+    worker = ModelThread()
+    seen = []
+
+    def on_worker(fn, *args):
+        seen.append(threading.get_ident())
+        return worker.run(fn, *args)
+
+    threaded = PairGenerator(model, model, tokenizer, 64, runner=on_worker)
+    direct = PairGenerator(model, model, tokenizer, 64)
+    for prompt in PROMPTS:
+        got = stream_to_end(threaded, prompt, 10)
+        want = stream_to_end(direct, prompt, 10)
+        assert [s.ids for s in got] == [s.ids for s in want]
+    assert len(seen) >= 10 * len(PROMPTS) // 2
+    worker.close()
