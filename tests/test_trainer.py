@@ -212,6 +212,56 @@ def test_killed_twice_at_random_moments_then_resumed_is_bit_identical(
     assert_same_run(straight_run, out)
 
 
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_hooks_see_every_phase_in_order_and_the_metrics(tmp_path, shared_base, num_iterations):
+    out = with_base(tmp_path / "run", shared_base)
+    trainer = GRPOTrainer(fast_cfg(out, num_iterations=num_iterations))
+    seen, ends = [], []
+    trainer.add_callback("step_start", lambda t, info: seen.append(("step_start", info["step"])))
+    trainer.add_callback("phase_end", lambda t, info: seen.append((info["phase"], info["seconds"])))
+    trainer.add_callback("step_end", lambda t, info: ends.append(info))
+    metrics, batch = trainer.train_step()
+    passes = ["forward_backward", "optimizer"] * num_iterations
+    assert [name for name, _ in seen] == ["step_start", "generation", "reference", *passes]
+    assert seen[0] == ("step_start", 1) and metrics["step"] == 1 and ends == [metrics]
+    total = {name: 0.0 for name, _ in seen[1:]}
+    for name, seconds in seen[1:]:
+        total[name] += seconds
+    for name, seconds in total.items():
+        assert metrics[f"{name}_seconds"] == seconds > 0
+    assert metrics["update_seconds"] == total["forward_backward"] + total["optimizer"]
+    assert metrics["step_seconds"] > sum(total.values())
+    assert metrics["generated_tokens"] == int(batch.rollout.completion_mask.sum()) > 0
+    assert len(batch.rollout) == len(batch.answers) == 16 and batch.advantages.shape == (16,)
+    with pytest.raises(ValueError, match="event='step_begin' is not one of step_start"):
+        trainer.add_callback("step_begin", print)
+
+
+def constant_reward(value: float):
+    def constant(prompts, completions, **columns):
+        return [value] * len(completions)
+
+    return constant
+
+
+@pytest.mark.parametrize("value", [0.2, 2 / 3])
+def test_constant_rewards_warn_and_give_zero_advantages(tmp_path, shared_base, capsys, value):
+    out = with_base(tmp_path / "run", shared_base)
+    # One group per step: torch's std of eight equal floats is then 1.6e-8 (0.2) or 6.4e-8 (2/3),
+    # not 0 (with several groups per reduction it happens to be 0): rounding, not signal.
+    cfg = fast_cfg(out, no_signal_patience=2, prompts_per_step=1, num_generations=8)
+    trainer = GRPOTrainer(cfg)
+    trainer.reward_fns, trainer.reward_weights = {"constant": constant_reward(value)}, [1.0]
+    for _ in range(2):
+        metrics, batch = trainer.train_step()
+        assert batch.rewards.std().item() > 1e-8
+        assert metrics["frac_reward_zero_std"] == 1.0
+        assert batch.advantages.tolist() == [0.0] * 8
+    assert (
+        "no learning signal: every group had zero reward variance for 2" in capsys.readouterr().err
+    )
+
+
 def test_no_signal_warning_is_loud(tmp_path, shared_base, capsys):
     out = with_base(tmp_path / "run", shared_base)
     trainer = GRPOTrainer(fast_cfg(out, no_signal_patience=2))
