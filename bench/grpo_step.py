@@ -12,8 +12,10 @@ base shared by all four, one untimed step, then `steps` timed `train_step()`s. A
     reference        log-probs with adapters disabled (beta > 0 only; at beta 0 what remains
                      is computing the advantages, a fraction of a millisecond)
     policy fwd/bwd   the update minus the optimizer: forward, loss, backward, gradient clipping
-    optimizer        AdamW step (timed here by wrapping trainer.opt.step)
+    optimizer        AdamW step
     other            the rest of the train_step() call: rewards, metrics, bookkeeping
+
+Each phase's time is what the trainer reports at its "phase_end" hook (`add_callback`).
 
 generated tokens/s = completion tokens sampled / generation seconds (the trainer's own metric);
 trained tokens/s = completion tokens in the loss / (policy fwd/bwd + optimizer) seconds.
@@ -66,7 +68,7 @@ def build_base(output_dir: str, overrides: dict) -> Path:
     Setup, not a measured figure: it runs single-threaded, the fastest setting for a model this
     small on a machine whose cores other processes also use.
     """
-    from grpo.trainer import ensure_tiny_base
+    from grpo.warmup import ensure_tiny_base
 
     cfg = make_config(output_dir, overrides)
     threads = torch.get_num_threads()
@@ -96,38 +98,37 @@ def child(args: dict) -> dict:
     start = time.perf_counter()
     trainer = GRPOTrainer(cfg, log=lambda msg: None)  # reuses <output_dir>/base
     init_seconds = time.perf_counter() - start
-    optimizer_seconds: list[float] = []
-    step_optimizer = trainer.opt.step
+    phases: dict[str, float] = {}
+    step_start: list[float] = []
 
-    def timed_step(*a, **kw):
-        t0 = time.perf_counter()
-        out = step_optimizer(*a, **kw)
-        optimizer_seconds.append(time.perf_counter() - t0)
-        return out
+    def on_step_start(trainer, info):
+        phases.clear()
+        step_start.append(time.perf_counter())
 
-    trainer.opt.step = timed_step
+    def on_phase_end(trainer, info):
+        phases[info["phase"]] = phases.get(info["phase"], 0.0) + info["seconds"]
+
+    trainer.add_callback("step_start", on_step_start)
+    trainer.add_callback("phase_end", on_phase_end)
     n = cfg.prompts_per_step * cfg.num_generations
     steps = []
     for i in range(args["warmup_steps"] + args["steps"]):
-        optimizer_seconds.clear()
-        t0 = time.perf_counter()
-        m = trainer.train_step()
-        step_seconds = time.perf_counter() - t0  # the whole call, whatever the trainer counts
+        m, _ = trainer.train_step()
+        step_seconds = time.perf_counter() - step_start[-1]  # step_start to the call's return
         if i < args["warmup_steps"]:
             continue
-        opt = sum(optimizer_seconds)
         trained_tokens = m["completion_length"] * n * cfg.num_iterations
-        phases = m["generation_seconds"] + m["reference_seconds"] + m["update_seconds"]
+        fwd_bwd, opt = phases["forward_backward"], phases["optimizer"]
         steps.append(
             {
                 "step_seconds": step_seconds,
-                "other_seconds": step_seconds - phases,
-                "generation_seconds": m["generation_seconds"],
-                "reference_seconds": m["reference_seconds"],
-                "policy_fwd_bwd_seconds": m["update_seconds"] - opt,
+                "other_seconds": step_seconds - sum(phases.values()),
+                "generation_seconds": phases["generation"],
+                "reference_seconds": phases["reference"],
+                "policy_fwd_bwd_seconds": fwd_bwd,
                 "optimizer_seconds": opt,
                 "generated_tokens_per_second": m["generated_tokens_per_second"],
-                "trained_tokens_per_second": trained_tokens / m["update_seconds"],
+                "trained_tokens_per_second": trained_tokens / (fwd_bwd + opt),
                 "completion_length": m["completion_length"],
             }
         )

@@ -54,6 +54,11 @@ class GRPOConfig:
         0,
         "CPU threads for torch (0: torch's default); examples/tiny.yaml uses 2 (see its comment)",
     )
+    gradient_checkpointing: bool = _f(
+        False,
+        "recompute each decoder layer's activations in the backward pass (less memory, ~30% more "
+        "compute)",
+    )
     # --- task ------------------------------------------------------------------------------
     task: str = _f("arithmetic", "'arithmetic' (two-digit +/-, for the tiny model) or 'gsm8k'")
     dataset_path: str = _f("", "gsm8k only: hub id (openai/gsm8k) or a local .jsonl/.parquet")

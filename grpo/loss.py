@@ -66,11 +66,48 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["group_advantages", "selective_log_softmax", "kl_k3", "masked_mean", "grpo_loss"]
+__all__ = [
+    "constant_groups",
+    "group_advantages",
+    "selective_log_softmax",
+    "kl_k3",
+    "masked_mean",
+    "grpo_loss",
+]
 
 ADVANTAGE_SCALES = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+CONSTANT_RTOL = 1e-6
+
+
+def constant_groups(
+    rewards: torch.Tensor, group_size: int, rtol: float = CONSTANT_RTOL
+) -> torch.Tensor:
+    """Which groups carry no learning signal: rewards [N] -> bool [N / group_size].
+
+    A group is constant when its rewards are equal up to float rounding:
+
+        max_j r_j - min_j r_j <= rtol * max(1, max_j |r_j|)        (rtol = 1e-6)
+
+    Not `std == 0`: the float std of eight rewards of 0.2 is 1.6e-8 and of eight of 2/3 is 6.4e-8
+    (the mean is off by an ulp), yet such a group teaches nothing. float32 rounds a sum of
+    rewards of size ~1 at ~1e-7, so 1e-6 separates rounding from any real difference.
+
+    >>> constant_groups(torch.tensor([0.2] * 4 + [1.0, 0.0, 0.0, 0.0]), group_size=4)
+    tensor([ True, False])
+    """
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards of shape {tuple(rewards.shape)} and group_size={group_size}: expected "
+            "rewards [N] with N a multiple of group_size >= 1"
+        )
+    grouped = rewards.view(-1, group_size)  # [P, G]
+    spread = grouped.amax(dim=1) - grouped.amin(dim=1)  # [P]
+    scale = grouped.abs().amax(dim=1).clamp(min=1.0)  # [P]
+    return spread <= rtol * scale
 
 
 def group_advantages(
@@ -79,8 +116,9 @@ def group_advantages(
     """A_i = (r_i - mean(group)) / (std + eps); rewards [N] -> advantages [N], groups contiguous.
 
     scale="group": std of the group (Bessel-corrected); "batch": std of all N rewards (the mean is
-    still the group's); "none": no division (Dr. GRPO). A group whose rewards are all equal
-    carries no signal and gets exactly 0. eps keeps near-constant groups from exploding.
+    still the group's); "none": no division (Dr. GRPO). A group whose rewards are all equal up to
+    float rounding (`constant_groups`) carries no signal and gets exactly 0. eps keeps
+    near-constant groups from exploding.
 
     Worked example, two prompts with 4 completions each; the second group is all wrong:
     >>> group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]), group_size=4)
@@ -114,7 +152,7 @@ def group_advantages(
     elif scale == "batch" and rewards.numel() > 1:
         centred = centred / (rewards.std() + eps)
     # Equal rewards: the float mean may differ from them by an ulp, which / (0 + eps) would inflate.
-    constant = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)  # [G, 1]
+    constant = constant_groups(rewards, group_size)[:, None]  # [G, 1]
     return torch.where(constant, 0.0, centred).view(-1)  # [N]
 
 

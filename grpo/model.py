@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qlora import prepare_qlora
 from qlora.loading import CheckpointError, load_quantized, stored_parameters
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,3 +111,46 @@ def load_model(
     if model.generation_config.eos_token_id is None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer
+
+
+def base_path(cfg) -> str:
+    """Where a run's base model is: <output_dir>/base for the tiny default (built by
+    `grpo.warmup.ensure_tiny_base`), else cfg.model (a hub id or a directory)."""
+    return str(Path(cfg.output_dir) / "base") if cfg.model == "tiny" else cfg.model
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' (cuda when visible, else cpu), 'cpu' or 'cuda' (an error when none is visible)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but no CUDA device is visible; use --device cpu")
+    return torch.device(device)
+
+
+def build_policy(cfg, device: torch.device):
+    """(model, tokenizer, reference or None) for a GRPO run of `cfg` (a GRPOConfig).
+
+    QLoRA (quantize and use_lora): the base is quantized to NF4 while it is read (`nf4_targets`),
+    so a 16-bit copy of the whole model never exists, then LoRA wraps the targets. use_lora false:
+    the whole model trains and the KL reference (beta > 0) is a frozen copy of it."""
+    nf4 = tuple(cfg.lora_targets) if cfg.quantize and cfg.use_lora else None
+    model, tokenizer = load_model(base_path(cfg), cfg.dtype, nf4_targets=nf4)
+    model.to(device)
+    reference = None
+    if cfg.use_lora:
+        prepare_qlora(
+            model,
+            target_modules=tuple(cfg.lora_targets),
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            use_rslora=cfg.use_rslora,
+            quantize=cfg.quantize,
+        )
+    elif cfg.beta > 0:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = True
+    return model, tokenizer, reference

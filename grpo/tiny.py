@@ -12,13 +12,13 @@ The tokenizer is character level, built with the `tokenizers` library and wrappe
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
+
+from grpo.atomic import atomic_dir
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
@@ -90,19 +90,10 @@ def build_tiny_phi(
 
 def save_model_dir(model, tokenizer, directory: str | os.PathLike) -> Path:
     """`save_pretrained` both into `directory`, atomically (temp dir in the same parent, rename)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def save_tiny_phi(directory: str | os.PathLike, seed: int = 0, **config_overrides) -> Path:

@@ -8,11 +8,11 @@ summary.json, metrics.jsonl, samples.jsonl, plots.png in output_dir
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from grpo.atomic import atomic_path, atomic_write_text
 from grpo.config import ConfigError, GRPOConfig, exit_on_error, parse_cli
 from grpo.data import DatasetLoadError
 from grpo.model import ModelLoadError
@@ -75,10 +75,30 @@ def write_plots(metrics_path: Path, png: Path) -> None:
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, png)
+
+
+LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "warnings.log")
+
+
+def truncate_logs(out: Path, step: int) -> None:
+    """Keep only the log lines of steps <= `step`: a run killed after logging step k but before
+    its checkpoint of step k would otherwise log k twice when it resumes from an earlier one. A
+    line torn by the kill is dropped too."""
+
+    def kept(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    for name in LOGS:
+        path = out / name
+        if path.is_file():
+            lines = [ln for ln in path.read_text().splitlines() if kept(ln)]
+            atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
 
 def run(cfg: GRPOConfig) -> dict:
@@ -86,8 +106,12 @@ def run(cfg: GRPOConfig) -> dict:
     import torch
     from tqdm import tqdm
 
+    from grpo import checkpoint
     from grpo import distributed as dist
-    from grpo.trainer import GRPOTrainer, atomic_write_text, model_path
+    from grpo.evaluate import evaluate_distributed
+    from grpo.model import base_path
+    from grpo.trainer import GRPOTrainer
+    from qlora import footprint, trainable_parameters
 
     t_start = time.time()
     out = Path(cfg.output_dir)
@@ -97,7 +121,9 @@ def run(cfg: GRPOConfig) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save_yaml(out / "config.yaml")
-    report = trainer.parameter_report()
+    trainable, total = trainable_parameters(trainer.model)
+    report = {"trainable_parameters": trainable, "total_parameters": total}
+    report |= footprint(trainer.model)
     say(
         f"model: {trainer.model.config.model_type}, {report['total_parameters']:,} parameters, "
         f"{report['trainable_parameters']:,} trainable; stored {report['bytes'] / 2**20:.2f} MiB "
@@ -106,19 +132,25 @@ def run(cfg: GRPOConfig) -> dict:
     )
 
     resumed_from = None
-    if cfg.resume and (ckpt := trainer.latest_checkpoint()) is not None:
+    if cfg.resume and (ckpt := checkpoint.latest_checkpoint(out)) is not None:
         trainer.load_checkpoint(ckpt)  # every rank loads the same checkpoint
         resumed_from = str(ckpt)
+        if main:
+            truncate_logs(out, trainer.step)
         say(f"resumed from {ckpt} at step {trainer.step}", flush=True)
     elif main:
-        for name in ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "warnings.log"):
+        for name in LOGS:
             (out / name).unlink(missing_ok=True)
+
+    def evaluate_heldout() -> tuple[float, list[str]]:
+        model, tokenizer, records = trainer.model, trainer.tokenizer, trainer.task.eval
+        return evaluate_distributed(model, tokenizer, records, cfg.max_new_tokens)
 
     before_path = out / "eval_before.json"
     if resumed_from and before_path.is_file():
         before = json.loads(before_path.read_text())
     else:
-        acc, comps = trainer.evaluate_heldout()
+        acc, comps = evaluate_heldout()
         before = {"accuracy": acc, "completions": comps}
         if main:
             atomic_write_text(before_path, json.dumps(before))
@@ -137,7 +169,7 @@ def run(cfg: GRPOConfig) -> dict:
         disable=None if main else True,
     )
     while trainer.step < cfg.max_steps:
-        metrics = trainer.train_step()
+        metrics, batch = trainer.train_step()
         if main:
             trainer.log_line("metrics.jsonl", metrics)
         bar.update(1)
@@ -149,9 +181,9 @@ def run(cfg: GRPOConfig) -> dict:
                 refresh=False,
             )
         if main and trainer.step % cfg.sample_every == 0:
-            trainer.write_samples()
+            trainer.write_samples(batch)
         if cfg.eval_every and trainer.step % cfg.eval_every == 0:
-            acc, _ = trainer.evaluate_heldout()
+            acc, _ = evaluate_heldout()
             if main:
                 trainer.log_line("eval.jsonl", {"step": trainer.step, "accuracy": acc})
                 bar.write(f"step {trainer.step}: held-out greedy accuracy {acc:.1%}")
@@ -159,12 +191,17 @@ def run(cfg: GRPOConfig) -> dict:
             trainer.save_checkpoint()
     bar.close()
     grpo_seconds = time.time() - t_grpo
-    latest = trainer.latest_checkpoint()
+    latest = checkpoint.latest_checkpoint(out)
     if latest is None or latest.name != f"step-{trainer.step:06d}":
         trainer.save_checkpoint()
 
-    acc_after, comps_after = trainer.evaluate_heldout()
-    adapter_dir = trainer.save_final_adapter()
+    acc_after, comps_after = evaluate_heldout()
+    adapter_dir = out / ("adapter" if cfg.use_lora else "model")
+    if main:
+        base = base_path(cfg)
+        checkpoint.save_final(
+            out, trainer.model, trainer.tokenizer, use_lora=cfg.use_lora, base=base
+        )
     summary = {
         "model": cfg.model,
         "task": cfg.task,
@@ -182,7 +219,7 @@ def run(cfg: GRPOConfig) -> dict:
         "torch_threads": torch.get_num_threads(),
         **report,
     }
-    warmup_json = Path(model_path(cfg)) / "warmup.json"
+    warmup_json = Path(base_path(cfg)) / "warmup.json"
     if warmup_json.is_file():  # the tiny default: the warm-up model's unquantized accuracy
         summary["accuracy_dense_base"] = json.loads(warmup_json.read_text()).get("accuracy_dense")
     if main:

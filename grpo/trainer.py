@@ -9,226 +9,85 @@ One step, for a generation batch of `prompts_per_step` prompts and G = `num_gene
     5. old policy   logp_old before any update (only when num_iterations > 1)    [N, C]
     6. for each of num_iterations passes, for each micro-batch:
            logp = completion_logps(policy); loss = grpo_loss(...) * share; loss.backward()
-       then clip the gradient norm, optimizer step, scheduler step.
+       then clip the gradient norm, set the step's learning rate, optimizer step.
 
-Only the LoRA matrices train in QLoRA mode (the NF4 base is frozen); with `use_lora: false` the
-whole (unquantized) model trains, and the reference is a frozen copy.
+`make_batch` does 1-3 and returns a `Batch`; `update` does 4-6 on it. Only the LoRA matrices train
+in QLoRA mode (the NF4 base is frozen); with `use_lora: false` the whole (unquantized) model
+trains, and the reference is a frozen copy.
+
+Hooks (minGPT's `add_callback`): `trainer.add_callback(event, fn)` calls `fn(trainer, info)` at
+    "step_start"  {"step": the step about to run, counted from 1}
+    "phase_end"   {"phase": name, "seconds": float}, phases in order "generation", "reference"
+                  (also at beta 0: then ~0 s), "forward_backward", "optimizer" (the last two once
+                  per pass when num_iterations > 1); "forward_backward" ends after the gradient
+                  clipping, before the optimizer step, so a hook there sees the final gradients
+    "step_end"    the step's metrics dict
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from grpo import checkpoint
 from grpo import distributed as dist
 from grpo.config import ConfigError, GRPOConfig
-from grpo.data import Task
-from grpo.loss import group_advantages, grpo_loss
-from grpo.model import load_model
+from grpo.loss import constant_groups, group_advantages, grpo_loss
+from grpo.model import base_path, build_policy, resolve_device
 from grpo.rewards import build_reward_functions, combine_rewards, is_correct
 from grpo.rollout import Rollout, completion_logps, generate_rollouts
-from grpo.tiny import build_tiny_phi, save_model_dir
-from grpo.warmup import accuracy_target, supervised_warmup
-from qlora import (
-    adapters_disabled,
-    footprint,
-    load_adapter,
-    prepare_qlora,
-    save_adapter,
-    trainable_parameters,
-)
+from grpo.warmup import ensure_tiny_base
+from qlora import adapters_disabled, release_freed_memory
+
+EVENTS = ("step_start", "phase_end", "step_end")
 
 
-def resolve_device(cfg: GRPOConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but no CUDA device is visible; use --device cpu")
-    return torch.device(cfg.device)
+def learning_rate(cfg: GRPOConfig, step: int) -> float:
+    """The learning rate of the optimizer step after `step` completed steps (step counts from 0):
 
+        lr(s) = learning_rate * f(s),   W = int(warmup_ratio * max_steps)
+        f(s)  = (s + 1) / (W + 1)                                        if s < W
+        f(s)  = max(0, 1 - p) | (1 + cos(pi * min(1, p))) / 2 | 1        linear | cosine | constant
+                with p = (s - W) / max(1, max_steps - W)
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------
-# Model preparation
-# --------------------------------------------------------------------------------------------
-
-
-def ensure_tiny_base(cfg: GRPOConfig, task: Task, log=print) -> Path:
-    """<output_dir>/base: the tiny Phi after the supervised warm-up (built once, then reused)."""
-    base_dir = Path(cfg.output_dir) / "base"
-    wanted = warmup_settings(cfg)
-    if (base_dir / "config.json").is_file():
-        built = _read_warmup_settings(base_dir)
-        if built == wanted:
-            log(f"warm-up: reusing {base_dir} (delete it to rebuild)")
-            return base_dir
-        changed = sorted(k for k in wanted if built.get(k) != wanted[k])
-        log(
-            f"warm-up: {base_dir} was built with other settings ("
-            + ", ".join(f"{k}: {built.get(k)!r} -> {wanted[k]!r}" for k in changed)
-            + "); rebuilding it"
-        )
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = build_tiny_phi(seed=cfg.seed)
-    log(
-        f"warm-up: tiny Phi, {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"up to {cfg.warmup_sft_steps} supervised steps on the train split"
-        + (
-            f", until {cfg.warmup_target_accuracy:.0%} of a train probe is right"
-            if cfg.warmup_target_accuracy > 0
-            else ""
-        )
-    )
-    stop = None
-    if cfg.warmup_target_accuracy > 0:
-        stop = accuracy_target(
-            tokenizer, task.train, cfg.warmup_target_accuracy, cfg.max_new_tokens, log=log
-        )
-    info = supervised_warmup(
-        model,
-        tokenizer,
-        task.train,
-        steps=cfg.warmup_sft_steps,
-        batch_size=cfg.warmup_sft_batch_size,
-        learning_rate=cfg.warmup_sft_learning_rate,
-        seed=cfg.seed,
-        log=log,
-        callback=stop,
-    )
-    if stop is not None:
-        info["probe_accuracy"] = stop.history
-    # For reference only: the unquantized warm-up model's held-out accuracy. GRPO's "before"
-    # is measured later on the NF4 base it actually starts from.
-    info["accuracy_dense"], _ = evaluate(model, tokenizer, task.eval, cfg.max_new_tokens)
-    log(f"warm-up: held-out greedy accuracy of the unquantized model {info['accuracy_dense']:.1%}")
-    info["settings"] = wanted
-    save_model_dir(model, tokenizer, base_dir)
-    atomic_write_text(base_dir / "warmup.json", json.dumps(info, indent=2))
-    return base_dir
-
-
-def warmup_settings(cfg: GRPOConfig) -> dict:
-    """Everything the cached warm-up model depends on; a base built with other values is rebuilt."""
-    keys = (
-        "seed",
-        "task",
-        "arithmetic_format",
-        "n_eval",
-        "warmup_sft_steps",
-        "warmup_target_accuracy",
-    )
-    keys += ("warmup_sft_batch_size", "warmup_sft_learning_rate")
-    return {k: getattr(cfg, k) for k in keys}
-
-
-def _read_warmup_settings(base_dir: Path) -> dict:
-    try:
-        return json.loads((base_dir / "warmup.json").read_text()).get("settings", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-def model_path(cfg: GRPOConfig) -> str:
-    return str(Path(cfg.output_dir) / "base") if cfg.model == "tiny" else cfg.model
-
-
-def build_policy(cfg: GRPOConfig, device: torch.device):
-    """(model, tokenizer, reference or None): the base from the one loader, then QLoRA."""
-    model, tokenizer = load_model(model_path(cfg), cfg.dtype)
-    model.to(device)
-    reference = None
-    if cfg.use_lora:
-        prepare_qlora(
-            model,
-            target_modules=tuple(cfg.lora_targets),
-            r=cfg.lora_r,
-            alpha=cfg.lora_alpha,
-            dropout=cfg.lora_dropout,
-            use_rslora=cfg.use_rslora,
-            quantize=cfg.quantize,
-        )
-    elif cfg.beta > 0:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-    model.config.use_cache = True
-    return model, tokenizer, reference
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 256):
-    """Greedy accuracy on `records` and the completions: (accuracy, [completion, ...])."""
-    completions = []
-    for i in range(0, len(records), batch_size):
-        chunk = records[i : i + batch_size]
-        ro = generate_rollouts(
-            model,
-            tokenizer,
-            [r["prompt"] for r in chunk],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-        )
-        completions.extend(ro.completions)
-    correct = [is_correct(c, r["answer"]) for c, r in zip(completions, records, strict=True)]
-    return sum(correct) / max(1, len(records)), completions
-
-
-# --------------------------------------------------------------------------------------------
-# Optimizer, schedule, checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def lr_lambda(cfg: GRPOConfig):
+    A function of the step alone, so a resumed run continues on exactly the same curve."""
     warm = int(cfg.warmup_ratio * cfg.max_steps)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        progress = (step - warm) / max(1, cfg.max_steps - warm)
-        if cfg.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return factor
+    progress = (step - warm) / max(1, cfg.max_steps - warm)
+    if step < warm:
+        factor = (step + 1) / (warm + 1)
+    elif cfg.lr_schedule == "linear":
+        factor = max(0.0, 1.0 - progress)
+    elif cfg.lr_schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    else:
+        factor = 1.0
+    return cfg.learning_rate * factor
 
 
-def optimizer_state_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """AdamW state as flat tensors (safetensors) + hyperparameters (JSON): nothing pickled."""
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, state in sd["state"].items():
-        for k, v in state.items():
-            tensors[f"state.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return tensors, {"param_groups": sd["param_groups"]}
+@dataclass
+class Batch:
+    """One step's rollouts on this process: N = len(records) * G rows, each group contiguous."""
 
-
-def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        _, pid, k = key.split(".", 2)
-        state.setdefault(int(pid), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    records: list[dict]  # this process's prompts, {"prompt", "answer", ...} each
+    answers: list[str]  # [N] the gold answer of each row
+    rollout: Rollout  # [N] completions, their masks and truncation flags
+    rewards: torch.Tensor  # [N] weighted reward sum
+    reward_parts: dict[str, torch.Tensor]  # reward name -> [N] its unweighted values
+    step_rewards: torch.Tensor  # [N * world] every process's rewards, in rank order
+    advantages: torch.Tensor  # [N] group_advantages(step_rewards, G), this process's rows
+    no_signal: torch.Tensor  # [N * world / G] bool: constant_groups(step_rewards, G)
+    generation_seconds: float = 0.0
 
 
 class GRPOTrainer:
@@ -238,7 +97,7 @@ class GRPOTrainer:
         self.log = log or (lambda msg: print(msg, flush=True))
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
-        self.device = resolve_device(cfg)
+        self.device = resolve_device(cfg.device)
         dist.init_from_env(self.device.type)
         if self.device.type == "cuda" and dist.world_size() > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -261,26 +120,51 @@ class GRPOTrainer:
             from torch.nn.parallel import DistributedDataParallel
 
             # NF4 codes are buffers that never change: no need to broadcast them every forward.
-            self.ddp = DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
-            )
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, ids, broadcast_buffers=False)
             self.forward_model = self.ddp
         self.opt = torch.optim.AdamW(
-            self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+            self.params, lr=learning_rate(cfg, 0), weight_decay=cfg.weight_decay
         )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.reward_fns, self.reward_weights = build_reward_functions(
             cfg.reward_funcs,
             cfg.reward_weights,
             max_completion_length=cfg.max_new_tokens,
             cache_length=cfg.overlong_cache,
         )
-        self.step = 0
+        self.step = 0  # completed optimizer steps
         self.no_signal_streak = 0
+        self.callbacks: dict[str, list[Callable]] = defaultdict(list)
 
-    # ---- one GRPO step ------------------------------------------------------------------
+    # ---- hooks ----------------------------------------------------------------------------
+    def add_callback(self, event: str, fn: Callable[[GRPOTrainer, dict], None]) -> None:
+        """Call `fn(trainer, info)` at `event` (one of EVENTS; the module docstring lists them)."""
+        if event not in EVENTS:
+            raise ValueError(f"event={event!r} is not one of {', '.join(EVENTS)}")
+        self.callbacks[event].append(fn)
+
+    def emit(self, event: str, info: dict) -> None:
+        for fn in self.callbacks[event]:
+            fn(self, info)
+
+    def phase_end(self, phase: str, t0: float) -> float:
+        seconds = time.perf_counter() - t0
+        self.emit("phase_end", {"phase": phase, "seconds": seconds})
+        return seconds
+
+    # ---- one GRPO step ---------------------------------------------------------------------
+    def train_step(self) -> tuple[dict, Batch]:
+        """One GRPO step, make_batch then update: the step's metrics and the batch it used."""
+        t0 = time.perf_counter()
+        self.emit("step_start", {"step": self.step + 1})
+        batch = self.make_batch()
+        metrics = self.update(batch)
+        if self.device.type == "cpu":
+            release_freed_memory()  # the step's activations leave the resident set
+        metrics["step_seconds"] = time.perf_counter() - t0
+        self.emit("step_end", metrics)
+        return metrics, batch
+
     def sample_prompts(self, step: int) -> list[dict]:
         """This rank's prompts for `step`: a function of (seed, step) alone, so a resumed run sees
         the same. The step's prompts_per_step prompts are cut into world_size contiguous shares."""
@@ -289,15 +173,13 @@ class GRPOTrainer:
         share = self.cfg.prompts_per_step // dist.world_size()
         return records[dist.rank() * share : (dist.rank() + 1) * share]
 
-    def make_batch(self) -> dict:
-        """Steps 1-3: rollouts, rewards and advantages for this rank's prompts."""
-        cfg, G = self.cfg, self.cfg.num_generations
-        t0 = time.perf_counter()
+    def make_batch(self) -> Batch:
+        """Steps 1-3 for this rank's prompts: generate, score, advantages."""
+        cfg, t0 = self.cfg, time.perf_counter()
         # Sampling seed: reproducible on resume, different on each rank.
         torch.manual_seed(cfg.seed * 1_000_003 + self.step * 1_009 + dist.rank())
         records = self.sample_prompts(self.step)
-        prompts = [r["prompt"] for r in records for _ in range(G)]  # [N], groups contiguous
-        answers = [r["answer"] for r in records for _ in range(G)]
+        prompts = [r["prompt"] for r in records for _ in range(cfg.num_generations)]  # [N]
         ro = generate_rollouts(
             self.model,
             self.tokenizer,
@@ -306,67 +188,58 @@ class GRPOTrainer:
             temperature=cfg.temperature,
             top_p=cfg.top_p,
         )
-        t_gen = time.perf_counter()
-        lengths = ro.completion_mask.sum(dim=1)  # [N]
-        rewards, per_fn = combine_rewards(
+        return self.score(records, ro, self.phase_end("generation", t0))
+
+    def score(self, records: list[dict], ro: Rollout, generation_seconds: float = 0.0) -> Batch:
+        """Steps 2-3: rewards of rollouts `ro` (G rows per record, in order) and advantages over
+        the whole step's batch (every rank's rewards), then this rank's rows."""
+        G, N = self.cfg.num_generations, len(ro)
+        prompts = [r["prompt"] for r in records for _ in range(G)]  # [N]
+        answers = [r["answer"] for r in records for _ in range(G)]  # [N]
+        rewards, parts = combine_rewards(
             self.reward_fns,
             self.reward_weights,
             prompts,
             ro.completions,
             answer=answers,
-            completion_lengths=lengths.tolist(),
+            completion_lengths=ro.completion_mask.sum(dim=1).tolist(),
         )
-        return {
-            "records": records,
-            "answers": answers,
-            "rollout": ro,
-            "rewards": rewards,
-            "per_fn": per_fn,
-            "generation_seconds": t_gen - t0,
-        }
+        step_rewards = dist.all_gather_cat(rewards.float().to(self.device)).cpu()  # [N * world]
+        advantages = group_advantages(step_rewards, G, scale=self.cfg.scale_rewards)
+        mine = advantages[dist.rank() * N : (dist.rank() + 1) * N].to(self.device)  # [N]
+        no_signal = constant_groups(step_rewards, G)
+        return Batch(
+            records, answers, ro, rewards, parts, step_rewards, mine, no_signal, generation_seconds
+        )
 
-    def update(self, batch: dict) -> dict:
-        """Steps 3-6 on a batch from `make_batch` (or any fixed rollouts): one optimizer step."""
-        cfg, G = self.cfg, self.cfg.num_generations
-        t0 = time.perf_counter()
-        ro: Rollout = batch["rollout"]
-        rewards = batch["rewards"].float()  # [N] this rank's rows
-        N = len(ro)
-        # Advantages over the whole step's batch (all ranks), then this rank's rows.
-        all_rewards = dist.all_gather_cat(rewards.to(self.device)).cpu()  # [N * world]
-        advantages = group_advantages(all_rewards, G, scale=cfg.scale_rewards)
-        advantages = advantages[dist.rank() * N : (dist.rank() + 1) * N].to(self.device)  # [N]
-        frac_zero_std = (all_rewards.view(-1, G).std(dim=1) == 0).float().mean().item()
-
+    def update(self, batch: Batch) -> dict:
+        """Steps 4-6 on `batch` (from make_batch, or any fixed rollouts): one optimizer step."""
+        cfg, ro, N, t0 = self.cfg, batch.rollout, len(batch.rollout), time.perf_counter()
         loss_mask = ro.completion_mask.clone()  # [N, C]
         if cfg.mask_truncated_completions:
             loss_mask[ro.truncated] = 0  # DAPO: a cut-off answer says nothing about its ending
         num_items = int(dist.all_reduce_sum(int(loss_mask.sum()), self.device))
-
-        # 4. reference, 5. old log-probs (no grad, whole batch in micro-batches)
-        ref_logps = self.reference_logps(ro) if cfg.beta > 0 else None
-        old_logps = self.policy_logps_nograd(ro) if cfg.num_iterations > 1 else None
-        t_ref = time.perf_counter()
-
-        # 6. policy update
-        mb = cfg.micro_batch_size
-        starts = list(range(0, N, mb))
-        stats_acc: dict[str, float] = {}
-        grad_norm = 0.0
+        ref_logps = self.reference_logps(ro) if cfg.beta > 0 else None  # [N, C]
+        old_logps = self.policy_logps_nograd(ro) if cfg.num_iterations > 1 else None  # [N, C]
+        seconds = {"reference": self.phase_end("reference", t0)}
+        seconds |= {"forward_backward": 0.0, "optimizer": 0.0}
+        lr, stats_acc = learning_rate(cfg, self.step), defaultdict(float)
+        starts = range(0, N, cfg.micro_batch_size)
         self.model.train()
         for _ in range(cfg.num_iterations):
+            t0 = time.perf_counter()
             for start in starts:
-                rows = slice(start, min(N, start + mb))
+                rows = slice(start, min(N, start + cfg.micro_batch_size))
                 part = ro.select(rows)
                 # DDP all-reduces on the last micro-batch only (gradient accumulation).
-                sync = start == starts[-1] or self.ddp is None
-                with self.ddp.no_sync() if not sync else contextlib.nullcontext():
+                sync = self.ddp is None or start == starts[-1]
+                with contextlib.nullcontext() if sync else self.ddp.no_sync():
                     logps = completion_logps(self.forward_model, part, cfg.temperature)  # [n, C]
                     loss, stats = grpo_loss(
                         logps,
                         None if old_logps is None else old_logps[rows],
                         None if ref_logps is None else ref_logps[rows],
-                        advantages[rows],
+                        batch.advantages[rows],
                         loss_mask[rows],
                         loss_type=cfg.loss_type,
                         epsilon_low=cfg.epsilon_low,
@@ -381,68 +254,59 @@ class GRPOTrainer:
                     # already divides by the global token count, so it undoes DDP's average.
                     share = dist.world_size() if cfg.loss_type == "dapo" else len(part) / N
                     (loss * share).backward()
-                for k, v in stats.items():
-                    stats_acc[k] = stats_acc.get(k, 0.0) + v * len(part) / (N * cfg.num_iterations)
-                stats_acc["loss"] = stats_acc.get("loss", 0.0) + loss.item() * len(part) / (
-                    N * cfg.num_iterations
-                )
-            if cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
-            else:
-                grads = [p.grad.norm() for p in self.params if p.grad is not None]
-                grad_norm = float(torch.linalg.vector_norm(torch.stack(grads)))
+                for k, v in {**stats, "loss": loss.item()}.items():
+                    stats_acc[k] += v * len(part) / (N * cfg.num_iterations)
+            grad_norm = self.clip_gradients()
+            seconds["forward_backward"] += self.phase_end("forward_backward", t0)
+            t0 = time.perf_counter()
+            for group in self.opt.param_groups:
+                group["lr"] = lr
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        lr = self.sched.get_last_lr()[0]
-        self.sched.step()
+            seconds["optimizer"] += self.phase_end("optimizer", t0)
         self.step += 1
-        t_end = time.perf_counter()
+        self.check_signal(batch.no_signal.float().mean().item())
+        return self.metrics(batch, lr, grad_norm, seconds, stats_acc)
 
+    def clip_gradients(self) -> float:
+        """The gradient's global L2 norm before clipping (clipped to max_grad_norm when > 0)."""
+        if self.cfg.max_grad_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        grads = [p.grad.norm() for p in self.params if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(grads)))
+
+    def metrics(self, batch: Batch, lr, grad_norm, seconds: dict, stats: dict) -> dict:
+        ro, N, W = batch.rollout, len(batch.rollout), dist.world_size()
         lengths = ro.completion_mask.sum(dim=1)  # [N]
-        correct = [is_correct(c, a) for c, a in zip(ro.completions, batch["answers"], strict=True)]
-        W = dist.world_size()
+        correct = [is_correct(c, a) for c, a in zip(ro.completions, batch.answers, strict=True)]
+
+        def mean_over_ranks(total: float) -> float:
+            return dist.all_reduce_sum(total, self.device) / (N * W)
+
+        gen = batch.generation_seconds
         metrics = {
             "step": self.step,
-            "reward": all_rewards.mean().item(),
-            "reward_std": all_rewards.std().item(),
-            "accuracy": dist.all_reduce_sum(sum(correct), self.device) / (N * W),
-            "frac_reward_zero_std": frac_zero_std,
-            "completion_length": dist.all_reduce_sum(lengths.sum().item(), self.device) / (N * W),
+            "reward": batch.step_rewards.mean().item(),
+            "reward_std": batch.step_rewards.std().item(),
+            "accuracy": mean_over_ranks(sum(correct)),
+            "frac_reward_zero_std": batch.no_signal.float().mean().item(),
+            "completion_length": mean_over_ranks(lengths.sum().item()),
             "completion_length_max": int(lengths.max()),
-            "truncated_frac": dist.all_reduce_sum(ro.truncated.sum().item(), self.device) / (N * W),
+            "truncated_frac": mean_over_ranks(ro.truncated.sum().item()),
             "lr": lr,
             "grad_norm": grad_norm,
-            "step_seconds": batch.get("generation_seconds", 0.0) + t_end - t0,
-            "generation_seconds": batch.get("generation_seconds", 0.0),
-            "reference_seconds": t_ref - t0,
-            "update_seconds": t_end - t_ref,
-            "generated_tokens_per_second": lengths.sum().item()
-            / max(1e-9, batch.get("generation_seconds", 0.0)),
-            **stats_acc,
+            "step_seconds": gen + sum(seconds.values()),  # train_step: the whole call's wall time
+            "generation_seconds": gen,
+            **{f"{phase}_seconds": s for phase, s in seconds.items()},
+            "update_seconds": seconds["forward_backward"] + seconds["optimizer"],
+            "generated_tokens": int(lengths.sum()),  # this process's completion tokens
+            "generated_tokens_per_second": lengths.sum().item() / max(1e-9, gen),
+            **stats,
         }
-        for name, values in batch["per_fn"].items():
+        for name, values in batch.reward_parts.items():
             metrics[f"reward/{name}"] = values.mean().item()
             metrics[f"reward/{name}_std"] = values.std().item()
-        self._last = (batch["records"], ro, rewards, advantages)
-        self.check_signal(frac_zero_std)
         return metrics
-
-    def evaluate_heldout(self) -> tuple[float, list[str]]:
-        """Greedy accuracy on the held-out split and every completion, each rank taking an
-        interleaved share (records[rank::world_size])."""
-        W, r = dist.world_size(), dist.rank()
-        mine = self.task.eval[r::W]
-        _, completions = evaluate(self.model, self.tokenizer, mine, self.cfg.max_new_tokens)
-        shares = dist.gather_lists(completions)
-        ordered = [shares[i % W][i // W] for i in range(len(self.task.eval))]
-        correct = [
-            is_correct(c, rec["answer"]) for c, rec in zip(ordered, self.task.eval, strict=True)
-        ]
-        return sum(correct) / max(1, len(ordered)), ordered
-
-    def train_step(self) -> dict:
-        """One GRPO step: make_batch (generate, score) then update (advantages, loss, step)."""
-        return self.update(self.make_batch())
 
     @torch.no_grad()
     def reference_logps(self, ro: Rollout) -> torch.Tensor:
@@ -461,18 +325,17 @@ class GRPOTrainer:
             completion_logps(model, ro.select(slice(s, s + mb)), self.cfg.temperature)
             for s in range(0, len(ro), mb)
         ]
-        return torch.cat(parts, dim=0)
+        return torch.cat(parts, dim=0)  # [N, C]
 
-    def check_signal(self, frac_zero_std: float) -> None:
+    def check_signal(self, frac_no_signal: float) -> None:
         """Loud, not silent: all-equal rewards in every group means every advantage is 0."""
-        self.no_signal_streak = self.no_signal_streak + 1 if frac_zero_std == 1.0 else 0
-        if self.no_signal_streak == self.cfg.no_signal_patience or (
-            self.no_signal_streak > 0
-            and self.no_signal_streak % (5 * self.cfg.no_signal_patience) == 0
-        ):
+        self.no_signal_streak = self.no_signal_streak + 1 if frac_no_signal == 1.0 else 0
+        patience = self.cfg.no_signal_patience
+        streak = self.no_signal_streak
+        if streak == patience or (streak > 0 and streak % (5 * patience) == 0):
             msg = (
                 f"WARNING: no learning signal: every group had zero reward variance for "
-                f"{self.no_signal_streak} consecutive steps (step {self.step}); all advantages "
+                f"{streak} consecutive steps (step {self.step}); all advantages "
                 "are 0 and nothing is learned. Check the reward functions and the columns they "
                 "get, raise temperature or num_generations, or pick easier prompts."
             )
@@ -480,112 +343,35 @@ class GRPOTrainer:
                 print(msg, file=sys.stderr, flush=True)
                 self.log_line("warnings.log", {"step": self.step, "warning": msg})
 
-    # ---- files ------------------------------------------------------------------------------
+    # ---- files -------------------------------------------------------------------------------
     def log_line(self, name: str, record: dict) -> None:
         with open(self.out / name, "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def write_samples(self) -> None:
-        records, ro, rewards, advantages = self._last
+    def write_samples(self, batch: Batch) -> None:
+        """One samples.jsonl line per prompt of `batch`: its completions, rewards, advantages."""
         G = self.cfg.num_generations
-        for i, r in enumerate(records):
+        for i, r in enumerate(batch.records):
             rows = slice(i * G, (i + 1) * G)
-            self.log_line(
-                "samples.jsonl",
-                {
-                    "step": self.step,
-                    "prompt": r["prompt"],
-                    "answer": r["answer"],
-                    "completions": ro.completions[rows],
-                    "rewards": rewards[rows].tolist(),
-                    "advantages": advantages[rows].tolist(),
-                },
-            )
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {
-            n: p.detach().cpu().contiguous()
-            for n, p in self.model.named_parameters()
-            if p.requires_grad
-        }
+            sample = {"step": self.step, "prompt": r["prompt"], "answer": r["answer"]}
+            sample["completions"] = batch.rollout.completions[rows]
+            sample["rewards"] = batch.rewards[rows].tolist()
+            sample["advantages"] = batch.advantages[rows].tolist()
+            self.log_line("samples.jsonl", sample)
 
     def save_checkpoint(self) -> Path:
-        """checkpoints/step-N, written by rank 0, complete in a temp dir then renamed: a kill at
-        any moment leaves either no step-N or a whole one, never a half-written one."""
-        final = self.out / "checkpoints" / f"step-{self.step:06d}"
+        """checkpoints/step-N (rank 0 writes it, whole or not at all; every rank waits)."""
+        path = checkpoint.step_dir(self.out, self.step)
         if dist.is_main():
-            self._write_checkpoint()
+            state = {"step": self.step, "no_signal_streak": self.no_signal_streak}
+            lora, base = self.cfg.use_lora, base_path(self.cfg)
+            checkpoint.save_checkpoint(
+                path, self.model, self.opt, use_lora=lora, base=base, state=state
+            )
         dist.barrier()
-        return final
-
-    def _write_checkpoint(self) -> Path:
-        root = self.out / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{self.step:06d}"
-        tmp = root / f".tmp-step-{self.step:06d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        if self.cfg.use_lora:
-            save_adapter(self.model, tmp / "adapter", model_path(self.cfg))
-        else:
-            save_file(self.trainable_state(), str(tmp / "model.safetensors"))
-        tensors, meta = optimizer_state_tensors(self.opt)
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        meta |= {
-            "step": self.step,
-            "scheduler_last_epoch": self.sched.last_epoch,
-            "no_signal_streak": self.no_signal_streak,
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return final
-
-    def latest_checkpoint(self) -> Path | None:
-        root = self.out / "checkpoints"
-        done = (
-            sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file())
-            if root.is_dir()
-            else []
-        )
-        return done[-1] if done else None
+        return path
 
     def load_checkpoint(self, path: Path) -> None:
-        meta = json.loads((path / "trainer_state.json").read_text())
-        if self.cfg.use_lora:
-            load_adapter(self.model, path / "adapter")
-        else:
-            state = load_file(str(path / "model.safetensors"))
-            missing = [n for n in self.trainable_state() if n not in state]
-            if missing:
-                raise RuntimeError(
-                    f"checkpoint {path} lacks {missing[0]}; it was written by a "
-                    "different config (use_lora?)"
-                )
-            self.model.load_state_dict(state, strict=False)
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        torch.set_rng_state(tensors.pop("rng.torch"))
-        load_optimizer_state(self.opt, tensors, meta)
+        meta = checkpoint.load_checkpoint(path, self.model, self.opt, use_lora=self.cfg.use_lora)
         self.step = int(meta["step"])
         self.no_signal_streak = int(meta.get("no_signal_streak", 0))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(self.cfg), last_epoch=meta["scheduler_last_epoch"] - 1
-        )
-        self.sched.step()  # LambdaLR's constructor-step convention: lands on last_epoch
-
-    def save_final_adapter(self) -> Path:
-        target = self.out / ("adapter" if self.cfg.use_lora else "model")
-        if not dist.is_main():
-            return target
-        if self.cfg.use_lora:
-            save_adapter(self.model, target, model_path(self.cfg))
-        else:
-            save_model_dir(self.model, self.tokenizer, target)  # full fine-tuning: the model itself
-        return target
-
-    def parameter_report(self) -> dict:
-        trainable, total = trainable_parameters(self.model)
-        fp = footprint(self.model)
-        return {"trainable_parameters": trainable, "total_parameters": total, **fp}

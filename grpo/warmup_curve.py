@@ -14,26 +14,26 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from grpo.atomic import atomic_write_text
 from grpo.config import ConfigError, exit_on_error, parse_cli
 
 
 def warmup_curve(cfg, steps: int, every: int, log=print) -> list[dict]:
     import torch
 
+    from grpo.evaluate import evaluate
     from grpo.tiny import build_tiny_phi
-    from grpo.trainer import evaluate
     from grpo.warmup import PROBE_SIZE, supervised_warmup
     from qlora import prepare_qlora
 
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
     task = cfg.load_task()
-    torch.manual_seed(cfg.seed)  # as grpo.trainer.ensure_tiny_base
+    torch.manual_seed(cfg.seed)  # as grpo.warmup.ensure_tiny_base
     model, tokenizer = build_tiny_phi(seed=cfg.seed)
     rows: list[dict] = []
     t0 = time.time()
@@ -87,10 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         exit_on_error(err)
     rows = warmup_curve(cfg, args.steps, args.every)
     out = Path(cfg.output_dir) / "warmup_curve.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from grpo import distributed as dist
+from grpo.checkpoint import trainable_state
 from grpo.config import GRPOConfig
-from grpo.rewards import combine_rewards
 from grpo.rollout import generate_rollouts
 from grpo.trainer import GRPOTrainer
 
@@ -43,42 +43,27 @@ def main(run_dir: str, loss_type: str, out: str) -> None:
     # The fixed batch: the same 32 rollouts on every rank (same seed, same model) ...
     records = trainer.task.train[:8]
     prompts = [r["prompt"] for r in records for _ in range(4)]
-    answers = [r["answer"] for r in records for _ in range(4)]
     torch.manual_seed(1234)
     ro = generate_rollouts(trainer.model, trainer.tokenizer, prompts, max_new_tokens=5)
-    lengths = ro.completion_mask.sum(1).tolist()
-    rewards, per_fn = combine_rewards(
-        trainer.reward_fns,
-        trainer.reward_weights,
-        prompts,
-        ro.completions,
-        answer=answers,
-        completion_lengths=lengths,
-    )
     # ... of which each rank keeps its contiguous share of whole groups.
-    n = len(ro) // dist.world_size()
-    rows = slice(dist.rank() * n, (dist.rank() + 1) * n)
-    batch = {
-        "records": records,
-        "answers": answers[rows],
-        "rollout": ro.select(rows),
-        "rewards": rewards[rows],
-        "per_fn": {k: v[rows] for k, v in per_fn.items()},
-    }
+    share = len(records) // dist.world_size()
+    mine = records[dist.rank() * share : (dist.rank() + 1) * share]
+    rows = slice(dist.rank() * share * 4, (dist.rank() + 1) * share * 4)
+    batch = trainer.score(mine, ro.select(rows))
     # Record the (all-reduced, accumulated) gradients the optimizer sees: Adam's first step is
     # nearly sign(g), so the weights alone would hide a wrong gradient scale.
-    grads, step = {}, trainer.opt.step
+    grads = {}
     names = {id(p): n for n, p in trainer.model.named_parameters()}
 
-    def recording_step(*args, **kwargs):
-        grads.update({f"grad.{names[id(p)]}": p.grad.detach().clone() for p in trainer.params})
-        return step(*args, **kwargs)
+    def record_gradients(trainer, info):
+        if info["phase"] == "forward_backward":
+            grads.update({f"grad.{names[id(p)]}": p.grad.detach().clone() for p in trainer.params})
 
-    trainer.opt.step = recording_step
+    trainer.add_callback("phase_end", record_gradients)
     trainer.update(batch)
     if dist.is_main():
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in trainer.trainable_state().items()}
+        state = trainable_state(trainer.model)
         save_file(state | grads, out)
     dist.barrier()
     dist.shutdown()

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
 import grpo.loss
-from grpo.loss import group_advantages, grpo_loss, kl_k3, masked_mean, selective_log_softmax
+from grpo.loss import (
+    constant_groups,
+    group_advantages,
+    grpo_loss,
+    kl_k3,
+    masked_mean,
+    selective_log_softmax,
+)
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 K = 1 - math.log(2)  # k3 when ref - logp = ln 2
@@ -264,6 +271,36 @@ def test_zero_variance_group_gives_exactly_zero(scale, eps):
     assert group_advantages(rewards, 3, scale=scale, eps=eps).tolist() == [0.0] * 6
     mixed = group_advantages(torch.tensor([0.1, 0.1, 0.1, 1.0, 0.0, 1.0]), 3, scale=scale, eps=eps)
     assert mixed[:3].tolist() == [0.0] * 3 and torch.isfinite(mixed).all()
+
+
+@pytest.mark.parametrize("value", [0.2, 2 / 3, 1.2, 0.0, -0.7, 1e3 / 3])
+def test_constant_groups_despite_a_nonzero_float_std(value):
+    # Eight rewards of 0.2 (0.2 x format, no correctness): float std 1.6e-8, not 0.
+    rewards = torch.full((8,), value, dtype=torch.float32)
+    if value in (0.2, 2 / 3):
+        assert rewards.std().item() > 1e-9
+    mixed = torch.cat([rewards, torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])])
+    assert constant_groups(mixed, 8).tolist() == [True, False]
+    assert group_advantages(mixed, 8)[:8].tolist() == [0.0] * 8
+    assert group_advantages(mixed, 8)[8:].abs().min() > 0.3
+
+
+def test_constant_groups_tolerance_is_relative_rounding_only():
+    # Sums of weighted parts in another order differ by an ulp: still constant.
+    a = torch.tensor([0.1 + 0.2, 0.3, 0.2 + 0.1, 0.3], dtype=torch.float64)
+    assert constant_groups(a, 4).tolist() == [True]
+    # A real difference of 1e-5 at scale 1 is signal; at scale 100, 2e-4 still is.
+    assert constant_groups(
+        torch.tensor([1.0, 1.0, 1.0, 1.00001], dtype=torch.float64), 4
+    ).tolist() == [False]
+    assert constant_groups(
+        torch.tensor([100.0, 100.0, 100.0, 100.0002], dtype=torch.float64), 4
+    ).tolist() == [False]
+    assert constant_groups(
+        torch.tensor([100.0, 100.0, 100.0, 100.00005], dtype=torch.float64), 4
+    ).tolist() == [True]
+    with pytest.raises(ValueError, match="group_size=3"):
+        constant_groups(torch.zeros(8), 3)
 
 
 @settings(max_examples=50, deadline=None)

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from grpo.checkpoint import latest_checkpoint
 from grpo.config import GRPOConfig
 from grpo.train import run
-from grpo.trainer import GRPOTrainer
+from grpo.trainer import GRPOTrainer, learning_rate
 
 FAST = dict(
     model="tiny",
@@ -48,8 +51,6 @@ def shared_base(tmp_path_factory):
 
 
 def with_base(out: Path, base: Path) -> Path:
-    import shutil
-
     out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(base, out / "base")
     return out
@@ -106,7 +107,7 @@ def test_run_writes_every_artifact_with_finite_metrics(tmp_path, shared_base):
 def test_reference_is_the_policy_until_the_first_update(tmp_path, shared_base):
     out = with_base(tmp_path / "run", shared_base)
     trainer = GRPOTrainer(fast_cfg(out, beta=0.04))
-    ro = trainer.make_batch()["rollout"]
+    ro = trainer.make_batch().rollout
     ref = trainer.reference_logps(ro)  # adapters disabled
     policy = trainer.policy_logps_nograd(ro)  # adapters on, B = 0
     assert torch.equal(ref, policy)  # so k3 is exactly 0 at the first step
@@ -129,44 +130,136 @@ def test_only_lora_moves_and_nf4_bytes_stay(tmp_path, shared_base):
     assert all(torch.equal(a, b) for a, b in zip(qbytes, now, strict=True))
 
 
-def test_resume_ends_at_same_step_with_same_weights(tmp_path, shared_base):
-    straight = with_base(tmp_path / "straight", shared_base)
-    run(fast_cfg(straight, max_steps=4, save_every=2))
-    resumed = with_base(tmp_path / "resumed", shared_base)
-    run(fast_cfg(resumed, max_steps=2, save_every=2))
-    summary = run(fast_cfg(resumed, max_steps=4, save_every=2, resume=True))
-    assert summary["grpo_steps"] == 4 and summary["resumed_from"].endswith("step-000002")
-    a = load_file(straight / "adapter" / "adapter_model.safetensors")
-    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
-    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+RESUME = dict(max_steps=6, save_every=2, lr_schedule="cosine", warmup_ratio=0.2, learning_rate=0.02)
 
 
-def test_sigkill_never_leaves_a_broken_checkpoint(tmp_path, shared_base):
+def lora_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def logged(run_dir: Path, key: str) -> list:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in rows]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit for bit: every LoRA tensor, and the learning rate and reward logged at every step."""
+    ta, tb = lora_tensors(a), lora_tensors(b)
+    assert ta.keys() == tb.keys()
+    assert [k for k in ta if not torch.equal(ta[k], tb[k])] == []
+    assert logged(a, "lr") == logged(b, "lr")
+    assert logged(a, "reward") == logged(b, "reward")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, shared_base):
+    """The uninterrupted run the resumed ones must reproduce exactly."""
+    out = with_base(tmp_path_factory.mktemp("straight") / "run", shared_base)
+    run(fast_cfg(out, **RESUME))
+    return out
+
+
+def test_the_learning_rate_follows_the_schedule_step_by_step(straight_run):
+    cfg = fast_cfg(straight_run, **RESUME)  # W = int(0.2 * 6) = 1 warm-up step, then cosine
+    want = [0.02 * 0.5] + [0.02 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 5)) for s in range(1, 6)]
+    assert [lr for _, lr in logged(straight_run, "lr")] == pytest.approx(want, rel=1e-12)
+    assert [learning_rate(cfg, s) for s in range(6)] == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("from_step", [2, 4])
+def test_resume_from_any_checkpoint_is_bit_identical(
+    tmp_path, shared_base, straight_run, from_step
+):
+    out = with_base(tmp_path / "resumed", shared_base)
+    ckpt = f"checkpoints/step-{from_step:06d}"
+    shutil.copytree(straight_run / ckpt, out / ckpt)
+    shutil.copy(straight_run / "eval_before.json", out)
+    rows = (straight_run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    # As if killed after logging one step past the checkpoint, mid-way through the next line.
+    (out / "metrics.jsonl").write_text("".join(rows[: from_step + 1]) + '{"step": 9')
+    summary = run(fast_cfg(out, **RESUME, resume=True))
+    assert summary["grpo_steps"] == 6 and summary["resumed_from"].endswith(ckpt)
+    assert_same_run(straight_run, out)
+
+
+def test_killed_twice_at_random_moments_then_resumed_is_bit_identical(
+    tmp_path, shared_base, straight_run
+):
     out = with_base(tmp_path / "run", shared_base)
-    cfg = fast_cfg(out, max_steps=200, save_every=1)
-    cfg.save_yaml(tmp_path / "c.yaml")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "grpo.train", "--config", str(tmp_path / "c.yaml")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    every_step = {**RESUME, "save_every": 1}
+    fast_cfg(out, **every_step).save_yaml(tmp_path / "c.yaml")
+    rng = random.Random(0)
+    for kill in range(2):
+        resume = ["--resume"] if kill else []
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "grpo.train", "--config", str(tmp_path / "c.yaml"), *resume],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline, wanted = time.time() + 120, 2 + 2 * kill
+            while time.time() < deadline and len(list(out.glob("checkpoints/step-*"))) < wanted:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.3))  # inside a step or a checkpoint write
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        ckpt = latest_checkpoint(out)  # never a half-written one
+        assert ckpt is not None and int(ckpt.name.split("-")[1]) >= wanted
+        assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    summary = run(fast_cfg(out, **every_step, resume=True))
+    assert summary["grpo_steps"] == 6
+    assert_same_run(straight_run, out)
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_hooks_see_every_phase_in_order_and_the_metrics(tmp_path, shared_base, num_iterations):
+    out = with_base(tmp_path / "run", shared_base)
+    trainer = GRPOTrainer(fast_cfg(out, num_iterations=num_iterations))
+    seen, ends = [], []
+    trainer.add_callback("step_start", lambda t, info: seen.append(("step_start", info["step"])))
+    trainer.add_callback("phase_end", lambda t, info: seen.append((info["phase"], info["seconds"])))
+    trainer.add_callback("step_end", lambda t, info: ends.append(info))
+    metrics, batch = trainer.train_step()
+    passes = ["forward_backward", "optimizer"] * num_iterations
+    assert [name for name, _ in seen] == ["step_start", "generation", "reference", *passes]
+    assert seen[0] == ("step_start", 1) and metrics["step"] == 1 and ends == [metrics]
+    total = {name: 0.0 for name, _ in seen[1:]}
+    for name, seconds in seen[1:]:
+        total[name] += seconds
+    for name, seconds in total.items():
+        assert metrics[f"{name}_seconds"] == seconds > 0
+    assert metrics["update_seconds"] == total["forward_backward"] + total["optimizer"]
+    assert metrics["step_seconds"] > sum(total.values())
+    assert metrics["generated_tokens"] == int(batch.rollout.completion_mask.sum()) > 0
+    assert len(batch.rollout) == len(batch.answers) == 16 and batch.advantages.shape == (16,)
+    with pytest.raises(ValueError, match="event='step_begin' is not one of step_start"):
+        trainer.add_callback("step_begin", print)
+
+
+def constant_reward(value: float):
+    def constant(prompts, completions, **columns):
+        return [value] * len(completions)
+
+    return constant
+
+
+@pytest.mark.parametrize("value", [0.2, 2 / 3])
+def test_constant_rewards_warn_and_give_zero_advantages(tmp_path, shared_base, capsys, value):
+    out = with_base(tmp_path / "run", shared_base)
+    # One group per step: torch's std of eight equal floats is then 1.6e-8 (0.2) or 6.4e-8 (2/3),
+    # not 0 (with several groups per reduction it happens to be 0): rounding, not signal.
+    cfg = fast_cfg(out, no_signal_patience=2, prompts_per_step=1, num_generations=8)
+    trainer = GRPOTrainer(cfg)
+    trainer.reward_fns, trainer.reward_weights = {"constant": constant_reward(value)}, [1.0]
+    for _ in range(2):
+        metrics, batch = trainer.train_step()
+        assert batch.rewards.std().item() > 1e-8
+        assert metrics["frac_reward_zero_std"] == 1.0
+        assert batch.advantages.tolist() == [0.0] * 8
+    assert (
+        "no learning signal: every group had zero reward variance for 2" in capsys.readouterr().err
     )
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list((out / "checkpoints").glob("step-*"))) < 3:
-            time.sleep(0.05)
-        time.sleep(0.13)  # somewhere inside a later step or a checkpoint write
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    resumed = GRPOTrainer(fast_cfg(out, max_steps=200, resume=True))
-    ckpt = resumed.latest_checkpoint()
-    assert ckpt is not None and int(ckpt.name.split("-")[1]) >= 3
-    resumed.load_checkpoint(ckpt)
-    assert resumed.step == int(ckpt.name.split("-")[1])
 
 
 def test_no_signal_warning_is_loud(tmp_path, shared_base, capsys):
@@ -202,7 +295,7 @@ def test_full_fine_tuning_option_saves_a_loadable_model(tmp_path, shared_base):
 
 def test_cached_base_is_reused_only_with_the_same_warmup_settings(tmp_path):
     from grpo.data import load_task
-    from grpo.trainer import ensure_tiny_base
+    from grpo.warmup import ensure_tiny_base
 
     task = load_task("arithmetic", n_eval=16)
     logs: list[str] = []
