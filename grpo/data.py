@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from grpo.choices import ARITHMETIC_FORMATS, TASKS
+
 ARITHMETIC_OPS = ("+", "-")
 
 GSM8K_INSTRUCTION = (
@@ -35,9 +37,6 @@ class Task:
     name: str
     train: list[dict]  # {"prompt": str, "answer": str}
     eval: list[dict]
-
-
-ARITHMETIC_FORMATS = ("fixed", "plain")
 
 
 def arithmetic_prompt(a: int, op: str, b: int, width: int = 2) -> str:
@@ -63,6 +62,11 @@ def arithmetic_answer(value: int, width: int = 2) -> str:
     return f"{value:+0{width + 2}d}"
 
 
+def arithmetic_problem_count(max_operand: int = 99) -> int:
+    """Distinct problems a op b with 0 <= a, b <= max_operand: 2 * 100 * 100 = 20,000 for 99."""
+    return len(ARITHMETIC_OPS) * (max_operand + 1) ** 2
+
+
 def arithmetic_task(
     seed: int = 0, n_eval: int = 500, max_operand: int = 99, fmt: str = "fixed"
 ) -> Task:
@@ -73,8 +77,8 @@ def arithmetic_task(
     wider ("07+35=" -> "+042"); fmt="plain": "7+35=" -> "42", for comparison.
     """
     if fmt not in ARITHMETIC_FORMATS:
-        raise ValueError(f"arithmetic format {fmt!r} is unknown; use 'fixed' or 'plain'")
-    if not 0 < n_eval < 2 * (max_operand + 1) ** 2:
+        raise ValueError(f"arithmetic format {fmt!r} is unknown; use one of {ARITHMETIC_FORMATS}")
+    if not 0 < n_eval < arithmetic_problem_count(max_operand):
         raise ValueError(f"n_eval={n_eval} must be between 1 and the number of problems - 1")
     problems = [
         (a, op, b)
@@ -171,4 +175,4 @@ def load_task(
         return arithmetic_task(seed=seed, n_eval=n_eval or 500, fmt=arithmetic_format)
     if name == "gsm8k":
         return gsm8k_task(dataset_path or "openai/gsm8k", n_eval=n_eval)
-    raise ValueError(f"task={name!r} is unknown; use 'arithmetic' or 'gsm8k'")
+    raise ValueError(f"task={name!r} is unknown; use one of {TASKS}")

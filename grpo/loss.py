@@ -66,11 +66,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["group_advantages", "selective_log_softmax", "kl_k3", "masked_mean", "grpo_loss"]
+from grpo.choices import IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
 
-ADVANTAGE_SCALES = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+__all__ = ["group_advantages", "selective_log_softmax", "kl_k3", "masked_mean", "grpo_loss"]
 
 
 def group_advantages(
@@ -94,8 +92,8 @@ def group_advantages(
         raise ValueError(
             f"group_size={group_size} must be >= 1 and divide len(rewards)={rewards.numel()}"
         )
-    if scale not in ADVANTAGE_SCALES:
-        raise ValueError(f"scale={scale!r} is not one of {ADVANTAGE_SCALES}")
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale={scale!r} is not one of {SCALE_REWARDS}")
     if eps < 0:
         raise ValueError(f"eps={eps} must be >= 0")
     if not torch.isfinite(rewards).all():
@@ -309,10 +307,9 @@ def _check_arguments(
     """Raise ValueError naming the argument and its value for every input grpo_loss cannot use."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+    if importance_sampling_level not in IS_LEVELS:
         raise ValueError(
-            f"importance_sampling_level={importance_sampling_level!r} is not one of "
-            f"{IMPORTANCE_SAMPLING_LEVELS}"
+            f"importance_sampling_level={importance_sampling_level!r} is not one of {IS_LEVELS}"
         )
     nonnegative = {"epsilon_low": epsilon_low, "epsilon_high": epsilon_high, "beta": beta}
     for name, value in nonnegative.items():

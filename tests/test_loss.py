@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
 import grpo.loss
+from grpo.choices import LOSS_TYPES
 from grpo.loss import group_advantages, grpo_loss, kl_k3, masked_mean, selective_log_softmax
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 K = 1 - math.log(2)  # k3 when ref - logp = ln 2
 
 
