@@ -180,6 +180,18 @@ class GRPOConfig:
             arithmetic_format=self.arithmetic_format,
         )
 
+    def build_rewards(self) -> tuple[dict, list[float]]:
+        """(reward functions by name, weights): every run and the demo build the run's rewards
+        here, built-ins and import paths alike (`grpo.rewards.build_reward_functions`)."""
+        from grpo.rewards import build_reward_functions
+
+        return build_reward_functions(
+            self.reward_funcs,
+            self.reward_weights,
+            max_completion_length=self.max_new_tokens,
+            cache_length=self.overlong_cache,
+        )
+
     def validate(self) -> GRPOConfig:
         """Check every field before any work; raise ConfigError naming the first bad field, its
         value and the fix. Nothing is loaded or written here (the model's linear names are read

@@ -36,7 +36,7 @@ from grpo.config import ConfigError, GRPOConfig
 from grpo.data import Task
 from grpo.loss import group_advantages, grpo_loss
 from grpo.model import load_model
-from grpo.rewards import build_reward_functions, combine_rewards, is_correct
+from grpo.rewards import combine_rewards
 from grpo.rollout import Rollout, completion_logps, generate_rollouts
 from grpo.tiny import build_tiny_phi, save_model_dir
 from grpo.warmup import accuracy_target, supervised_warmup
@@ -98,7 +98,7 @@ def ensure_tiny_base(cfg: GRPOConfig, task: Task, log=print) -> Path:
     stop = None
     if cfg.warmup_target_accuracy > 0:
         stop = accuracy_target(
-            tokenizer, task.train, cfg.warmup_target_accuracy, cfg.max_new_tokens, log=log
+            tokenizer, task, cfg.warmup_target_accuracy, cfg.max_new_tokens, log=log
         )
     info = supervised_warmup(
         model,
@@ -115,7 +115,7 @@ def ensure_tiny_base(cfg: GRPOConfig, task: Task, log=print) -> Path:
         info["probe_accuracy"] = stop.history
     # For reference only: the unquantized warm-up model's held-out accuracy. GRPO's "before"
     # is measured later on the NF4 base it actually starts from.
-    info["accuracy_dense"], _ = evaluate(model, tokenizer, task.eval, cfg.max_new_tokens)
+    info["accuracy_dense"], _ = evaluate(model, tokenizer, task, task.eval, cfg.max_new_tokens)
     log(f"warm-up: held-out greedy accuracy of the unquantized model {info['accuracy_dense']:.1%}")
     info["settings"] = wanted
     save_model_dir(model, tokenizer, base_dir)
@@ -175,8 +175,11 @@ def build_policy(cfg: GRPOConfig, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int = 256):
-    """Greedy accuracy on `records` and the completions: (accuracy, [completion, ...])."""
+def evaluate(
+    model, tokenizer, task: Task, records: list[dict], max_new_tokens: int, batch_size: int = 256
+):
+    """Greedy accuracy on `records` (scored by their `task`) and the completions:
+    (accuracy, [completion, ...])."""
     completions = []
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
@@ -188,8 +191,7 @@ def evaluate(model, tokenizer, records: list[dict], max_new_tokens: int, batch_s
             do_sample=False,
         )
         completions.extend(ro.completions)
-    correct = [is_correct(c, r["answer"]) for c, r in zip(completions, records, strict=True)]
-    return sum(correct) / max(1, len(records)), completions
+    return task.accuracy(completions, records), completions
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,12 +273,7 @@ class GRPOTrainer:
             self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
-        self.reward_fns, self.reward_weights = build_reward_functions(
-            cfg.reward_funcs,
-            cfg.reward_weights,
-            max_completion_length=cfg.max_new_tokens,
-            cache_length=cfg.overlong_cache,
-        )
+        self.reward_fns, self.reward_weights = cfg.build_rewards()
         self.step = 0
         self.no_signal_streak = 0
 
@@ -399,7 +396,10 @@ class GRPOTrainer:
         t_end = time.perf_counter()
 
         lengths = ro.completion_mask.sum(dim=1)  # [N]
-        correct = [is_correct(c, a) for c, a in zip(ro.completions, batch["answers"], strict=True)]
+        correct = [
+            self.task.is_correct(c, a)
+            for c, a in zip(ro.completions, batch["answers"], strict=True)
+        ]
         W = dist.world_size()
         metrics = {
             "step": self.step,
@@ -432,13 +432,12 @@ class GRPOTrainer:
         interleaved share (records[rank::world_size])."""
         W, r = dist.world_size(), dist.rank()
         mine = self.task.eval[r::W]
-        _, completions = evaluate(self.model, self.tokenizer, mine, self.cfg.max_new_tokens)
+        _, completions = evaluate(
+            self.model, self.tokenizer, self.task, mine, self.cfg.max_new_tokens
+        )
         shares = dist.gather_lists(completions)
         ordered = [shares[i % W][i // W] for i in range(len(self.task.eval))]
-        correct = [
-            is_correct(c, rec["answer"]) for c, rec in zip(ordered, self.task.eval, strict=True)
-        ]
-        return sum(correct) / max(1, len(ordered)), ordered
+        return self.task.accuracy(ordered, self.task.eval), ordered
 
     def train_step(self) -> dict:
         """One GRPO step: make_batch (generate, score) then update (advantages, loss, step)."""
