@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+from grpo.choices import DTYPES, TASKS
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype",
-        choices=["auto", "float32", "bfloat16"],
+        choices=["auto", *DTYPES],
         help="dtype of the weights that stay unquantized and of the compute (default: the run's; "
         "without a run, auto: float32 for a model under 50M parameters, else bfloat16)",
     )
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--task",
-        choices=["arithmetic", "gsm8k"],
+        choices=TASKS,
         help="task for examples and rewards (default: the run's)",
     )
     p.add_argument(

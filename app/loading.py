@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 from grpo.config import GRPOConfig
 from grpo.cpu_attention import use_cpu_decode_attention
+from grpo.data import Task
 from grpo.model import ModelLoadError, load_model
-from grpo.rewards import build_reward_functions, combine_rewards, format_reward, is_correct
+from grpo.rewards import RewardError, combine_rewards, format_reward
 from qlora import (
     AdapterError,
     footprint,
@@ -38,6 +39,7 @@ class Demo:
     answers: dict[str, str]  # prompt -> gold answer, every prompt of the task
     reward_fns: dict = field(default_factory=dict)  # the run's reward functions, by name
     reward_weights: list[float] = field(default_factory=list)
+    task: Task | None = None  # judges the answers (None: no task, no gold answers)
 
 
 def load_demo(spec: DemoSpec, runner=None) -> Demo:
@@ -81,53 +83,84 @@ def load_demo(spec: DemoSpec, runner=None) -> Demo:
     release_freed_memory()
     generator = PairGenerator(model, tuned, tokenizer, spec.max_new_tokens_cap, runner)
 
-    examples, answers = task_examples(spec)
-    reward_fns, reward_weights = {}, []
-    cfg = spec.config
-    if cfg is not None and set(cfg.reward_funcs) <= {"correctness", "format"}:
-        reward_fns, reward_weights = build_reward_functions(cfg.reward_funcs, cfg.reward_weights)
-    return Demo(generator, spec, info, examples, answers, reward_fns, reward_weights)
+    task = demo_task(spec)
+    examples, answers = task_examples(spec, task)
+    reward_fns, reward_weights = run_rewards(spec.config)
+    return Demo(generator, spec, info, examples, answers, reward_fns, reward_weights, task)
 
 
 def _on_cpu(model) -> bool:
     return next(model.parameters()).device.type == "cpu"
 
 
-def task_examples(spec: DemoSpec) -> tuple[list[str], dict[str, str]]:
-    """(the first held-out prompts, {prompt: gold answer} over both splits); empty when the
-    task is unknown or cannot be loaded (a warning, not a failure: the demo still runs)."""
+def demo_task(spec: DemoSpec) -> Task | None:
+    """The spec's task, or None when there is none or it cannot be loaded (a warning, not a
+    failure: the demo still runs)."""
     if spec.task is None:
-        return [], {}
+        return None
     cfg = spec.config or GRPOConfig(task=spec.task)
     try:
-        task = cfg.load_task(spec.task)
+        return cfg.load_task(spec.task)
     except (OSError, ValueError, ImportError) as err:
         print(
             f"demo: warning: task {spec.task!r} could not be loaded ({err}); no examples",
             file=sys.stderr,
         )
+        return None
+
+
+def run_rewards(cfg: GRPOConfig | None) -> tuple[dict, list[float]]:
+    """Every reward function the run used, built-in or by import path, with its weight, built as
+    the trainer builds them; none without a run config, or when one does not resolve in this
+    process (a warning: the demo still judges correctness)."""
+    if cfg is None:
+        return {}, []
+    try:
+        return cfg.build_rewards()
+    except RewardError as err:
+        print(f"demo: warning: the run's rewards cannot be built here ({err})", file=sys.stderr)
+        return {}, []
+
+
+def task_examples(spec: DemoSpec, task: Task | None = None) -> tuple[list[str], dict[str, str]]:
+    """(the first held-out prompts, {prompt: gold answer} over both splits) of `task` (default:
+    the spec's, `demo_task`); empty without a task."""
+    task = task if task is not None else demo_task(spec)
+    if task is None:
         return [], {}
     answers = {r["prompt"]: r["answer"] for r in task.train + task.eval}
     return [r["prompt"] for r in task.eval[:N_EXAMPLES]], answers
 
 
 def reward_breakdown(demo: Demo, prompt: str, completion: str) -> str:
-    """Markdown line: is the answer correct, is it well formatted, the run's reward; or why not."""
+    """Markdown line: is the answer correct (the task judges), is it well formatted (only for a
+    task whose prompts ask for <answer> tags), each reward the run used and the weighted total;
+    or why not. The overlong penalty counts the completion's tokens by re-encoding its text."""
     gold = demo.answers.get(prompt)
-    if gold is None:
+    if gold is None or demo.task is None:
         return "_No gold answer for this prompt (pick an example to see rewards)._"
-    correct = is_correct(completion, gold)
-    formatted = format_reward([prompt], [completion])[0] == 1.0
     parts = [
-        f"correct: **{'yes' if correct else 'no'}** (gold {gold})",
-        f"format: **{'yes' if formatted else 'no'}**",
+        f"correct: **{'yes' if demo.task.is_correct(completion, gold) else 'no'}** (gold {gold})"
     ]
+    if demo.task.answer_tags:
+        formatted = format_reward([prompt], [completion])[0] == 1.0
+        parts.append(f"format: **{'yes' if formatted else 'no'}**")
     if demo.reward_fns:
-        total, _ = combine_rewards(
-            demo.reward_fns, demo.reward_weights, [prompt], [completion], answer=[gold]
-        )
+        tokens = demo.generator.tokenizer(completion, add_special_tokens=False)["input_ids"]
+        try:
+            total, per_fn = combine_rewards(
+                demo.reward_fns,
+                demo.reward_weights,
+                [prompt],
+                [completion],
+                answer=[gold],
+                completion_lengths=[len(tokens)],
+            )
+        except RewardError as err:
+            return " · ".join([*parts, f"reward: _{err}_"])
+        parts += [f"{name} = {values.item():.3g}" for name, values in per_fn.items()]
         terms = " + ".join(
             f"{w:g}·{n}" for n, w in zip(demo.reward_fns, demo.reward_weights, strict=True)
         )
-        parts.append(f"reward {terms} = **{total.item():g}**")
+        parts.append(f"reward {terms} = **{total.item():.3g}**")
     return " · ".join(parts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -17,14 +18,17 @@ from pathlib import Path
 
 import yaml
 
-from grpo.data import ARITHMETIC_FORMATS, Task, load_task
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
-IS_LEVELS = ("token", "sequence")
-SCHEDULES = ("constant", "linear", "cosine")
-DTYPES = ("float32", "bfloat16", "float16")
-TASKS = ("arithmetic", "gsm8k")
+from grpo.choices import (
+    ARITHMETIC_FORMATS,
+    DEVICES,
+    DTYPES,
+    IS_LEVELS,
+    LOSS_TYPES,
+    SCALE_REWARDS,
+    SCHEDULES,
+    TASKS,
+)
+from grpo.data import Task, arithmetic_problem_count, load_task
 
 
 class ConfigError(ValueError):
@@ -39,6 +43,9 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class GRPOConfig:
+    """Every knob of a run. The defaults ARE the embedded default run (`make train`): the tiny Phi
+    on two-digit arithmetic on a CPU, minutes; a config file lists only what differs."""
+
     # --- model -----------------------------------------------------------------------------
     model: str = _f(
         "tiny",
@@ -51,8 +58,14 @@ class GRPOConfig:
     )
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
     torch_threads: int = _f(
-        0,
-        "CPU threads for torch (0: torch's default); examples/tiny.yaml uses 2 (see its comment)",
+        2,
+        "CPU threads for torch (0: torch's default); 2: both cores of a 2-core machine, a GRPO "
+        "step ~1.5x faster than 1 thread when idle (far slower when other jobs share the cores)",
+    )
+    gradient_checkpointing: bool = _f(
+        False,
+        "recompute each decoder layer's activations in the backward pass: less memory, about a "
+        "third more compute",
     )
     gradient_checkpointing: bool = _f(
         False,
@@ -67,10 +80,14 @@ class GRPOConfig:
         'arithmetic only: \'fixed\' ("07+35=" -> "+042", every digit at a fixed position) or '
         '\'plain\' ("7+35=" -> "42"; learned far more slowly, see the README)',
     )
-    n_eval: int = _f(500, "held-out problems for the before/after greedy evaluation")
+    n_eval: int = _f(
+        500, "held-out problems for the before/after greedy evaluation, never trained on"
+    )
     # --- warm-up (model: tiny only) --------------------------------------------------------
     warmup_sft_steps: int = _f(
-        1000, "supervised steps that make the random tiny Phi partly right (at most, see next)"
+        900,
+        "supervised steps that make the random tiny Phi partly right, ~45% held-out "
+        "(python -m grpo.warmup_curve); at most this many, see next",
     )
     warmup_target_accuracy: float = _f(
         0.0,
@@ -80,22 +97,39 @@ class GRPOConfig:
     warmup_sft_batch_size: int = _f(128, "sequences per supervised warm-up step")
     warmup_sft_learning_rate: float = _f(1e-3, "AdamW learning rate of the warm-up")
     # --- GRPO ------------------------------------------------------------------------------
-    max_steps: int = _f(300, "GRPO optimizer steps (one generation batch each)")
+    max_steps: int = _f(1000, "GRPO optimizer steps (one generation batch each)")
     prompts_per_step: int = _f(32, "distinct prompts per generation batch")
     num_generations: int = _f(
         8, "G: completions per prompt, the group the advantage is relative to"
     )
     num_iterations: int = _f(1, "optimizer passes over each generation batch (>1 needs old logps)")
-    micro_batch_size: int = _f(64, "completions per forward/backward (gradient accumulation)")
-    max_new_tokens: int = _f(6, "generation limit per completion")
+    micro_batch_size: int = _f(
+        256,
+        "completions per forward/backward (gradient accumulation); 256 = 32 x 8: the tiny "
+        "model's whole batch in one pass",
+    )
+    max_new_tokens: int = _f(
+        6, 'generation limit per completion ("-099" + EOS needs 5; longer is wrong anyway)'
+    )
+    min_new_tokens: int = _f(
+        0,
+        "sample at least this many tokens before EOS may end a completion (0: EOS allowed at "
+        "once); the Phi-2 scale check forces realistic lengths with it",
+    )
     temperature: float = _f(1.0, "sampling temperature for rollouts")
     top_p: float = _f(1.0, "nucleus sampling for rollouts")
-    learning_rate: float = _f(2e-3, "AdamW peak learning rate")
+    learning_rate: float = _f(
+        5e-4, "AdamW peak learning rate (LoRA on the tiny model; 2e-3 collapsed the policy)"
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.05, "fraction of max_steps with a linear learning-rate ramp")
-    lr_schedule: str = _f("constant", "after warm-up: 'constant', 'linear' or 'cosine' decay")
+    lr_schedule: str = _f("cosine", "after warm-up: 'constant', 'linear' or 'cosine' decay")
     max_grad_norm: float = _f(1.0, "global gradient-norm clip (0 disables)")
-    beta: float = _f(0.0, "KL coefficient (k3 to the adapter-free base); 0 skips the reference")
+    beta: float = _f(
+        0.0,
+        "KL coefficient (k3 to the adapter-free base); 0 skips the reference (the default run "
+        "is short and its reward cannot be gamed)",
+    )
     epsilon_low: float = _f(0.2, "clip range below 1 for the importance ratio")
     epsilon_high: float = _f(0.2, "clip range above 1 (DAPO clip-higher: 0.28)")
     loss_type: str = _f("grpo", "'grpo' (DeepSeekMath), 'bnpo', 'dr_grpo' or 'dapo'")
@@ -107,9 +141,12 @@ class GRPOConfig:
         False, "drop completions that hit max_new_tokens from the loss (DAPO)"
     )
     reward_funcs: list[str] = _f(
-        ["correctness"], "reward function names (grpo.rewards.REWARD_FUNCTIONS)"
+        ["correctness", "digits"],
+        "reward functions: built-in names (correctness, format, digits, overlong) or import "
+        "paths module:function on sys.path; default: the exact answer plus partial credit per "
+        "right digit",
     )
-    reward_weights: list[float] = _f([1.0], "one weight per reward function")
+    reward_weights: list[float] = _f([1.0, 1.0], "one weight per reward function")
     overlong_cache: int = _f(0, "'overlong' reward: soft-penalty window in tokens before the limit")
     # --- QLoRA -----------------------------------------------------------------------------
     quantize: bool = _f(True, "NF4-quantize the frozen base (QLoRA); false keeps it in dtype")
@@ -120,7 +157,8 @@ class GRPOConfig:
     use_rslora: bool = _f(False, "rank-stabilised scale alpha / sqrt(r)")
     lora_targets: list[str] = _f(
         ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
-        "module names to wrap (Phi-2's attention and MLP linears)",
+        "linear modules to wrap, by name or dotted suffix (default: Phi's attention and MLP "
+        "linears); checked against the model before any work",
     )
     # --- bookkeeping -----------------------------------------------------------------------
     seed: int = _f(0, "seed for data order, sampling and LoRA init")
@@ -129,7 +167,7 @@ class GRPOConfig:
     sample_every: int = _f(50, "steps between samples.jsonl entries")
     save_every: int = _f(100, "steps between checkpoints (0: only at the end)")
     eval_every: int = _f(
-        0, "steps between held-out evaluations during training (0: before/after only)"
+        200, "steps between held-out evaluations during training (0: before/after only)"
     )
     no_signal_patience: int = _f(
         5, "warn when every group has zero reward variance this many steps in a row"
@@ -147,11 +185,30 @@ class GRPOConfig:
             arithmetic_format=self.arithmetic_format,
         )
 
+    def build_rewards(self) -> tuple[dict, list[float]]:
+        """(reward functions by name, weights): every run and the demo build the run's rewards
+        here, built-ins and import paths alike (`grpo.rewards.build_reward_functions`)."""
+        from grpo.rewards import build_reward_functions
+
+        return build_reward_functions(
+            self.reward_funcs,
+            self.reward_weights,
+            max_completion_length=self.max_new_tokens,
+            cache_length=self.overlong_cache,
+        )
+
     def validate(self) -> GRPOConfig:
-        """Raise ConfigError naming the first bad field, its value and the fix."""
+        """Check every field before any work; raise ConfigError naming the first bad field, its
+        value and the fix. Nothing is loaded or written here (the model's linear names are read
+        from its config on the meta device)."""
 
         def bad(name, why):
             raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
+
+        hints = typing.get_type_hints(GRPOConfig)
+        for f in dataclasses.fields(self):  # types first: the checks below compare numbers
+            if not _has_type(getattr(self, f.name), hints[f.name]):
+                bad(f.name, f"should be of type {_type_name(hints[f.name])}")
 
         for name, choices in [
             ("loss_type", LOSS_TYPES),
@@ -161,67 +218,76 @@ class GRPOConfig:
             ("dtype", DTYPES),
             ("task", TASKS),
             ("arithmetic_format", ARITHMETIC_FORMATS),
+            ("device", DEVICES),
         ]:
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(choices)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            bad("device", "must be auto, cpu or cuda")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                bad("device", "no CUDA device is visible; use auto or cpu")
+
+        # --- numbers: `not lo <= x` form, so NaN fails too
+        for name in ("max_steps", "prompts_per_step", "num_iterations", "micro_batch_size",
+                     "max_new_tokens", "n_eval", "log_every", "sample_every",
+                     "no_signal_patience", "warmup_sft_batch_size", "lora_r"):  # fmt: skip
+            if not getattr(self, name) >= 1:
+                bad(name, "must be >= 1")
+        for name in ("save_every", "eval_every", "warmup_sft_steps", "overlong_cache",
+                     "torch_threads", "seed", "min_new_tokens"):  # fmt: skip
+            if not getattr(self, name) >= 0:
+                bad(name, "must be >= 0")
         if self.num_generations < 2:
             bad("num_generations", "needs >= 2 (a group of one has no relative advantage)")
-        for name in ("epsilon_low", "epsilon_high", "learning_rate", "temperature"):
-            if not getattr(self, name) > 0:
-                bad(name, "must be > 0")
+        for name in ("epsilon_low", "epsilon_high", "learning_rate", "temperature",
+                     "warmup_sft_learning_rate", "lora_alpha"):  # fmt: skip
+            if not 0 < getattr(self, name) < math.inf:
+                bad(name, "must be a finite number > 0")
+        for name, why in [
+            ("beta", "must be >= 0 (0 disables the KL term)"),
+            ("max_grad_norm", "must be >= 0 (0 disables clipping)"),
+            ("weight_decay", "must be >= 0"),
+        ]:
+            if not 0 <= getattr(self, name) < math.inf:
+                bad(name, why)
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
-        if self.beta < 0:
-            bad("beta", "must be >= 0 (0 disables the KL term)")
-        if self.lora_r <= 0:
-            bad("lora_r", "must be a positive integer")
-        for name in (
-            "max_steps",
-            "prompts_per_step",
-            "num_iterations",
-            "micro_batch_size",
-            "max_new_tokens",
-            "n_eval",
-            "log_every",
-            "sample_every",
-            "no_signal_patience",
-        ):
-            if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
-        for name in (
-            "save_every",
-            "eval_every",
-            "warmup_sft_steps",
-            "overlong_cache",
-            "torch_threads",
-        ):
-            if getattr(self, name) < 0:
-                bad(name, "must be >= 0")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "must be in [0, 1) (a probability; 1 would drop every input)")
         if not 0 <= self.warmup_target_accuracy < 1:
             bad("warmup_target_accuracy", "must be in [0, 1) (0 disables the early stop)")
         if not 0 <= self.warmup_ratio < 1:
             bad("warmup_ratio", "must be in [0, 1)")
-        if self.max_grad_norm < 0:
-            bad("max_grad_norm", "must be >= 0 (0 disables clipping)")
-        if not self.reward_funcs:
-            bad("reward_funcs", "name at least one reward function, e.g. [correctness]")
+        if self.min_new_tokens > self.max_new_tokens:
+            bad("min_new_tokens", f"must be <= max_new_tokens ({self.max_new_tokens})")
+        if self.overlong_cache > self.max_new_tokens:
+            bad("overlong_cache", f"must be <= max_new_tokens ({self.max_new_tokens})")
+        if self.task == "arithmetic" and not self.n_eval < arithmetic_problem_count():
+            bad(
+                "n_eval",
+                f"the arithmetic task has {arithmetic_problem_count()} problems; use fewer",
+            )
+
+        # --- rewards: one check for built-in names and import paths (grpo.rewards)
+        from grpo.rewards import RewardError, check_reward_names
+
+        try:
+            check_reward_names(self.reward_funcs)
+        except RewardError as err:
+            bad("reward_funcs", str(err))
         if len(self.reward_weights) != len(self.reward_funcs):
             bad(
                 "reward_weights", f"needs one weight per reward function ({len(self.reward_funcs)})"
             )
-        from grpo.rewards import REWARD_FUNCTIONS
-
-        for name in self.reward_funcs:
-            if name not in REWARD_FUNCTIONS:
-                raise ConfigError(
-                    f"reward_funcs: {name!r} is unknown; choose from {', '.join(REWARD_FUNCTIONS)}"
-                )
+        if not all(math.isfinite(w) for w in self.reward_weights):
+            bad("reward_weights", "every weight must be a finite number")
         if "overlong" in self.reward_funcs and not 0 < self.overlong_cache <= self.max_new_tokens:
             bad(
                 "overlong_cache", "the 'overlong' reward needs 0 < overlong_cache <= max_new_tokens"
             )
+
+        # --- combinations
         if self.quantize and not self.use_lora:
             bad(
                 "quantize",
@@ -239,7 +305,51 @@ class GRPOConfig:
                 "the tiny model only knows the arithmetic task; set model to a Phi-2 "
                 "path/id for gsm8k",
             )
+
+        # --- paths: nothing is created here
+        if not self.output_dir.strip():
+            bad("output_dir", "must name a directory, e.g. runs/tiny")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            bad("output_dir", "is a file; name a directory")
+        if self.task == "gsm8k" and Path(self.dataset_path).suffix in (
+            ".jsonl",
+            ".json",
+            ".parquet",
+        ):
+            if not Path(self.dataset_path).is_file():
+                bad("dataset_path", "no such file; pass a GSM8K-format .jsonl/.parquet or a hub id")
+
+        from grpo.model import is_local_name, linear_module_paths
+
+        if not self.model.strip():
+            bad("model", "name a hub id (microsoft/phi-2), a local directory, or tiny")
+        if self.model != "tiny" and is_local_name(self.model):
+            if not (Path(self.model).expanduser() / "config.json").is_file():
+                bad("model", "no config.json in that directory; pass a save_pretrained directory")
+        if self.use_lora:
+            self._check_lora_targets(linear_module_paths(self.model))
         return self
+
+    def _check_lora_targets(self, paths: list[str] | None) -> None:
+        """Every target names a linear of the model (None: the model's architecture is not
+        known before it is loaded; the loader checks then)."""
+        from qlora.model import PHI_TARGETS, matches_target
+
+        if not self.lora_targets:
+            raise ConfigError(
+                f"lora_targets=[]: name the linear modules to adapt, e.g. {','.join(PHI_TARGETS)}"
+            )
+        if len(set(self.lora_targets)) != len(self.lora_targets):
+            raise ConfigError(f"lora_targets={self.lora_targets!r}: a name is listed twice")
+        if paths is None:
+            return
+        for target in self.lora_targets:
+            if not any(matches_target(p, target) for p in paths):
+                names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+                raise ConfigError(
+                    f"lora_targets={self.lora_targets!r}: {target!r} names no linear layer of "
+                    f"{self.model}; its linear layers are {', '.join(names)}"
+                )
 
     # ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -273,6 +383,26 @@ class GRPOConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
         return cls.from_dict(values, source=str(path))
+
+
+def _has_type(value, hint) -> bool:
+    """isinstance for a field's hint (bool is not an int here; an int is a float)."""
+    if typing.get_origin(hint) is list:
+        (elem,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, elem) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, int | float)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is list:
+        return f"list of {typing.get_args(hint)[0].__name__}"
+    return hint.__name__
 
 
 def _field_type(f: dataclasses.Field) -> tuple[type, type | None]:

@@ -14,9 +14,11 @@ Two tasks ship:
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from grpo.choices import ARITHMETIC_FORMATS, TASKS
+from grpo.rewards import gold_answer, is_correct, parse_number
 
 ARITHMETIC_OPS = ("+", "-")
 
@@ -32,12 +34,36 @@ class DatasetLoadError(RuntimeError):
 
 @dataclass
 class Task:
+    """A task's records and how a completion of one is judged. The task owns its scoring: the
+    trainer's sampled accuracy, the held-out evaluation and the demo all ask `is_correct`.
+
+    >>> task = arithmetic_task(seed=0, n_eval=2)
+    >>> gold = task.eval[0]["answer"]; task.eval[0]
+    {'prompt': '30+03=', 'answer': '+033'}
+    >>> task.is_correct("+033", gold), task.is_correct("33", gold), task.is_correct("+034", gold)
+    (True, True, False)
+    >>> task.accuracy(["+033", "?"], task.eval), task.answer_tags
+    (0.5, False)
+    """
+
     name: str
     train: list[dict]  # {"prompt": str, "answer": str}
     eval: list[dict]
+    # The prompts ask for the final answer inside <answer></answer>, so a completion's format
+    # means something (GSM8K); the bare arithmetic task has no format to judge.
+    answer_tags: bool = False
 
+    def is_correct(self, completion: str, answer: str) -> bool:
+        """Whether `completion`'s final answer equals the gold `answer` (a record's "answer")
+        numerically: the rule of the `correctness` reward (`grpo.rewards.is_correct`)."""
+        return is_correct(completion, answer)
 
-ARITHMETIC_FORMATS = ("fixed", "plain")
+    def accuracy(self, completions: list[str], records: list[dict]) -> float:
+        """The fraction of `completions` that answer their `records` correctly."""
+        correct = [
+            self.is_correct(c, r["answer"]) for c, r in zip(completions, records, strict=True)
+        ]
+        return sum(correct) / max(1, len(records))
 
 
 def arithmetic_prompt(a: int, op: str, b: int, width: int = 2) -> str:
@@ -63,6 +89,11 @@ def arithmetic_answer(value: int, width: int = 2) -> str:
     return f"{value:+0{width + 2}d}"
 
 
+def arithmetic_problem_count(max_operand: int = 99) -> int:
+    """Distinct problems a op b with 0 <= a, b <= max_operand: 2 * 100 * 100 = 20,000 for 99."""
+    return len(ARITHMETIC_OPS) * (max_operand + 1) ** 2
+
+
 def arithmetic_task(
     seed: int = 0, n_eval: int = 500, max_operand: int = 99, fmt: str = "fixed"
 ) -> Task:
@@ -73,8 +104,8 @@ def arithmetic_task(
     wider ("07+35=" -> "+042"); fmt="plain": "7+35=" -> "42", for comparison.
     """
     if fmt not in ARITHMETIC_FORMATS:
-        raise ValueError(f"arithmetic format {fmt!r} is unknown; use 'fixed' or 'plain'")
-    if not 0 < n_eval < 2 * (max_operand + 1) ** 2:
+        raise ValueError(f"arithmetic format {fmt!r} is unknown; use one of {ARITHMETIC_FORMATS}")
+    if not 0 < n_eval < arithmetic_problem_count(max_operand):
         raise ValueError(f"n_eval={n_eval} must be between 1 and the number of problems - 1")
     problems = [
         (a, op, b)
@@ -100,14 +131,6 @@ def arithmetic_task(
     )
 
 
-def gsm8k_gold(answer: str) -> str:
-    """The final number of a GSM8K solution: the text after its `####` line, commas removed."""
-    match = re.search(r"####\s*(.+?)\s*$", answer.strip())
-    if match is None:
-        raise ValueError(f"GSM8K answer has no '#### <number>' line: {answer[-80:]!r}")
-    return match.group(1).replace(",", "").strip()
-
-
 def gsm8k_prompt(question: str) -> str:
     """Phi-2's QA format: `Instruct: <instruction> <question>\\nOutput:`."""
     return f"Instruct: {GSM8K_INSTRUCTION}\n{question.strip()}\nOutput:"
@@ -121,9 +144,14 @@ def _gsm8k_records(rows) -> list[dict]:
                 f"GSM8K row {i} has columns {sorted(row)}; need 'question' and 'answer' "
                 "(answer ending in '#### <number>')"
             )
-        records.append(
-            {"prompt": gsm8k_prompt(row["question"]), "answer": gsm8k_gold(row["answer"])}
-        )
+        if "####" not in row["answer"]:
+            raise ValueError(
+                f"GSM8K row {i}: answer has no '#### <number>' line: {row['answer'][-80:]!r}"
+            )
+        gold = gold_answer(row["answer"])  # the one gold parser, the one correctness uses
+        if parse_number(gold) is None:
+            raise ValueError(f"GSM8K row {i}: final answer {gold!r} after '####' is not a number")
+        records.append({"prompt": gsm8k_prompt(row["question"]), "answer": gold})
     return records
 
 
@@ -144,7 +172,7 @@ def gsm8k_task(source: str = "openai/gsm8k", n_eval: int | None = None) -> Task:
         k = n_eval if n_eval is not None else max(1, len(records) // 10)
         if not 0 < k < len(records):
             raise ValueError(f"n_eval={k} must be between 1 and {len(records) - 1} for {source!r}")
-        return Task("gsm8k", train=records[:-k], eval=records[-k:])
+        return Task("gsm8k", train=records[:-k], eval=records[-k:], answer_tags=True)
     try:
         ds = load_dataset(source, "main")
     except OSError as err:  # FileNotFoundError, ConnectionError (offline, unreachable, missing)
@@ -154,7 +182,12 @@ def gsm8k_task(source: str = "openai/gsm8k", n_eval: int | None = None) -> Task:
             f"dataset {source}` on a machine with internet, or pass --dataset_path FILE.jsonl"
         ) from err
     test = _gsm8k_records(ds["test"])
-    return Task("gsm8k", train=_gsm8k_records(ds["train"]), eval=test[:n_eval] if n_eval else test)
+    return Task(
+        "gsm8k",
+        train=_gsm8k_records(ds["train"]),
+        eval=test[:n_eval] if n_eval else test,
+        answer_tags=True,
+    )
 
 
 def load_task(
@@ -171,4 +204,4 @@ def load_task(
         return arithmetic_task(seed=seed, n_eval=n_eval or 500, fmt=arithmetic_format)
     if name == "gsm8k":
         return gsm8k_task(dataset_path or "openai/gsm8k", n_eval=n_eval)
-    raise ValueError(f"task={name!r} is unknown; use 'arithmetic' or 'gsm8k'")
+    raise ValueError(f"task={name!r} is unknown; use one of {TASKS}")

@@ -66,6 +66,8 @@ from __future__ import annotations
 
 import torch
 
+from grpo.choices import IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
+
 __all__ = [
     "constant_groups",
     "group_advantages",
@@ -74,10 +76,6 @@ __all__ = [
     "masked_mean",
     "grpo_loss",
 ]
-
-ADVANTAGE_SCALES = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 CONSTANT_RTOL = 1e-6
@@ -132,8 +130,8 @@ def group_advantages(
         raise ValueError(
             f"group_size={group_size} must be >= 1 and divide len(rewards)={rewards.numel()}"
         )
-    if scale not in ADVANTAGE_SCALES:
-        raise ValueError(f"scale={scale!r} is not one of {ADVANTAGE_SCALES}")
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale={scale!r} is not one of {SCALE_REWARDS}")
     if eps < 0:
         raise ValueError(f"eps={eps} must be >= 0")
     if not torch.isfinite(rewards).all():
@@ -347,10 +345,9 @@ def _check_arguments(
     """Raise ValueError naming the argument and its value for every input grpo_loss cannot use."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+    if importance_sampling_level not in IS_LEVELS:
         raise ValueError(
-            f"importance_sampling_level={importance_sampling_level!r} is not one of "
-            f"{IMPORTANCE_SAMPLING_LEVELS}"
+            f"importance_sampling_level={importance_sampling_level!r} is not one of {IS_LEVELS}"
         )
     nonnegative = {"epsilon_low": epsilon_low, "epsilon_high": epsilon_high, "beta": beta}
     for name, value in nonnegative.items():

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from grpo.choices import DTYPES
 from qlora import prepare_qlora
 from qlora.loading import CheckpointError, load_quantized, stored_parameters
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 
 class ModelLoadError(RuntimeError):
@@ -24,8 +25,8 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+        raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}")
+    return TORCH_DTYPES[dtype]
 
 
 SMALL_MODEL_PARAMS = 50_000_000  # "auto" dtype: float32 below this (the tiny Phi), else bf16
@@ -57,6 +58,43 @@ def fold_output_head_input(model) -> None:
         head._folds_input = True
 
 
+def is_local_name(name: str) -> bool:
+    """Whether `name` means a directory (it exists, or starts with ".", "/" or "~", or has more
+    than one "/") rather than a hub id such as microsoft/phi-2."""
+    return (
+        Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    )
+
+
+def linear_module_paths(name: str) -> list[str] | None:
+    """Module paths of every nn.Linear in the model `name` names, read from its config alone: the
+    model is built on the meta device (no weights; milliseconds even for Phi-2). `name` is "tiny"
+    (the embedded tiny Phi), a local directory, or a hub id whose config.json is in the Hugging
+    Face cache. None when the architecture cannot be known before loading (a hub id not cached
+    yet, an architecture transformers cannot build); `prepare_qlora` checks the names after the
+    load then, which for such a model comes before anything is written.
+
+    >>> sorted({p.rsplit(".", 1)[-1] for p in linear_module_paths("tiny")})
+    ['dense', 'fc1', 'fc2', 'k_proj', 'lm_head', 'q_proj', 'v_proj']
+    """
+    if name == "tiny":
+        from grpo.tiny import tiny_phi_config
+
+        config = tiny_phi_config(vocab_size=32)  # module names do not depend on the vocabulary
+    else:
+        source = str(Path(name).expanduser()) if is_local_name(name) else name
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError):  # not cached / not a model directory / unknown model_type
+            return None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, ImportError):  # a config transformers has no causal-LM class for
+        return None
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     dtype: str | torch.dtype = "float32",
@@ -75,7 +113,7 @@ def load_model(
     """
     name = str(name_or_path)
     local = Path(name).expanduser()
-    looks_local = local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    looks_local = is_local_name(name)
     if looks_local and not (local / "config.json").is_file():
         raise ModelLoadError(
             f"model {name!r}: no config.json in that directory; pass a directory written by "

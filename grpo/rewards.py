@@ -29,13 +29,17 @@ How a completion's final answer is read (`extract_answer`, `answer_value`):
   "." (end of sentence); answers compare numerically, so "42", "42.0", "$42", "42." and
   "<answer> 42 </answer>" all match the gold "42".
 
-The registry `REWARD_FUNCTIONS` maps the config names "correctness", "format" and "overlong" to
-functions (or, for "overlong", a factory); `build_reward_functions` turns a config's names and
-weights into what `combine_rewards` takes.
+The registry `REWARD_FUNCTIONS` maps the config names "correctness", "format", "digits" and
+"overlong" to functions (or, for "overlong", a factory). A config may also name a function of its
+own by import path, `module:function` (found on sys.path), with the same signature; it gets the
+same checks. `resolve_reward` turns one name into a function, `check_reward_names` is the one
+check of a run's names, and `build_reward_functions` turns names and weights into what
+`combine_rewards` takes.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import numbers
@@ -45,14 +49,18 @@ from typing import Any
 
 import torch
 
+from grpo.choices import REWARD_NAMES
+
 RewardFn = Callable[..., Sequence[float]]
 
 __all__ = [
+    "COLUMNS",
     "REWARD_FUNCTIONS",
     "MissingColumnError",
     "RewardError",
     "answer_value",
     "build_reward_functions",
+    "check_reward_names",
     "combine_rewards",
     "correctness_reward",
     "extract_answer",
@@ -63,6 +71,7 @@ __all__ = [
     "numbers_match",
     "overlong_penalty",
     "parse_number",
+    "resolve_reward",
 ]
 
 
@@ -371,13 +380,82 @@ def overlong_penalty(max_completion_length: int, cache_length: int) -> RewardFn:
 
 
 # Config name -> reward function, or a factory (named in _FACTORIES) called with build options.
-REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "correctness": correctness_reward,
-    "format": format_reward,
-    "digits": digits_reward,
-    "overlong": overlong_penalty,
-}
+REWARD_FUNCTIONS: dict[str, Callable[..., Any]] = dict(
+    zip(
+        REWARD_NAMES,
+        (correctness_reward, format_reward, digits_reward, overlong_penalty),
+        strict=True,
+    )
+)
 _FACTORIES = frozenset({"overlong"})
+# The columns the trainer passes to every reward function, one entry per completion.
+COLUMNS = ("answer", "completion_lengths")
+
+
+def resolve_reward(name: str) -> Callable[..., Any]:
+    """The reward function (or factory) a config name stands for: a built-in name, or an import
+    path `module:function` found on sys.path. Raises RewardError, in one line, when the name is
+    unknown, the module does not import, the attribute is missing or not callable, or it cannot be
+    called as fn(prompts, completions, **columns) with the trainer's columns.
+
+    >>> resolve_reward("correctness") is correctness_reward
+    True
+    >>> try:
+    ...     resolve_reward("math:pi")
+    ... except RewardError as err:
+    ...     print(err)
+    reward 'math:pi' is a float, not a function fn(prompts, completions, **columns)
+    """
+    if name in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[name]
+    module_name, colon, attr = name.partition(":")
+    if not colon or not module_name or not attr or ":" in attr:
+        raise RewardError(
+            f"reward {name!r} is unknown; choose from {', '.join(REWARD_NAMES)} or give an "
+            "import path module:function"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any failure to import is the user's module's, reported in a line
+        raise RewardError(
+            f"reward {name!r}: module {module_name!r} does not import "
+            f"({type(exc).__name__}: {exc}); fix: put {module_name}.py on sys.path (PYTHONPATH)"
+        ) from None
+    fn: Any = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise RewardError(
+                f"reward {name!r}: module {module_name!r} has no attribute {attr!r}; "
+                f"fix: define def {attr}(prompts, completions, **columns) in it"
+            )
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise RewardError(
+            f"reward {name!r} is a {type(fn).__name__}, not a function "
+            "fn(prompts, completions, **columns)"
+        )
+    try:
+        inspect.signature(fn).bind([], [], **{column: [] for column in COLUMNS})
+    except (TypeError, ValueError):
+        raise RewardError(
+            f"reward {name!r} cannot be called as fn(prompts, completions, **columns) with the "
+            f"columns {', '.join(COLUMNS)}; give it that signature"
+        ) from None
+    return fn
+
+
+def check_reward_names(names: Sequence[str]) -> None:
+    """The one check of a run's reward names: at least one, none twice, each resolvable
+    (`resolve_reward`); raises RewardError in one line."""
+    names = list(names)
+    if not names:
+        raise RewardError(
+            f"need at least one reward function; choose from {', '.join(REWARD_NAMES)}"
+        )
+    for name in names:
+        if names.count(name) > 1:
+            raise RewardError(f"reward function {name!r} is listed twice in {names}")
+        resolve_reward(name)
 
 
 def build_reward_functions(
@@ -385,8 +463,9 @@ def build_reward_functions(
 ) -> tuple[dict[str, RewardFn], list[float]]:
     """Reward functions by config name, with their weights checked, ready for `combine_rewards`.
 
-    Factories take the options they name from `options` (unused options are ignored, so a trainer
-    can pass all of its length settings every time).
+    Names are built-ins or import paths (`resolve_reward`). Factories take the options they name
+    from `options` (unused options are ignored, so a trainer can pass all of its length settings
+    every time).
 
     >>> fns, w = build_reward_functions(["correctness", "overlong"], [1.0, 0.5],
     ...                                 max_completion_length=256, cache_length=64)
@@ -394,31 +473,22 @@ def build_reward_functions(
     (['correctness', 'overlong'], [1.0, 0.5])
     """
     names, weights = list(names), [float(w) for w in weights]
-    if not names:
-        raise ValueError(
-            f"need at least one reward function; choose from {sorted(REWARD_FUNCTIONS)}"
-        )
+    check_reward_names(names)
     if len(weights) != len(names):
-        raise ValueError(
+        raise RewardError(
             f"got {len(weights)} reward weights for {len(names)} reward functions {names}; "
             "give one weight per function"
         )
     if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"reward weights must be finite, got {weights}")
+        raise RewardError(f"reward weights must be finite, got {weights}")
     fns: dict[str, RewardFn] = {}
     for name in names:
-        if name not in REWARD_FUNCTIONS:
-            raise ValueError(
-                f"unknown reward function {name!r}; choose from {sorted(REWARD_FUNCTIONS)}"
-            )
-        if name in fns:
-            raise ValueError(f"reward function {name!r} is listed twice in {names}")
-        entry = REWARD_FUNCTIONS[name]
+        entry = resolve_reward(name)
         if name in _FACTORIES:
             wanted = list(inspect.signature(entry).parameters)
             missing = [p for p in wanted if p not in options]
             if missing:
-                raise ValueError(f"reward function {name!r} needs the options {missing}")
+                raise RewardError(f"reward function {name!r} needs the options {missing}")
             entry = entry(**{p: options[p] for p in wanted})
         fns[name] = entry
     return fns, weights

@@ -144,7 +144,7 @@ def run(cfg: GRPOConfig) -> dict:
 
     def evaluate_heldout() -> tuple[float, list[str]]:
         model, tokenizer, records = trainer.model, trainer.tokenizer, trainer.task.eval
-        return evaluate_distributed(model, tokenizer, records, cfg.max_new_tokens)
+        return evaluate_distributed(model, tokenizer, trainer.task, records, cfg.max_new_tokens)
 
     before_path = out / "eval_before.json"
     if resumed_from and before_path.is_file():

@@ -45,7 +45,7 @@ from grpo import distributed as dist
 from grpo.config import ConfigError, GRPOConfig
 from grpo.loss import constant_groups, group_advantages, grpo_loss
 from grpo.model import base_path, build_policy, resolve_device
-from grpo.rewards import build_reward_functions, combine_rewards, is_correct
+from grpo.rewards import combine_rewards
 from grpo.rollout import Rollout, completion_logps, generate_rollouts
 from grpo.warmup import ensure_tiny_base
 from qlora import adapters_disabled, release_freed_memory
@@ -126,12 +126,7 @@ class GRPOTrainer:
         self.opt = torch.optim.AdamW(
             self.params, lr=learning_rate(cfg, 0), weight_decay=cfg.weight_decay
         )
-        self.reward_fns, self.reward_weights = build_reward_functions(
-            cfg.reward_funcs,
-            cfg.reward_weights,
-            max_completion_length=cfg.max_new_tokens,
-            cache_length=cfg.overlong_cache,
-        )
+        self.reward_fns, self.reward_weights = cfg.build_rewards()
         self.step = 0  # completed optimizer steps
         self.no_signal_streak = 0
         self.callbacks: dict[str, list[Callable]] = defaultdict(list)
@@ -278,7 +273,9 @@ class GRPOTrainer:
     def metrics(self, batch: Batch, lr, grad_norm, seconds: dict, stats: dict) -> dict:
         ro, N, W = batch.rollout, len(batch.rollout), dist.world_size()
         lengths = ro.completion_mask.sum(dim=1)  # [N]
-        correct = [is_correct(c, a) for c, a in zip(ro.completions, batch.answers, strict=True)]
+        correct = [
+            self.task.is_correct(c, a) for c, a in zip(ro.completions, batch.answers, strict=True)
+        ]
 
         def mean_over_ranks(total: float) -> float:
             return dist.all_reduce_sum(total, self.device) / (N * W)

@@ -113,19 +113,19 @@ def supervised_warmup(
 PROBE_SIZE, PROBE_EVERY = 256, 25
 
 
-def accuracy_target(tokenizer, records: list[dict], target: float, max_new_tokens: int, log=print):
+def accuracy_target(tokenizer, task, target: float, max_new_tokens: int, log=print):
     """A `supervised_warmup` callback: every PROBE_EVERY steps, greedy accuracy on the first
-    PROBE_SIZE of `records` (train-split problems: the held-out split stays unseen); True, i.e.
+    PROBE_SIZE of `task.train` (train-split problems: the held-out split stays unseen); True, i.e.
     stop, once it is >= `target`. Its `.history` keeps [(step, accuracy), ...]."""
     from grpo.trainer import evaluate
 
-    probe = records[:PROBE_SIZE]
+    probe = task.train[:PROBE_SIZE]
 
     def check(step: int, model) -> bool:
         if step % PROBE_EVERY:
             return False
         model.eval()
-        acc, _ = evaluate(model, tokenizer, probe, max_new_tokens)
+        acc, _ = evaluate(model, tokenizer, task, probe, max_new_tokens)
         model.train()
         check.history.append((step, acc))
         if acc >= target:
@@ -210,7 +210,7 @@ def ensure_tiny_base(cfg: GRPOConfig, task: Task, log=print) -> Path:
         info["probe_accuracy"] = stop.history
     # For reference only: the unquantized warm-up model's held-out accuracy. GRPO's "before"
     # is measured later on the NF4 base it actually starts from.
-    info["accuracy_dense"], _ = evaluate(model, tokenizer, task.eval, cfg.max_new_tokens)
+    info["accuracy_dense"], _ = evaluate(model, tokenizer, task, task.eval, cfg.max_new_tokens)
     log(f"warm-up: held-out greedy accuracy of the unquantized model {info['accuracy_dense']:.1%}")
     info["settings"] = wanted
     save_model_dir(model, tokenizer, base_dir)

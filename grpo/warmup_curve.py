@@ -42,11 +42,11 @@ def warmup_curve(cfg, steps: int, every: int, log=print) -> list[dict]:
         if step % every and step != steps:
             return
         m.eval()
-        probe, _ = evaluate(m, tokenizer, task.train[:PROBE_SIZE], cfg.max_new_tokens)
-        dense, _ = evaluate(m, tokenizer, task.eval, cfg.max_new_tokens)
+        probe, _ = evaluate(m, tokenizer, task, task.train[:PROBE_SIZE], cfg.max_new_tokens)
+        dense, _ = evaluate(m, tokenizer, task, task.eval, cfg.max_new_tokens)
         q = copy.deepcopy(m)
         prepare_qlora(q, target_modules=tuple(cfg.lora_targets), r=cfg.lora_r, quantize=True)
-        nf4, _ = evaluate(q, tokenizer, task.eval, cfg.max_new_tokens)
+        nf4, _ = evaluate(q, tokenizer, task, task.eval, cfg.max_new_tokens)
         rows.append(
             {"step": step, "train_probe": probe, "accuracy_dense": dense, "accuracy_nf4": nf4}
         )

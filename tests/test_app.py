@@ -172,7 +172,9 @@ def test_browser_shows_both_answers_and_rewards(server, direct, tmp_path):
     shown = compare_in_browser(server, prompt, shot)
     assert shown["base"] and shown["tuned"], shown
     assert (shown["base"], shown["tuned"]) == direct(prompt)
-    assert "correct:" in shown["base_reward"] and "correct:" in shown["tuned_reward"]
+    for side in ("base_reward", "tuned_reward"):  # the run's rewards: correctness + digits
+        assert "correct:" in shown[side] and "digits = " in shown[side], shown[side]
+        assert "format" not in shown[side]  # the arithmetic task has no answer format
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -236,3 +238,58 @@ def test_nucleus_filter_matches_transformers():
         ours = nucleus_filter(logits, top_p)
         theirs = TopPLogitsWarper(top_p)(None, logits.clone())
         assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), top_p
+
+
+def breakdown_demo(task, cfg: GRPOConfig):
+    """A Demo with what `reward_breakdown` reads, and no model."""
+    from types import SimpleNamespace
+
+    from app.loading import Demo, run_rewards
+    from grpo.tiny import build_char_tokenizer
+
+    fns, weights = run_rewards(cfg)
+    answers = {r["prompt"]: r["answer"] for r in task.train + task.eval}
+    generator = SimpleNamespace(tokenizer=build_char_tokenizer())
+    return Demo(generator, None, {}, [], answers, fns, weights, task)
+
+
+def test_breakdown_shows_every_reward_of_the_run_and_no_format_without_one():
+    from app.loading import reward_breakdown
+
+    task = arithmetic_task(seed=0, n_eval=N_EVAL)
+    prompt, gold = task.eval[0]["prompt"], task.eval[0]["answer"]  # "30+03=", "+033"
+    demo = breakdown_demo(task, GRPOConfig(reward_funcs=["correctness", "digits"]))
+    assert reward_breakdown(demo, prompt, "+034") == (
+        f"correct: **no** (gold {gold}) · correctness = 0 · digits = 0.667 · "
+        "reward 1·correctness + 1·digits = **0.667**"
+    )
+    assert reward_breakdown(demo, prompt, "+033").endswith("= **2**")
+    assert reward_breakdown(demo, "1+1=", "2").startswith("_No gold answer")
+
+
+def test_breakdown_of_a_task_with_an_answer_format(tmp_path, monkeypatch):
+    from app.loading import reward_breakdown
+    from grpo.data import Task
+
+    (tmp_path / "demo_rewards.py").write_text(
+        "def shout(prompts, completions, **columns):\n"
+        "    return [float(c.isupper()) for c in completions]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    records = [{"prompt": "Q: 6*7?", "answer": "42"}]
+    task = Task("gsm8k", train=records, eval=records, answer_tags=True)
+    cfg = GRPOConfig(
+        reward_funcs=["correctness", "format", "overlong", "demo_rewards:shout"],
+        reward_weights=[1.0, 0.2, 1.0, 0.5],
+        max_new_tokens=24,
+        overlong_cache=8,
+    )
+    demo = breakdown_demo(task, cfg)
+    # 22 characters, one token each: 6 tokens into the 8-token soft window -> -6/8
+    line = reward_breakdown(demo, "Q: 6*7?", "<answer>42</answer> ok")
+    assert line == (
+        "correct: **yes** (gold 42) · format: **yes** · correctness = 1 · format = 1 · "
+        "overlong = -0.75 · demo_rewards:shout = 0 · "
+        "reward 1·correctness + 0.2·format + 1·overlong + 0.5·demo_rewards:shout = **0.45**"
+    )
+    assert "format: **no**" in reward_breakdown(demo, "Q: 6*7?", "42")

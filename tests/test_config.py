@@ -1,3 +1,5 @@
+import dataclasses
+import math
 import subprocess
 import sys
 
@@ -5,6 +7,57 @@ import pytest
 from conftest import run_cli_bad_input
 
 from grpo.config import ConfigError, GRPOConfig, parse_cli
+
+# The embedded default run as `make train` ran it with every value spelled out in
+# examples/tiny.yaml; GRPOConfig's defaults must reproduce it field for field.
+DEFAULT_RUN = {
+    "model": "tiny", "dtype": "float32", "device": "auto", "torch_threads": 2, "task": "arithmetic",
+    "dataset_path": "", "arithmetic_format": "fixed", "n_eval": 500, "warmup_sft_steps": 900,
+    "warmup_target_accuracy": 0.0, "warmup_sft_batch_size": 128, "warmup_sft_learning_rate": 1e-3,
+    "max_steps": 1000, "prompts_per_step": 32, "num_generations": 8, "num_iterations": 1,
+    "micro_batch_size": 256, "max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0,
+    "learning_rate": 5e-4, "weight_decay": 0.0, "warmup_ratio": 0.05, "lr_schedule": "cosine",
+    "max_grad_norm": 1.0, "beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.2, "loss_type": "grpo",
+    "scale_rewards": "group", "importance_sampling_level": "token",
+    "mask_truncated_completions": False, "reward_funcs": ["correctness", "digits"],
+    "reward_weights": [1.0, 1.0], "overlong_cache": 0, "quantize": True, "use_lora": True,
+    "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "use_rslora": False,
+    "lora_targets": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"], "seed": 0,
+    "output_dir": "runs/tiny", "log_every": 10, "sample_every": 50, "save_every": 100,
+    "eval_every": 200, "no_signal_patience": 5, "resume": False,
+    # fields added since, at their no-op values
+    "gradient_checkpointing": False, "min_new_tokens": 0,
+}  # fmt: skip
+# examples/phi2_gsm8k.yaml as it resolved under the older defaults (the warm-up fields, used by
+# the tiny model alone, left out).
+PHI2_RUN = {
+    **DEFAULT_RUN,
+    "model": "microsoft/phi-2", "dtype": "bfloat16", "torch_threads": 0, "task": "gsm8k",
+    "dataset_path": "openai/gsm8k", "max_steps": 500,
+    "prompts_per_step": 16, "micro_batch_size": 16, "max_new_tokens": 256, "temperature": 0.9,
+    "learning_rate": 5e-6, "warmup_ratio": 0.03, "max_grad_norm": 0.1, "beta": 0.04,
+    "epsilon_high": 0.28, "loss_type": "dapo", "mask_truncated_completions": True,
+    "reward_funcs": ["correctness", "format", "overlong"], "reward_weights": [1.0, 0.2, 1.0],
+    "overlong_cache": 64, "lora_dropout": 0.05, "output_dir": "runs/phi2-gsm8k", "log_every": 1,
+    "sample_every": 10, "save_every": 50, "eval_every": 0,
+}  # fmt: skip
+
+
+def test_defaults_are_the_default_run():
+    assert GRPOConfig().to_dict() == DEFAULT_RUN
+    assert GRPOConfig.from_yaml("examples/tiny.yaml") == GRPOConfig()
+    assert parse_cli(["--config", "examples/tiny.yaml"]) == GRPOConfig()
+
+
+def test_phi2_recipe_is_unchanged_by_the_new_defaults():
+    phi2 = GRPOConfig.from_yaml("examples/phi2_gsm8k.yaml")
+    for name, value in PHI2_RUN.items():
+        assert getattr(phi2, name) == value, name
+    assert "learning_rate" in open("examples/phi2_gsm8k.yaml").read()  # the recipe names it
+
+
+def test_no_default_is_the_learning_rate_that_collapsed_the_policy():
+    assert GRPOConfig().learning_rate < 2e-3
 
 
 def test_defaults_validate_and_yaml_round_trip(tmp_path):
@@ -40,15 +93,16 @@ def test_yaml_then_cli_overrides(tmp_path):
     "override, message",
     [
         ({"bogus": 1}, "unknown key 'bogus'"),
+        ({"use_lora": False}, "quantize=True: an NF4 base cannot be fine-tuned in full"),
         ({"lora_r": "eight"}, "lora_r='eight' should be of type int"),
         ({"quantize": 1}, "quantize=1 should be of type bool"),
         ({"num_generations": 1}, "num_generations=1: needs >= 2"),
-        ({"epsilon_low": 0.0}, "epsilon_low=0.0: must be > 0"),
+        ({"epsilon_low": 0.0}, "epsilon_low=0.0: must be a finite number > 0"),
         ({"beta": -0.1}, "beta=-0.1: must be >= 0"),
-        ({"lora_r": 0}, "lora_r=0: must be a positive integer"),
+        ({"lora_r": 0}, "lora_r=0: must be >= 1"),
         ({"loss_type": "ppo"}, "loss_type='ppo': must be one of grpo, bnpo, dr_grpo, dapo"),
         ({"reward_funcs": ["nope"], "reward_weights": [1.0]}, "'nope' is unknown"),
-        ({"reward_weights": [1.0, 2.0]}, "reward_weights=.*one weight per reward function"),
+        ({"reward_weights": [1.0]}, "reward_weights=.*one weight per reward function"),
         ({"warmup_target_accuracy": 1.0}, r"warmup_target_accuracy=1.0: must be in \[0, 1\)"),
         ({"arithmetic_format": "words"}, "arithmetic_format='words': must be one of fixed, plain"),
     ],
@@ -85,3 +139,105 @@ def test_config_loads_its_own_task():
     assert task.eval == GRPOConfig(n_eval=7, seed=3, arithmetic_format="plain").load_task().eval
     fixed = GRPOConfig(n_eval=7, seed=3).load_task("arithmetic")
     assert all(len(r["prompt"]) == 6 and r["answer"][0] in "+-" for r in fixed.eval)
+
+
+# One bad value per field: (overrides, message). A field without a case fails the walk.
+BAD_VALUES = {
+    "model": ({"model": "/no/such/model"}, "no config.json"),
+    "dtype": ({"dtype": "int8"}, "must be one of float32"),
+    "device": ({"device": "tpu"}, "must be one of auto, cpu, cuda"),
+    "torch_threads": ({"torch_threads": -1}, "must be >= 0"),
+    "gradient_checkpointing": ({"gradient_checkpointing": "yes"}, "should be of type bool"),
+    "task": ({"task": "chess"}, "must be one of arithmetic, gsm8k"),
+    "dataset_path": (
+        {"task": "gsm8k", "model": "microsoft/phi-2", "dataset_path": "/no/such/gsm8k.jsonl"},
+        "no such file",
+    ),
+    "arithmetic_format": ({"arithmetic_format": "roman"}, "must be one of fixed, plain"),
+    "n_eval": ({"n_eval": 20_000}, "the arithmetic task has 20000 problems"),
+    "warmup_sft_steps": ({"warmup_sft_steps": -5}, "must be >= 0"),
+    "warmup_target_accuracy": ({"warmup_target_accuracy": 1.5}, r"must be in \[0, 1\)"),
+    "warmup_sft_batch_size": ({"warmup_sft_batch_size": 0}, "must be >= 1"),
+    "warmup_sft_learning_rate": ({"warmup_sft_learning_rate": 0.0}, "finite number > 0"),
+    "max_steps": ({"max_steps": 0}, "must be >= 1"),
+    "prompts_per_step": ({"prompts_per_step": 0}, "must be >= 1"),
+    "num_generations": ({"num_generations": 1}, "needs >= 2"),
+    "num_iterations": ({"num_iterations": 0}, "must be >= 1"),
+    "micro_batch_size": ({"micro_batch_size": 0}, "must be >= 1"),
+    "max_new_tokens": ({"max_new_tokens": 0}, "must be >= 1"),
+    "min_new_tokens": ({"min_new_tokens": 7}, r"must be <= max_new_tokens \(6\)"),
+    "temperature": ({"temperature": math.nan}, "finite number > 0"),
+    "top_p": ({"top_p": 1.5}, r"must be in \(0, 1\]"),
+    "learning_rate": ({"learning_rate": -1e-4}, "finite number > 0"),
+    "weight_decay": ({"weight_decay": -0.1}, "must be >= 0"),
+    "warmup_ratio": ({"warmup_ratio": 1.0}, r"must be in \[0, 1\)"),
+    "lr_schedule": ({"lr_schedule": "step"}, "must be one of constant, linear, cosine"),
+    "max_grad_norm": ({"max_grad_norm": math.inf}, "must be >= 0"),
+    "beta": ({"beta": -0.04}, "must be >= 0"),
+    "epsilon_low": ({"epsilon_low": 0.0}, "finite number > 0"),
+    "epsilon_high": ({"epsilon_high": -0.2}, "finite number > 0"),
+    "loss_type": ({"loss_type": "ppo"}, "must be one of grpo"),
+    "scale_rewards": ({"scale_rewards": "max"}, "must be one of group, batch, none"),
+    "importance_sampling_level": ({"importance_sampling_level": "word"}, "must be one of token"),
+    "mask_truncated_completions": ({"mask_truncated_completions": 1}, "should be of type bool"),
+    "reward_funcs": ({"reward_funcs": ["correctness", "nope"]}, "'nope' is unknown"),
+    "reward_weights": ({"reward_weights": [1.0, math.nan]}, "finite number"),
+    "overlong_cache": ({"overlong_cache": 7}, r"must be <= max_new_tokens \(6\)"),
+    "quantize": ({"quantize": "nf4"}, "should be of type bool"),
+    "use_lora": ({"use_lora": "no"}, "should be of type bool"),
+    "lora_r": ({"lora_r": -16}, "must be >= 1"),
+    "lora_alpha": ({"lora_alpha": -3.0}, "finite number > 0"),
+    "lora_dropout": ({"lora_dropout": 1.5}, r"must be in \[0, 1\)"),
+    "use_rslora": ({"use_rslora": None}, "should be of type bool"),
+    "lora_targets": ({"lora_targets": ["q_proj", "wrong"]}, "'wrong' names no linear layer"),
+    "seed": ({"seed": -1}, "must be >= 0"),
+    "output_dir": ({"output_dir": " "}, "must name a directory"),
+    "log_every": ({"log_every": 0}, "must be >= 1"),
+    "sample_every": ({"sample_every": 0}, "must be >= 1"),
+    "save_every": ({"save_every": -100}, "must be >= 0"),
+    "eval_every": ({"eval_every": -1}, "must be >= 0"),
+    "no_signal_patience": ({"no_signal_patience": 0}, "must be >= 1"),
+    "resume": ({"resume": "true"}, "should be of type bool"),
+}
+
+
+def test_every_field_has_a_bad_value_case():
+    assert sorted(BAD_VALUES) == sorted(f.name for f in dataclasses.fields(GRPOConfig))
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(GRPOConfig)])
+def test_every_field_rejects_a_bad_value_naming_it(name):
+    overrides, message = BAD_VALUES[name]
+    base = {k: v for k, v in overrides.items() if k != name}
+    GRPOConfig(**base).validate()  # the context alone is fine: the field is what fails
+    with pytest.raises(ConfigError, match=message) as err:
+        GRPOConfig(**overrides).validate()
+    assert str(err.value).startswith(f"{name}=") and "\n" not in str(err.value)
+
+
+def test_lora_targets_accept_dotted_suffixes_and_full_paths():
+    GRPOConfig(lora_targets=["self_attn.q_proj", "model.layers.0.mlp.fc1"]).validate()
+    with pytest.raises(ConfigError, match="'mlp.q_proj' names no linear layer"):
+        GRPOConfig(lora_targets=["mlp.q_proj"]).validate()
+
+
+def test_lora_targets_checked_against_a_local_model_dir(tiny_model_dir):
+    GRPOConfig(model=str(tiny_model_dir), lora_targets=["fc1"]).validate()
+    with pytest.raises(ConfigError, match="its linear layers are dense, fc1, fc2, k_proj"):
+        GRPOConfig(model=str(tiny_model_dir), lora_targets=["gate_proj"]).validate()
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["--lora_targets", "q_proj,wrong"], "lora_targets="),
+        (["--lora_alpha", "-3"], "lora_alpha=-3.0"),
+        (["--lora_dropout", "1.5"], "lora_dropout=1.5"),
+        (["--min_new_tokens", "-1"], "min_new_tokens=-1"),
+    ],
+)
+def test_cli_fails_before_any_work(tmp_path, args, names):
+    out = tmp_path / "run"
+    line = run_cli_bad_input("grpo.train", "--output_dir", str(out), *args)
+    assert line.startswith(f"error: {names}")
+    assert not out.exists()

@@ -7,11 +7,11 @@ from grpo.data import (
     arithmetic_answer,
     arithmetic_prompt,
     arithmetic_task,
-    gsm8k_gold,
     gsm8k_prompt,
     gsm8k_task,
     load_task,
 )
+from grpo.rewards import correctness_reward
 
 
 def test_arithmetic_split_is_disjoint_seeded_and_correct():
@@ -40,10 +40,7 @@ def test_arithmetic_fixed_width_format():
     assert all(len(r["prompt"]) == 4 and len(r["answer"]) == 3 for r in small.train)
 
 
-def test_gsm8k_gold_and_prompt():
-    assert gsm8k_gold("She has 3 + 4 = 7 apples.\n#### 1,234") == "1234"
-    with pytest.raises(ValueError, match="####"):
-        gsm8k_gold("no final line")
+def test_gsm8k_prompt():
     p = gsm8k_prompt("  What is 2+2? ")
     assert p.startswith("Instruct: ") and p.endswith("What is 2+2?\nOutput:")
 
@@ -81,3 +78,39 @@ def test_gsm8k_bad_inputs(tmp_path):
         gsm8k_task(str(bad))
     with pytest.raises(ValueError, match="task='chess'"):
         load_task("chess")
+
+
+@pytest.mark.parametrize(
+    "answer, message",
+    [
+        ("She has 7 apples.", r"row 1: answer has no '#### <number>' line"),
+        ("She has 7.\n#### seven", r"row 1: final answer 'seven' after '####' is not a number"),
+    ],
+)
+def test_gsm8k_gold_answers_are_checked_at_load(tmp_path, answer, message):
+    path = tmp_path / "gsm.jsonl"
+    rows = [{"question": "q0", "answer": "#### 1"}, {"question": "q1", "answer": answer}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=message):
+        gsm8k_task(str(path), n_eval=1)
+
+
+def test_the_task_scores_with_the_gold_parser_the_reward_uses(tmp_path):
+    path = tmp_path / "gsm.jsonl"
+    rows = [
+        {"question": "How many?", "answer": "Half of 2,468 is 1,234.\n#### 1,234"},
+        {"question": "And now?", "answer": "It is 12 - 20 = -8.\n####   -8  "},
+        {"question": "Last?", "answer": "#### 3"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    task = gsm8k_task(str(path), n_eval=1)
+    assert task.answer_tags and [r["answer"] for r in task.train] == ["1,234", "-8"]
+    gold = task.train[0]["answer"]
+    assert task.is_correct("<answer>1234</answer>", gold)
+    assert task.is_correct("so the answer is $1,234.", gold)
+    assert not task.is_correct("<answer>1,243</answer>", gold)
+    assert task.accuracy(["<answer>1234</answer>", "-8.0", "4"], task.train + task.eval) == 2 / 3
+    assert correctness_reward(
+        ["q"] * 2, ["<answer>1234</answer>", "<answer>-8</answer>"], answer=["1,234", "-8"]
+    ) == [1.0, 1.0]
+    assert not arithmetic_task(n_eval=5).answer_tags

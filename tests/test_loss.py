@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
 import grpo.loss
+from grpo.choices import IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
 from grpo.loss import (
     constant_groups,
     group_advantages,
@@ -19,7 +20,6 @@ from grpo.loss import (
     selective_log_softmax,
 )
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 K = 1 - math.log(2)  # k3 when ref - logp = ln 2
 
 
@@ -264,7 +264,7 @@ def test_advantages_hand_values():
     assert group_advantages(rewards, 2, scale="none").tolist() == [1, -1, 0, 0, -2, 2]
 
 
-@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("scale", SCALE_REWARDS)
 @pytest.mark.parametrize("eps", [0.0, 1e-4])
 def test_zero_variance_group_gives_exactly_zero(scale, eps):
     rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7])  # float mean of 0.1s is not 0.1
@@ -308,7 +308,7 @@ def test_constant_groups_tolerance_is_relative_rounding_only():
     rewards=st.lists(st.integers(-8, 8), min_size=8, max_size=8),
     shift=st.integers(-100, 100),
     factor=st.sampled_from([0.25, 0.5, 2.0, 4.0, 64.0]),
-    scale=st.sampled_from(["group", "batch", "none"]),
+    scale=st.sampled_from(SCALE_REWARDS),
 )
 def test_advantages_invariances(rewards, shift, factor, scale):
     # Integer rewards and power-of-two factors keep every input exact, so identities are tight.
@@ -333,7 +333,7 @@ def test_non_finite_rewards_raise_naming_the_rows(bad):
 # 6. Masking: padding never reaches the loss or the gradient, whatever it holds.
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("level", IS_LEVELS)
 def test_padding_values_change_neither_loss_nor_gradients(loss_type, level):
     logps, old, ref, advantages, mask = random_batch(seed=2, batch=5, length=6, spread=0.5)
     kwargs = {"loss_type": loss_type, "beta": 0.1, "importance_sampling_level": level}
@@ -511,7 +511,7 @@ def test_selective_log_softmax_never_allocates_a_full_fp32_logsoftmax():
     seed=st.integers(0, 2**31 - 1),
     spread=st.floats(0.0, 8.0),
     loss_type=st.sampled_from(LOSS_TYPES),
-    level=st.sampled_from(["token", "sequence"]),
+    level=st.sampled_from(IS_LEVELS),
     beta=st.sampled_from([0.0, 0.04]),
     epsilon_high=st.sampled_from([None, 0.28]),
     on_policy=st.booleans(),

@@ -3,6 +3,9 @@ error paths (each must name the function, the completion index and the text)."""
 
 import doctest
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from grpo import rewards
+from grpo.choices import REWARD_NAMES
+from grpo.config import ConfigError, GRPOConfig
 from grpo.rewards import (
     REWARD_FUNCTIONS,
     MissingColumnError,
@@ -333,7 +338,9 @@ def test_digits_reward_needs_answer_column():
 
 
 def test_registry_and_build():
-    assert set(REWARD_FUNCTIONS) == {"correctness", "format", "digits", "overlong"}
+    assert (
+        tuple(REWARD_FUNCTIONS) == REWARD_NAMES == ("correctness", "format", "digits", "overlong")
+    )
     fns, weights = build_reward_functions(
         ["format", "overlong"], [0.5, 1], max_completion_length=10, cache_length=5, unused=1
     )
@@ -345,7 +352,7 @@ def test_registry_and_build():
 @pytest.mark.parametrize(
     "names, weights, options, match",
     [
-        (["correctness", "speed"], [1, 1], {}, r"unknown reward function 'speed'; choose from"),
+        (["correctness", "speed"], [1, 1], {}, r"reward 'speed' is unknown; choose from"),
         (["correctness"], [1, 1], {}, "got 2 reward weights for 1 reward functions"),
         (["format", "format"], [1, 1], {}, "listed twice"),
         (["overlong"], [1], {"max_completion_length": 8}, r"needs the options \['cache_length'\]"),
@@ -476,3 +483,87 @@ def test_combine_bad_value_names_function_index_and_text(bad):
     # The text is shown, newlines escaped, cut to 80 characters.
     assert "completion 1: 'line one\\nxxx" in message
     assert "x" * 80 not in message and message.endswith("...'")
+
+
+# --- rewards by import path ----------------------------------------------------------------------
+
+USER_REWARDS = """
+def brevity(prompts, completions, completion_lengths, **columns):
+    return [1.0 / n for n in completion_lengths]
+
+def off_by_one(prompts, completions, answer, **columns):
+    return [float(c.strip() == str(int(a) + 1)) for c, a in zip(completions, answer)]
+
+def no_columns(prompts, completions):
+    return [0.0] * len(completions)
+
+def returns_text(prompts, completions, **columns):
+    return ["high"] * len(completions)
+
+NOT_A_FUNCTION = 3
+"""
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(USER_REWARDS)
+    (tmp_path / "broken_rewards.py").write_text("import no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in ("my_rewards", "broken_rewards"):
+        sys.modules.pop(name, None)
+
+
+def test_import_path_rewards_combine_with_built_ins(user_rewards):
+    fns, weights = build_reward_functions(
+        ["correctness", "my_rewards:brevity", "my_rewards:off_by_one"], [1.0, 0.5, 2.0]
+    )
+    total, per = combine_rewards(
+        fns, weights, ["2+2="] * 3, ["4", "5", "44"], answer=["4"] * 3, completion_lengths=[2, 4, 8]
+    )
+    assert per["my_rewards:brevity"].tolist() == [0.5, 0.25, 0.125]
+    assert per["my_rewards:off_by_one"].tolist() == [0.0, 1.0, 0.0]
+    assert total.tolist() == [1.25, 2.125, 0.0625]
+    cfg = GRPOConfig(reward_funcs=["correctness", "my_rewards:brevity"], reward_weights=[1, 0.1])
+    assert cfg.validate() is cfg
+
+
+def test_import_path_rewards_get_the_built_ins_output_checks(user_rewards):
+    fns, weights = build_reward_functions(["my_rewards:returns_text"], [1.0])
+    with pytest.raises(
+        RewardError, match="'my_rewards:returns_text' returned 'high' at completion 0"
+    ):
+        combine_rewards(fns, weights, ["Q"], ["c"], answer=["1"], completion_lengths=[1])
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("no_such_module:fn", "module 'no_such_module' does not import .ModuleNotFoundError"),
+        ("broken_rewards:fn", "module 'broken_rewards' does not import .*no_such_dependency"),
+        ("my_rewards:missing", "module 'my_rewards' has no attribute 'missing'"),
+        ("my_rewards:NOT_A_FUNCTION", "is a int, not a function"),
+        ("my_rewards:no_columns", r"cannot be called as fn\(prompts, completions, \*\*columns\)"),
+        ("my_rewards:", "is unknown; choose from correctness, format, digits, overlong"),
+    ],
+)
+def test_bad_import_paths_are_one_line_config_errors(user_rewards, name, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        GRPOConfig(reward_funcs=["correctness", name], reward_weights=[1, 1]).validate()
+    assert str(err.value).startswith("reward_funcs=") and "\n" not in str(err.value)
+
+
+def test_cli_bad_import_path_exits_2_before_any_work(user_rewards):
+    out = user_rewards / "run"
+    env_path = f"{user_rewards}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "grpo.train", "--output_dir", str(out),
+         "--reward_funcs", "correctness,my_rewards:missing"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": env_path},
+    )  # fmt: skip
+    assert proc.returncode == 2 and not out.exists()
+    assert proc.stderr.strip().splitlines() == [
+        "error: reward_funcs=['correctness', 'my_rewards:missing']: reward 'my_rewards:missing': "
+        "module 'my_rewards' has no attribute 'missing'; fix: define def missing(prompts, "
+        "completions, **columns) in it"
+    ]

@@ -76,16 +76,17 @@ def test_k_steps_of_a_longer_warmup_are_a_k_step_warmup():
 
 
 def test_accuracy_target_stops_the_warmup_at_a_probe_check():
-    records = arithmetic_task(seed=0, n_eval=100).train[:300]
+    task = arithmetic_task(seed=0, n_eval=100)
+    records = task.train[:300]  # the probe is task.train[:PROBE_SIZE], within these
     model, tok = build_tiny_phi(seed=0)
     kw = dict(batch_size=4, learning_rate=1e-3, log=lambda m: None)
-    never = accuracy_target(tok, records, 0.999, max_new_tokens=5, log=lambda m: None)
+    never = accuracy_target(tok, task, 0.999, max_new_tokens=5, log=lambda m: None)
     info = supervised_warmup(model, tok, records, steps=2 * PROBE_EVERY, callback=never, **kw)
     assert info["warmup_steps"] == 2 * PROBE_EVERY  # 50 tiny steps: far from 99.9% right
     assert [s for s, _ in never.history] == [PROBE_EVERY, 2 * PROBE_EVERY]
     assert all(0.0 <= acc < 0.5 for _, acc in never.history)
     logs = []
-    first = accuracy_target(tok, records, 0.0, max_new_tokens=5, log=logs.append)
+    first = accuracy_target(tok, task, 0.0, max_new_tokens=5, log=logs.append)
     info = supervised_warmup(model, tok, records, steps=4 * PROBE_EVERY, callback=first, **kw)
     assert info["warmup_steps"] == PROBE_EVERY and len(first.history) == 1
     acc = first.history[0][1]
