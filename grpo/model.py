@@ -189,6 +189,8 @@ def build_policy(cfg, device: torch.device):
     elif cfg.beta > 0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     model.config.use_cache = True
     return model, tokenizer, reference

@@ -117,8 +117,6 @@ def accuracy_target(tokenizer, task, target: float, max_new_tokens: int, log=pri
     """A `supervised_warmup` callback: every PROBE_EVERY steps, greedy accuracy on the first
     PROBE_SIZE of `task.train` (train-split problems: the held-out split stays unseen); True, i.e.
     stop, once it is >= `target`. Its `.history` keeps [(step, accuracy), ...]."""
-    from grpo.trainer import evaluate
-
     probe = task.train[:PROBE_SIZE]
 
     def check(step: int, model) -> bool:

@@ -70,3 +70,50 @@ def test_output_head_gets_a_contiguous_input(tiny_model_dir):
     with torch.no_grad():
         model(torch.randint(4, 90, (3, 9)), logits_to_keep=2)
     assert seen == [True]
+
+
+def policy(model_dir, tmp_path, **overrides):
+    from grpo.config import GRPOConfig
+    from grpo.model import build_policy
+
+    cfg = GRPOConfig(
+        model=str(model_dir), output_dir=str(tmp_path), lora_r=4, lora_alpha=8.0, **overrides
+    )
+    torch.manual_seed(0)
+    return build_policy(cfg.validate(), torch.device("cpu"))
+
+
+def test_build_policy_quantizes_while_loading_exactly_as_after(tiny_model_dir, tmp_path):
+    from qlora import NF4Linear, prepare_qlora
+
+    model, _, reference = policy(tiny_model_dir, tmp_path)  # the streaming NF4 loader
+    targets = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+    assert reference is None
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 4 * len(targets)
+    torch.manual_seed(0)
+    dense, _ = load_model(tiny_model_dir)  # the whole model in float32 first, then NF4
+    prepare_qlora(dense, target_modules=targets, r=4, alpha=8.0, dropout=0.0, quantize=True)
+    a, b = model.state_dict(), dense.state_dict()
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tmp_path):
+    from grpo.rollout import completion_logps, generate_rollouts
+
+    grads = []
+    for checkpointing in (False, True):
+        model, tokenizer, _ = policy(tiny_model_dir, tmp_path, gradient_checkpointing=checkpointing)
+        assert model.is_activation_checkpointing == checkpointing
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.fill_(0.01)  # B = 0 would leave every lora_A gradient 0
+        torch.manual_seed(1)
+        ro = generate_rollouts(model, tokenizer, ["12+34=", "56-78="] * 2, max_new_tokens=4)
+        model.train()
+        completion_logps(model, ro, 1.0).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 48
+    for name in grads[0]:
+        assert grads[0][name].abs().max() > 0, name
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
