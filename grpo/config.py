@@ -83,6 +83,11 @@ class GRPOConfig:
     num_iterations: int = _f(1, "optimizer passes over each generation batch (>1 needs old logps)")
     micro_batch_size: int = _f(64, "completions per forward/backward (gradient accumulation)")
     max_new_tokens: int = _f(6, "generation limit per completion")
+    min_new_tokens: int = _f(
+        0,
+        "sample at least this many tokens before EOS may end a completion (0: EOS allowed at "
+        "once); the Phi-2 scale check forces realistic lengths with it",
+    )
     temperature: float = _f(1.0, "sampling temperature for rollouts")
     top_p: float = _f(1.0, "nucleus sampling for rollouts")
     learning_rate: float = _f(2e-3, "AdamW peak learning rate")
@@ -191,9 +196,12 @@ class GRPOConfig:
             "warmup_sft_steps",
             "overlong_cache",
             "torch_threads",
+            "min_new_tokens",
         ):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
+        if self.min_new_tokens > self.max_new_tokens:
+            bad("min_new_tokens", f"must be <= max_new_tokens ({self.max_new_tokens})")
         if not 0 <= self.warmup_target_accuracy < 1:
             bad("warmup_target_accuracy", "must be in [0, 1) (0 disables the early stop)")
         if not 0 <= self.warmup_ratio < 1:

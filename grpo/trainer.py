@@ -305,6 +305,7 @@ class GRPOTrainer:
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
+            min_new_tokens=cfg.min_new_tokens,
         )
         t_gen = time.perf_counter()
         lengths = ro.completion_mask.sum(dim=1)  # [N]
