@@ -166,11 +166,10 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> fp32, fp64 stays
         logsumexp = torch.empty(index.shape, dtype=dtype, device=logits.device)  # [B, T]
         picked = torch.empty(index.shape, dtype=dtype, device=logits.device)  # [B, T]
-        for b, start in _chunks(logits, chunk_size):
-            rows = slice(start, start + chunk_size)
-            chunk = logits[b, rows].to(dtype)  # [chunk, V]: the only upcast temporary
-            logsumexp[b, rows] = torch.logsumexp(chunk, dim=-1)
-            picked[b, rows] = chunk.gather(-1, index[b, rows, None]).squeeze(-1)
+        for block in _chunks(logits, chunk_size):
+            chunk = logits[block].to(dtype)  # [b, t, V]: the only upcast temporary
+            logsumexp[block] = torch.logsumexp(chunk, dim=-1)
+            picked[block] = chunk.gather(-1, index[block].unsqueeze(-1)).squeeze(-1)
         ctx.save_for_backward(logits, index, logsumexp)
         ctx.chunk_size = chunk_size
         return picked - logsumexp  # [B, T]
@@ -180,21 +179,32 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     def backward(ctx, grad_logps):  # grad_logps [B, T]
         logits, index, logsumexp = ctx.saved_tensors
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        for b, start in _chunks(logits, ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            grad = grad_logps[b, rows, None].to(logsumexp.dtype)  # [chunk, 1]
+        for block in _chunks(logits, ctx.chunk_size):
+            grad = grad_logps[block].unsqueeze(-1).to(logsumexp.dtype)  # [b, t, 1]
             # d log p(y) / d z_v = 1[v = y] - softmax(z)_v
-            chunk = logits[b, rows].to(logsumexp.dtype, copy=True)  # [chunk, V]
-            chunk.sub_(logsumexp[b, rows, None]).exp_().mul_(-grad)
-            chunk.scatter_add_(-1, index[b, rows, None], grad)
-            grad_logits[b, rows] = chunk
+            chunk = logits[block].to(logsumexp.dtype, copy=True)  # [b, t, V]
+            chunk.sub_(logsumexp[block].unsqueeze(-1)).exp_().mul_(-grad)
+            chunk.scatter_add_(-1, index[block].unsqueeze(-1), grad)
+            grad_logits[block] = chunk
         return grad_logits, None, None
 
 
 def _chunks(logits: torch.Tensor, chunk_size: int):
-    # Chunks never cross a sequence, so logits[:, :-1] (not flattenable) is read without a copy.
+    """(batch slice, position slice) blocks of at most chunk_size rows of logits [B, T, V].
+
+    Whole sequences, chunk_size // T of them per block, when a sequence fits in a chunk (short
+    completions: a handful of blocks, not one per sequence); else runs of chunk_size positions
+    of one sequence. A block is a strided view, so logits[:, :-1] is read without a copy.
+    """
     batch, length, _ = logits.shape
-    return ((b, start) for b in range(batch) for start in range(0, length, chunk_size))
+    if length <= chunk_size:
+        per = max(1, chunk_size // max(1, length))  # sequences per block
+        return [(slice(b, b + per), slice(None)) for b in range(0, batch, per)]
+    return [
+        (slice(b, b + 1), slice(t, t + chunk_size))
+        for b in range(batch)
+        for t in range(0, length, chunk_size)
+    ]
 
 
 def selective_log_softmax(

@@ -182,6 +182,7 @@ class GRPOTrainer:
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
+            min_new_tokens=cfg.min_new_tokens,
         )
         return self.score(records, ro, self.phase_end("generation", t0))
 

@@ -429,7 +429,7 @@ LOGP_TOL = {"atol": 1e-6, "rtol": 2.4e-7}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk_size", [1, 3, 512])
+@pytest.mark.parametrize("chunk_size", [1, 3, 12, 13, 512])
 def test_selective_log_softmax_matches_log_softmax_gather(dtype, chunk_size):
     g = torch.Generator().manual_seed(0)
     logits = (4 * torch.randn(3, 6, 50, generator=g)).to(dtype).requires_grad_()
@@ -445,6 +445,22 @@ def test_selective_log_softmax_matches_log_softmax_gather(dtype, chunk_size):
     torch.testing.assert_close(logps, expected, **LOGP_TOL)
     atol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16 gradients: one rounding each
     torch.testing.assert_close(ours, logits.grad, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shape, chunk_size, blocks",
+    [((256, 6), 512, 4), ((3, 6), 12, 2), ((2, 7), 3, 6), ((4, 5), 1, 20), ((1, 0), 4, 1)],
+)
+def test_selective_log_softmax_blocks_cover_every_row_once(shape, chunk_size, blocks):
+    from grpo.loss import _chunks
+
+    logits = torch.zeros(*shape, 3)
+    seen = torch.zeros(shape, dtype=torch.long)
+    got = _chunks(logits, chunk_size)
+    for block in got:
+        assert logits[block].shape[0] * logits[block].shape[1] <= chunk_size
+        seen[block] += 1
+    assert len(got) == blocks and (seen == 1).all()  # 256 sequences of 6: 4 blocks, not 256
 
 
 def test_selective_log_softmax_gradcheck_and_sliced_logits():
