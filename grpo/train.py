@@ -16,6 +16,7 @@ from pathlib import Path
 from grpo.config import ConfigError, GRPOConfig, exit_on_error, parse_cli
 from grpo.data import DatasetLoadError
 from grpo.model import ModelLoadError
+from grpo.results import machine
 
 PLOTTED = [
     ("reward", "reward (mean)"),
@@ -180,6 +181,7 @@ def run(cfg: GRPOConfig) -> dict:
         "adapter_dir": str(adapter_dir),
         "world_size": dist.world_size(),
         "torch_threads": torch.get_num_threads(),
+        "machine": machine(torch.get_num_threads()),
         **report,
     }
     warmup_json = Path(model_path(cfg)) / "warmup.json"
