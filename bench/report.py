@@ -231,11 +231,17 @@ def quality_md(q: dict) -> list[str]:
                     f"**{num(p['nf4_GB']['median'], 4)}** ({num(p['nf4_GiB']['median'], 4)} GiB)",
                     "",
                 ],
-                [
-                    "bitsandbytes nf4 + double quant, its bytes measured per shape",
-                    num(p["bnb_nf4_GB"]["median"], 4),
-                    "",
-                ],
+                *(
+                    [
+                        [
+                            "bitsandbytes nf4 + double quant, its bytes measured per shape",
+                            num(p["bnb_nf4_GB"]["median"], 4),
+                            "",
+                        ]
+                    ]
+                    if "bnb_nf4_GB" in p
+                    else []
+                ),
             ],
         ),
         "",
@@ -432,8 +438,12 @@ def readme_section(r: dict) -> list[str]:
         rows.append(
             [
                 "Phi-2 weights, from its config",
-                f"NF4 + double quant {num(p['nf4_GB']['median'], 3)} GB (bitsandbytes' bytes: "
-                f"{num(p['bnb_nf4_GB']['median'], 3)} GB)",
+                f"NF4 + double quant {num(p['nf4_GB']['median'], 3)} GB"
+                + (
+                    f" (bitsandbytes' bytes: {num(p['bnb_nf4_GB']['median'], 3)} GB)"
+                    if "bnb_nf4_GB" in p
+                    else ""
+                ),
                 f"fp16 {num(p['fp16_GB']['median'], 3)} GB",
                 ratio_cell(p["nf4_vs_fp16"]),
             ]
@@ -634,7 +644,7 @@ def kernel_setup(k: dict) -> str:
         f"last-level cache). Machine probes on the same threads: read "
         f"{cell(m['read_bandwidth'])} GB/s ({m['read_bandwidth']['label']}), GEMM "
         f"{cell(m['gemm_fp32'])} GFLOP/s fp32 and {cell(m['gemm_bf16'])} GFLOP/s bf16 "
-        f"({m['gemm_bf16']['label']})"
+        f"({m['gemm_bf16']['label']}). Ratios are of times: below 1 means ours is faster"
     )
 
 
@@ -744,18 +754,18 @@ def check_readme(readme: Path) -> str:
     return text
 
 
-def update_readme(readme: Path, results: dict) -> list[str]:
-    """Rewrite each README block whose parts are in `results` (the others stay as they are);
-    the start markers of the blocks written."""
+def update_readme(readme: Path, results: dict, parts=None) -> list[str]:
+    """Rewrite each README block that shows one of `parts` (default: every part in `results`);
+    the other blocks stay as they are. Returns the start markers of the blocks written."""
     if results.get("quick"):
         raise ReadmeError(
             "results.json comes from `--quick` (tiny shapes); run the full `python -m bench.run` "
             "before publishing to the README"
         )
     check_readme(readme)
-    written = []
+    chosen, written = parts, []
     for start, end, parts, render in BLOCKS:
-        if any(part in results for part in parts):
+        if any(part in results and part in (chosen or results) for part in parts):
             rewrite_block(readme, start, end, "\n".join(render(results)))
             written.append(start)
     return written
