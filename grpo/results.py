@@ -155,7 +155,7 @@ def render(run_dir: Path) -> str:
     where = (
         machine_text(s["machine"])
         if "machine" in s
-        else f"a machine summary.json does not name, {s.get('torch_threads', '?')} torch thread(s)"
+        else f"a machine the run did not record ({s.get('torch_threads', '?')} torch thread(s))"
     )
     lines = [
         f"Measured by the run in `{run_dir}` (its whole config: `{run_dir}/config.yaml`) on "

@@ -71,7 +71,7 @@ def test_the_machine_and_the_method_come_from_the_run_not_from_constants(tmp_pat
     assert "(1000 steps, full fine-tuning of the float32 model)" in text
     old = {k: v for k, v in SUMMARY.items() if k != "machine"}
     text = render(write_run(tmp_path / "old", summary=old))
-    assert "a machine summary.json does not name, 2 torch thread(s)" in text
+    assert "on a machine the run did not record (2 torch thread(s));" in text
 
 
 def test_machine_reads_this_machine():
