@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from qlora import kernel as qlora_kernel
 from qlora.bench import PHI2_SHAPES
 
 from . import grpo_step, kernel, layers, logprob_memory, quality, serve
@@ -300,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not parts:
         parser.error(f"--parts {args.parts!r}: choose from {','.join(PARTS)}")
     publish = not (args.no_readme or args.quick)
+    if "kernel" in parts and not args.readme_only and qlora_kernel.default_kernel() is None:
+        why = "the NF4 CPU kernel is not available (QLORA_KERNEL=0, or no compiler: see above)"
+        if args.parts != parser.get_default("parts"):
+            parser.error(f"--parts {args.parts!r}: {why}; leave out kernel")
+        print(f"bench: {why}; skipping part 5 (kernel)", file=sys.stderr)
+        parts.remove("kernel")
     try:
         if args.readme_only:
             if not json_path.is_file():

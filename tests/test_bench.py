@@ -6,6 +6,9 @@ machine are not a test."""
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from torch import nn
@@ -359,3 +362,16 @@ def test_a_partial_run_keeps_the_other_parts_of_the_last_run():
     alone = merge_into(copy.deepcopy(other), copy.deepcopy(new), ["serve"])
     assert "layers" not in alone  # another machine's figures are never mixed in
     assert merge_into(None, copy.deepcopy(new), ["serve"])["measured"].keys() == {"serve"}
+
+
+def test_without_the_kernel_its_part_is_refused_before_measuring(tmp_path):
+    env = {**os.environ, "QLORA_KERNEL": "0"}
+    cmd = [sys.executable, "-m", "bench.run", "--parts", "kernel", "--no-readme"]
+    proc = subprocess.run(
+        [*cmd, "--out-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2
+    assert (
+        "the NF4 CPU kernel is not available" in proc.stderr and "leave out kernel" in proc.stderr
+    )
+    assert not (tmp_path / "results.json").exists()
