@@ -212,7 +212,10 @@ def measure(
             base = grpo_step.build_base(workdir, settings.grpo_overrides)
             wall["setup_tiny_base"] = time.perf_counter() - start
         if "layers" in parts:
-            log("1/6 NF4 layer forward+backward vs bitsandbytes vs fp32, and dequantize")
+            log(
+                "1/6 NF4 layer forward+backward vs bitsandbytes vs fp32, and dequantize "
+                f"({settings.layer_repeats} repeats)"
+            )
             start = time.perf_counter()
             results["layers"] = layers.run(
                 settings.layer_shapes,
@@ -224,7 +227,10 @@ def measure(
             )
             wall["layers"] = time.perf_counter() - start
         if "quality" in parts:
-            log("2/6 quantization error, bits/param, Phi-2 footprint")
+            log(
+                "2/6 quantization error, bits/param, Phi-2 footprint "
+                f"({settings.quality_seeds} seeds)"
+            )
             start = time.perf_counter()
             results["quality"] = quality.run(
                 settings.quality_shape,
@@ -235,7 +241,10 @@ def measure(
             )
             wall["quality"] = time.perf_counter() - start
         if "grpo_step" in parts:
-            log("3/6 GRPO steps, tiny default config: NF4/fp32 base x beta 0/0.04")
+            log(
+                "3/6 GRPO steps, tiny default config: NF4/fp32 base x beta 0/0.04 "
+                f"({settings.grpo_untimed_steps} untimed + {settings.grpo_steps} timed steps each)"
+            )
             start = time.perf_counter()
             results["grpo_step"] = grpo_step.run(
                 workdir,
@@ -247,7 +256,10 @@ def measure(
             )
             wall["grpo_step"] = time.perf_counter() - start
         if "logprob_memory" in parts:
-            log("4/6 log-prob peak memory: selective_log_softmax vs log_softmax().gather()")
+            log(
+                "4/6 log-prob peak memory: selective_log_softmax vs log_softmax().gather() "
+                f"({n} repeats)"
+            )
             start = time.perf_counter()
             results["logprob_memory"] = logprob_memory.run(
                 *settings.logprob_shape, n, threads, device, log
