@@ -575,6 +575,10 @@ def serve_derived(v: dict) -> list[str]:
             else ""
         )
         + ".",
+        "- A side-by-side demo on bitsandbytes runs one pass per side for each token: "
+        f"{num(d['bnb_side_by_side_tokens_per_second']['median'])} tokens/s per side (its "
+        "two 1-row median steps); ours with both sides in one pass gives "
+        f"{num(d['ours_rows2_vs_bnb_side_by_side']['median'])}x that.",
         "- Peak RSS / bitsandbytes + peft's: ours "
         + ratio_cell(ratios["ours_rows2_peak_rss_vs_bnb"])
         + ", the demo server "

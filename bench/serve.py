@@ -383,6 +383,19 @@ def summarize(raw: dict, common: dict, log=print, machine_probe: dict | None = N
         "prefill_TFLOP": exact(ours["prefill_flops_rows2"] / 1e12, "TFLOP", of="2 rows"),
         "prefill_GFLOPs": exact(ours["prefill_flops_rows2"] / 1e9 / prefill, "GFLOP/s"),
     }
+    # a side-by-side demo on bitsandbytes: one pass of the base and one of base + peft per token
+    pair_step = (
+        paths[PEER]["decode_step_seconds"]["median"]
+        + paths["bitsandbytes_peft_rows1"]["decode_step_seconds"]["median"]
+    )
+    derived["bnb_side_by_side_tokens_per_second"] = exact(
+        1 / pair_step, "tokens/s", of="1 / (bitsandbytes step + bitsandbytes + peft step)"
+    )
+    derived["ours_rows2_vs_bnb_side_by_side"] = exact(
+        paths["ours_rows2"]["decode_tokens_per_second_per_side"]["median"] * pair_step,
+        "x",
+        of="ours 2 rows tokens/s per side / bitsandbytes side by side",
+    )
     if machine_probe is not None:
         res["machine"] = machine_probe
         derived["decode_bandwidth_fraction"] = exact(
