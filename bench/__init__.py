@@ -1,4 +1,4 @@
-"""`make bench` (issue 7): our QLoRA + GRPO pieces against the peers a user would otherwise pick.
+"""`make bench`: our QLoRA + GRPO pieces against the peers a user would otherwise pick.
 
 run.py             `python -m bench.run`: all four parts -> results.json, results.md, README
 layers.py          1. NF4 layer fwd+bwd vs bitsandbytes vs fp32 (timing in qlora/bench.py)

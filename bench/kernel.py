@@ -338,8 +338,10 @@ def switch(repeats: int, log) -> dict:
     return results
 
 
-def run(threads: int, repeats: int, log=print) -> dict:
-    """All five measurements on `threads` torch threads; figures in bench/measure.py's format."""
+def run(threads: int, repeats: int, log=print, machine_probe: dict | None = None) -> dict:
+    """All five measurements on `threads` torch threads; figures in bench/measure.py's format.
+    `machine_probe`: a `machine()` result measured earlier in the same run (bench.run measures it
+    once for this part and the serving part), else measured here."""
     if repeats < MIN_REPEATS:
         raise ValueError(f"repeats={repeats}: every measured figure needs >= {MIN_REPEATS}")
     k = kernel.default_kernel()
@@ -357,7 +359,7 @@ def run(threads: int, repeats: int, log=print) -> dict:
             "isa": k.isa,
             "kernel_load_seconds": exact(k.load_seconds, "s"),
         }
-        results["machine"] = machine(repeats, log)
+        results["machine"] = machine_probe or machine(repeats, log)
         probe = results["machine"]["read_bandwidth"]
         results["decode"] = decode(repeats, probe, log)
         results["lm_head"] = lm_head(repeats, probe, log)

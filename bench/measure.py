@@ -6,8 +6,7 @@ A figure is a dict, always with the same keys, so results.json reads the same ev
     {"unit": "ms", "median": 12.3, "min": 11.9, "max": 14.0, "repeats": 7, "samples": [...]}
 
 Computed (not timed) quantities, such as a byte count, have "exact": true, repeats 1 and
-median = min = max. A ratio adds "numerator" and "denominator" (what was divided by what), and
-"target"/"met" where the issue sets a target.
+median = min = max. A ratio adds "numerator" and "denominator" (what was divided by what).
 """
 
 from __future__ import annotations
@@ -24,6 +23,8 @@ from importlib import metadata, util
 from pathlib import Path
 
 import torch
+
+from grpo.results import cpu_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIN_REPEATS = 5
@@ -60,14 +61,13 @@ def paired_ratio(
     denominator: list[float],
     numerator_name: str,
     denominator_name: str,
-    target: float | None = None,
 ) -> dict:
     """numerator_i / denominator_i for samples taken back to back (repeat i of each side), so
     load from other processes cancels; median, min and max of those ratios."""
     if len(numerator) != len(denominator):
         raise ValueError(f"paired samples differ in length: {len(numerator)} vs {len(denominator)}")
     ratios = [n / d for n, d in zip(numerator, denominator, strict=True)]
-    return _ratio(figure(ratios, "x"), numerator_name, denominator_name, target, "paired")
+    return _ratio(figure(ratios, "x"), numerator_name, denominator_name, "paired")
 
 
 def ratio_of(
@@ -75,7 +75,6 @@ def ratio_of(
     denominator: dict,
     numerator_name: str,
     denominator_name: str,
-    target: float | None = None,
 ) -> dict:
     """median(numerator) / median(denominator) for figures measured apart (separate processes);
     min and max are the extreme bounds min/max and max/min."""
@@ -92,13 +91,11 @@ def ratio_of(
     }
     if numerator.get("exact") and denominator.get("exact"):
         fig["exact"] = True
-    return _ratio(fig, numerator_name, denominator_name, target, "of medians")
+    return _ratio(fig, numerator_name, denominator_name, "of medians")
 
 
-def _ratio(fig: dict, numerator: str, denominator: str, target: float | None, kind: str) -> dict:
+def _ratio(fig: dict, numerator: str, denominator: str, kind: str) -> dict:
     fig.update(numerator=numerator, denominator=denominator, ratio=kind)
-    if target is not None:
-        fig.update(target=target, met=fig["median"] is not None and fig["median"] <= target)
     return fig
 
 
@@ -167,16 +164,6 @@ class MemoryProbe:
 # ---------------------------------------------------------------------------------------------
 # Machine and run description
 # ---------------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_simd_flags() -> list[str]:

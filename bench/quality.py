@@ -44,8 +44,6 @@ PHI2_CONFIG = dict(
     partial_rotary_factor=0.4,
     tie_word_embeddings=False,
 )
-PHI2_FP16_GB_REFERENCE = 5.56  # the issue's figure: 2.78 B parameters x 2 bytes
-BNB_NF4_DQ_GB_REFERENCE = 1.82  # the issue's figure for bitsandbytes nf4 + double quant
 
 
 def int4_absmax_roundtrip(weight: torch.Tensor, blocksize: int = BLOCKSIZE) -> torch.Tensor:
@@ -162,6 +160,19 @@ def phi_footprint(config: PhiConfig, other_bytes_per_param: int = 2) -> dict:
     }
 
 
+def phi2_bnb_bytes(config: PhiConfig, other_bytes_per_param: int = 2) -> int:
+    """Phi-2's size as bitsandbytes stores it: bnb_nbytes measured once per distinct shape of the
+    quantized linears (a random weight: the size does not depend on the values), summed over all
+    of them, plus every other parameter at `other_bytes_per_param`."""
+    with torch.device("meta"):
+        model = PhiForCausalLM(config)
+    shapes = [tuple(m.weight.shape) for m in find_target_linears(model, PHI_TARGETS).values()]
+    per_shape = {shape: bnb_nbytes(torch.randn(shape)) for shape in set(shapes)}
+    quantized = sum(math.prod(shape) for shape in shapes)
+    other = sum(p.numel() for p in model.parameters()) - quantized
+    return sum(per_shape[shape] for shape in shapes) + other * other_bytes_per_param
+
+
 def footprint_section(tiny_model, check_shapes, bits_shape) -> dict:
     # nf4_nbytes against the real NF4Weight.nbytes, on the layer part's (in, out) shapes (Phi-2's
     # in the full run) and on the tiny model's weights
@@ -204,8 +215,12 @@ def footprint_section(tiny_model, check_shapes, bits_shape) -> dict:
             "nf4_GB": exact(phi2["total_bytes"] / 1e9, "GB"),
             "nf4_GiB": exact(phi2["total_bytes"] / 2**30, "GiB"),
             "fp16_GB": exact(fp16_bytes / 1e9, "GB"),
-            "fp16_GB_reference": exact(PHI2_FP16_GB_REFERENCE, "GB", source="issue 7"),
-            "bnb_nf4_GB_reference": exact(BNB_NF4_DQ_GB_REFERENCE, "GB", source="issue 7"),
+            "bnb_nf4_GB": exact(
+                phi2_bnb_bytes(PhiConfig(**PHI2_CONFIG)) / 1e9,
+                "GB",
+                how="bitsandbytes quantize_4bit (nf4, double quant) run on a random weight of "
+                "each quantized shape, its bytes summed over the linears, plus the same fp16 rest",
+            ),
             "nf4_vs_fp16": exact(
                 phi2["total_bytes"] / fp16_bytes,
                 "x",

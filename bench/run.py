@@ -1,27 +1,36 @@
-"""`make bench`: speed, memory and footprint against the peers, as ratios, in one run (issue 7).
+"""`make bench`: speed, memory and footprint against the peers, as ratios, in one run.
 
-    python -m bench.run                 all four parts (~2.5 min on 2 shared CPU cores), then
-                                        bench/results.json, bench/results.md, README section
-    python -m bench.run --quick         tiny shapes, ~30 s: a smoke test, never published
+    python -m bench.run                 every part (about 10 min on 2 CPU cores), then
+                                        bench/results.json, bench/results.md, the README blocks
+    python -m bench.run --parts serve   one part (or a comma-separated list): its figures replace
+                                        that part's in results.json (same machine), and the
+                                        README blocks that show it are rewritten
+    python -m bench.run --quick         small shapes, a smoke test, never published
     python -m bench.run --readme-only   rewrite results.md and the README from results.json
 
 Parts: (1) layers.py: NF4Linear+LoRA vs bitsandbytes Linear4bit+LoRA vs fp32 Linear+LoRA, and
 dequantization; (2) quality.py: quantization error, bits/parameter, Phi-2's NF4 footprint;
 (3) grpo_step.py: GRPO steps of the tiny default config; (4) logprob_memory.py:
-selective_log_softmax vs log_softmax().gather(). Parts 3 and 4 run each configuration in a
-child process so that each has its own peak memory.
+selective_log_softmax vs log_softmax().gather(); (5) kernel.py: the NF4 CPU kernel at Phi-2's
+shapes against bitsandbytes' and our pure-PyTorch path, with the machine's read bandwidth and
+matmul peak; (6) serve.py: a Phi-2-sized model served on CPU, ours vs bitsandbytes (+ peft) vs
+dense bf16, and the demo server itself. Parts 3, 4 and 6 run each configuration in a child
+process so that each has its own peak memory. Parts 5 and 6 share one machine probe.
 
-Threads: 1 unless --threads says otherwise, recorded in results.json. On the 2-core machine this
-was tuned on, shared with other jobs (load average ~3.4), 2 torch threads made the Phi-2-shaped
-layer steps ~1.3x slower than 1 thread, and GRPO steps of the tiny model (many small ops)
-erratic: with 2 threads part 3 took 384 s instead of 39 s, one config's median step 13.7 s
-instead of 0.46 s, so a 2-thread run overshoots the 10-minute budget. One thread gives stable
-medians, and the published figures are ratios; on a dedicated machine pass --threads $(nproc).
+Threads: parts 1-4 run on 1 thread unless --threads says otherwise. On the 2-core machine this
+was tuned on, shared with other jobs, 2 torch threads made the Phi-2-shaped layer steps ~1.3x
+slower than 1 thread and GRPO steps of the tiny model (many small ops) erratic (one config's
+median step 13.7 s instead of 0.46 s). One thread gives stable medians, and the published figures
+are ratios; on a dedicated machine pass --threads $(nproc). Parts 5 and 6 measure serving, so
+they run on the demo's thread count (--serve-threads, default torch's own: the physical cores).
+Repeats are in the Settings below and in results.json; parts 5 and 6 take the fewest (5), because
+each Phi-2-sized configuration loads a 2.8 B-parameter model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -33,13 +42,14 @@ from pathlib import Path
 
 import torch
 
+from qlora import kernel as qlora_kernel
 from qlora.bench import PHI2_SHAPES
 
-from . import grpo_step, layers, logprob_memory, quality
+from . import grpo_step, kernel, layers, logprob_memory, quality, serve
 from .measure import MIN_REPEATS, REPO_ROOT, environment
 from .report import ReadmeError, check_readme, render_markdown, update_readme
 
-PARTS = ("layers", "quality", "grpo_step", "logprob_memory")
+PARTS = ("layers", "quality", "grpo_step", "logprob_memory", "kernel", "serve")
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,15 @@ class Settings:
     grpo_overrides: dict = field(default_factory=lambda: {"warmup_sft_steps": 50})
     grpo_untimed_steps: int = 1
     logprob_shape: tuple = (8, 256, 51200)  # batch, tokens, Phi-2's vocabulary
+    # kernel part: repeats of every kernel figure (Phi-2's three shapes, 1 and 2 rows, prefill,
+    # the fused/GEMM switch) and of the machine probes the serving part shares
+    kernel_repeats: int = MIN_REPEATS
+    # serving part: `serve_calls` generations of `serve_steps` tokens per configuration (each
+    # call's first step is a prefill sample, the rest decode samples), a GSM8K-sized prompt
+    serve_calls: int = MIN_REPEATS
+    serve_steps: int = 8
+    serve_prompt_tokens: int = 150
+    serve_layers: int = 32  # Phi-2's depth
 
 
 FULL = Settings()
@@ -78,6 +97,9 @@ QUICK = Settings(
     },
     # peak RSS only sees allocations large enough to be mmap'd: keep Phi-2's vocabulary
     logprob_shape=(1, 256, 51200),
+    serve_steps=6,
+    serve_prompt_tokens=32,
+    serve_layers=2,  # Phi-2's shapes, 2 blocks: the same code, a 0.35 GB model
 )
 
 
@@ -105,11 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch intra-op threads, for this process and every child (default 1: see below)",
     )
+    parser.add_argument(
+        "--serve-threads",
+        type=int,
+        default=0,
+        help="torch threads of the kernel and serving parts (default 0: torch's default, as "
+        "the demo uses for a large model)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--parts",
         default=",".join(PARTS),
-        help=f"comma-separated subset of {','.join(PARTS)} (a partial run is never published)",
+        help=f"comma-separated subset of {','.join(PARTS)} (default: all)",
     )
     return parser
 
@@ -121,6 +150,41 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def merge_into(previous: dict | None, results: dict, parts: list[str]) -> dict:
+    """`results` of a run of some parts, completed by the other parts of `previous` (the last
+    results.json) when that was a full-sized run on the same machine: each part keeps the
+    command and date it was measured with, in "measured"."""
+    stamp = {"command": results["command"], "date_utc": results["environment"]["date_utc"]}
+    results["measured"] = {part: stamp for part in parts}
+    same_machine = previous is not None and all(
+        previous.get("environment", {}).get(k) == results["environment"].get(k)
+        for k in ("cpu_model", "cpu_count", "gpu")
+    )
+    if not same_machine or previous.get("quick") or results["quick"]:
+        return results
+    prior_stamp = {"command": previous["command"], "date_utc": previous["environment"]["date_utc"]}
+    kept = [p for p in PARTS if p in previous and p not in parts]
+    for part in kept:
+        results[part] = previous[part]
+        results["measured"][part] = previous.get("measured", {}).get(part, prior_stamp)
+        if part in previous.get("wall_seconds", {}):
+            results["wall_seconds"].setdefault(part, previous["wall_seconds"][part])
+    if "machine" not in results and "machine" in previous:
+        results["machine"] = previous["machine"]
+    results["partial"] = not all(p in results for p in PARTS)
+    return results
+
+
 def load_tiny_model(base_dir: Path):
     from grpo.model import load_model
 
@@ -128,8 +192,16 @@ def load_tiny_model(base_dir: Path):
     return model
 
 
-def measure(settings: Settings, parts: list[str], threads: int, device, log=print) -> dict:
-    """Run the chosen parts; {part: results} plus "wall_seconds"."""
+def measure(
+    settings: Settings,
+    parts: list[str],
+    threads: int,
+    device,
+    log=print,
+    serve_threads: int | None = None,
+) -> dict:
+    """Run the chosen parts; {part: results} plus "wall_seconds" (and "machine", the probes the
+    kernel and serving parts share, when either runs)."""
     results: dict = {}
     wall: dict[str, float] = {}
     n = settings.repeats
@@ -140,7 +212,10 @@ def measure(settings: Settings, parts: list[str], threads: int, device, log=prin
             base = grpo_step.build_base(workdir, settings.grpo_overrides)
             wall["setup_tiny_base"] = time.perf_counter() - start
         if "layers" in parts:
-            log("1/4 NF4 layer forward+backward vs bitsandbytes vs fp32, and dequantize")
+            log(
+                "1/6 NF4 layer forward+backward vs bitsandbytes vs fp32, and dequantize "
+                f"({settings.layer_repeats} repeats)"
+            )
             start = time.perf_counter()
             results["layers"] = layers.run(
                 settings.layer_shapes,
@@ -152,7 +227,10 @@ def measure(settings: Settings, parts: list[str], threads: int, device, log=prin
             )
             wall["layers"] = time.perf_counter() - start
         if "quality" in parts:
-            log("2/4 quantization error, bits/param, Phi-2 footprint")
+            log(
+                "2/6 quantization error, bits/param, Phi-2 footprint "
+                f"({settings.quality_seeds} seeds)"
+            )
             start = time.perf_counter()
             results["quality"] = quality.run(
                 settings.quality_shape,
@@ -163,7 +241,10 @@ def measure(settings: Settings, parts: list[str], threads: int, device, log=prin
             )
             wall["quality"] = time.perf_counter() - start
         if "grpo_step" in parts:
-            log("3/4 GRPO steps, tiny default config: NF4/fp32 base x beta 0/0.04")
+            log(
+                "3/6 GRPO steps, tiny default config: NF4/fp32 base x beta 0/0.04 "
+                f"({settings.grpo_untimed_steps} untimed + {settings.grpo_steps} timed steps each)"
+            )
             start = time.perf_counter()
             results["grpo_step"] = grpo_step.run(
                 workdir,
@@ -175,12 +256,49 @@ def measure(settings: Settings, parts: list[str], threads: int, device, log=prin
             )
             wall["grpo_step"] = time.perf_counter() - start
         if "logprob_memory" in parts:
-            log("4/4 log-prob peak memory: selective_log_softmax vs log_softmax().gather()")
+            log(
+                "4/6 log-prob peak memory: selective_log_softmax vs log_softmax().gather() "
+                f"({n} repeats)"
+            )
             start = time.perf_counter()
             results["logprob_memory"] = logprob_memory.run(
                 *settings.logprob_shape, n, threads, device, log
             )
             wall["logprob_memory"] = time.perf_counter() - start
+        serve_threads = serve_threads or torch.get_num_threads()
+        if "kernel" in parts or "serve" in parts:
+            log(f"machine probes on {serve_threads} threads: read bandwidth, GEMM peak")
+            start = time.perf_counter()
+            with torch_threads(serve_threads):
+                results["machine"] = kernel.machine(settings.kernel_repeats, log)
+            wall["machine"] = time.perf_counter() - start
+        if "kernel" in parts:
+            log(
+                f"5/6 NF4 CPU kernel at Phi-2's shapes vs bitsandbytes vs pure PyTorch "
+                f"({settings.kernel_repeats} repeats)"
+            )
+            start = time.perf_counter()
+            results["kernel"] = kernel.run(
+                serve_threads, settings.kernel_repeats, log, results["machine"]
+            )
+            wall["kernel"] = time.perf_counter() - start
+        if "serve" in parts:
+            log(
+                f"6/6 serving a {settings.serve_layers}-layer Phi-2-sized model: ours vs "
+                f"bitsandbytes (+ peft) vs dense bf16, and the demo server ({settings.serve_calls} "
+                f"calls x {settings.serve_steps} tokens per configuration)"
+            )
+            start = time.perf_counter()
+            results["serve"] = serve.run(
+                serve_threads,
+                settings.serve_calls,
+                settings.serve_steps,
+                settings.serve_prompt_tokens,
+                settings.serve_layers,
+                log,
+                results["machine"],
+            )
+            wall["serve"] = time.perf_counter() - start
     results["wall_seconds"] = {k: round(v, 1) for k, v in wall.items()}
     log("seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in wall.items()))
     return results
@@ -194,7 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
         parser.error(f"--parts {args.parts!r}: choose from {','.join(PARTS)}")
-    publish = not (args.no_readme or args.quick or set(parts) != set(PARTS))
+    publish = not (args.no_readme or args.quick)
+    if "kernel" in parts and not args.readme_only and qlora_kernel.default_kernel() is None:
+        why = "the NF4 CPU kernel is not available (QLORA_KERNEL=0, or no compiler: see above)"
+        if args.parts != parser.get_default("parts"):
+            parser.error(f"--parts {args.parts!r}: {why}; leave out kernel")
+        print(f"bench: {why}; skipping part 5 (kernel)", file=sys.stderr)
+        parts.remove("kernel")
     try:
         if args.readme_only:
             if not json_path.is_file():
@@ -202,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             results = json.loads(json_path.read_text())
             write_atomic(md_path, render_markdown(results))
             update_readme(args.readme, results)
-            print(f"wrote {md_path} and the Performance section of {args.readme}")
+            print(f"wrote {md_path} and the Performance blocks of {args.readme}")
             return 0
         if publish:
             check_readme(args.readme)  # fail now, not after six minutes of measuring
@@ -211,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads < 1:
         parser.error(f"--threads {args.threads} must be >= 1")
+    if args.serve_threads < 0:
+        parser.error(f"--serve-threads {args.serve_threads} must be >= 1, or 0 for torch's default")
+    serve_threads = args.serve_threads or torch.get_num_threads()  # before set_num_threads
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     settings = QUICK if args.quick else FULL
@@ -223,17 +350,23 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(device),
         "settings": asdict(settings),
     }
-    print(f"bench: {results['environment']['cpu_model']}, {args.threads} threads, {device}")
-    results.update(measure(settings, parts, args.threads, device))
+    results["environment"]["serve_threads"] = serve_threads
+    print(
+        f"bench: {results['environment']['cpu_model']}, {args.threads} thread(s) for parts 1-4, "
+        f"{serve_threads} for parts 5-6, {device}; parts: {','.join(parts)}"
+    )
+    results.update(measure(settings, parts, args.threads, device, serve_threads=serve_threads))
     results["wall_seconds"]["total"] = round(time.perf_counter() - start, 1)
     if hasattr(os, "getloadavg"):
         results["environment"]["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
+    previous = json.loads(json_path.read_text()) if json_path.is_file() else None
+    results = merge_into(previous, results, parts)
     write_atomic(json_path, json.dumps(results, indent=1) + "\n")
     write_atomic(md_path, render_markdown(results))
     print(f"wrote {json_path} and {md_path} in {results['wall_seconds']['total']:.0f} s")
     if publish:
-        update_readme(args.readme, results)
-        print(f"updated the Performance section of {args.readme}")
+        written = update_readme(args.readme, results, parts)
+        print(f"updated {', '.join(written)} in {args.readme}")
     return 0
 
 

@@ -15,9 +15,18 @@ resident, interpreter and libraries included) is its own:
                    adapter on it: 1 row each (a side-by-side demo on it needs two passes a token).
     dense bf16     the unquantized model, 1 row: what `--merge` or no quantization would serve.
 
-decode tokens/s per side = 1 / median step time (2 rows: each step gives both sides a token).
-Read bandwidth used = bytes a step must read (NF4 codes + block scales + every 16-bit weight) /
-median step time, against the machine's read bandwidth measured by the kernel part.
+decode tokens/s per side = 1 / step time (2 rows: each step gives both sides a token); prefill =
+the first step (the whole prompt through the model, then the first token). Derived figures, against
+the machine probes of the same run (bench/kernel.py `machine`: a sum over a 1 GiB tensor, a
+3072^3 GEMM, on the same threads):
+
+    read bandwidth used   step_bytes / median step time, as a fraction of the probe's GB/s, where
+                          step_bytes = every NF4 code and block scale + every other parameter but
+                          the embedding table (a decode step reads one row of it)
+    prefill GFLOP/s       prefill_flops / median prefill time, as a fraction of the bf16 GEMM peak,
+                          where prefill_flops = 2 rows T sum(in x out of the quantized linears)
+                          + 4 rows layers T^2 hidden (attention scores and values)
+                          + 2 rows hidden vocab (lm_head on the last position only)
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -45,7 +55,7 @@ LORA_R, LORA_ALPHA = 16, 32
 TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 CONFIGS = ("ours", "server", "bitsandbytes", "dense_bf16")
 LABELS = {
-    "ours": "ours: NF4 kernel + LoRA",
+    "ours": "ours: NF4Linear + LoRA",
     "server": "ours: the demo server",
     "bitsandbytes": "bitsandbytes load_in_4bit",
     "bitsandbytes_peft": "bitsandbytes load_in_4bit + peft LoRA",
@@ -108,6 +118,18 @@ def step_bytes(model) -> int:
     total = sum(m.qweight.nbytes for m in model.modules() if isinstance(m, NF4Linear))
     embed = model.get_input_embeddings().weight
     return total + sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+
+
+def prefill_flops(model, rows: int, tokens: int) -> int:
+    """Multiply-adds x 2 of a prefill of `rows` x `tokens` (formula in the module docstring)."""
+    from qlora import NF4Linear
+
+    cfg = model.config
+    linear = sum(
+        m.qweight.shape[0] * m.qweight.shape[1] for m in model.modules() if isinstance(m, NF4Linear)
+    )
+    attention = 4 * cfg.num_hidden_layers * tokens * tokens * cfg.hidden_size
+    return rows * (2 * tokens * linear + attention + 2 * cfg.hidden_size * cfg.vocab_size)
 
 
 def _decode_times(rows, steps: int) -> tuple[float, list[float]]:
@@ -181,6 +203,7 @@ def child(args: dict) -> dict:
 
     if kind == "ours":
         out["step_bytes"] = step_bytes(model)
+        out["prefill_flops_rows2"] = prefill_flops(model, 2, args["prompt_tokens"])
         both = lambda: DecodeRows(model, ids.repeat(2, 1), lambda: adapter_rows(model, [1]), steps)  # noqa: E731
         assert pair.one_pass
         out["rows2"] = _measure_rows(both, calls, steps)
@@ -217,6 +240,8 @@ def server_child(model_dir: Path, adapter_dir: Path, prompt_tokens: int, steps: 
         peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
     return {
         "ready_seconds": ready,
+        "base": parse_speed_line(base_speed),
+        "tuned": parse_speed_line(tuned_speed),
         "compare_seconds": call,
         "base_speed": base_speed,
         "tuned_speed": tuned_speed,
@@ -225,7 +250,26 @@ def server_child(model_dir: Path, adapter_dir: Path, prompt_tokens: int, steps: 
     }
 
 
-def run(threads: int, calls: int, steps: int, prompt_tokens: int, num_layers: int, log=print):
+def parse_speed_line(line: str) -> dict:
+    """{"first_token_seconds", "tokens_per_second"} from a pane's speed line
+    (`12 tokens · first after 0.40 s · 9.1 tokens/s`); None for a figure the line lacks."""
+    first = re.search(r"first after ([0-9.]+) s", line or "")
+    rate = re.search(r"([0-9.]+) tokens/s", line or "")
+    return {
+        "first_token_seconds": float(first.group(1)) if first else None,
+        "tokens_per_second": float(rate.group(1)) if rate else None,
+    }
+
+
+def run(
+    threads: int,
+    calls: int,
+    steps: int,
+    prompt_tokens: int,
+    num_layers: int,
+    log=print,
+    machine_probe: dict | None = None,
+):
     model_dir = phi2_dir(num_layers, log=log)
     adapter_dir = random_adapter(num_layers)
     common = dict(
@@ -241,72 +285,141 @@ def run(threads: int, calls: int, steps: int, prompt_tokens: int, num_layers: in
         raw[kind] = run_child("bench.serve", {**common, "config": kind}, timeout=1800)
         log(f"  {kind}: loaded in {raw[kind]['load_seconds']:.0f} s")
     raw["server"] = server_child(model_dir, adapter_dir, prompt_tokens, steps)
-    return summarize(raw, common, log)
+    log(f"  server: ready in {raw['server']['ready_seconds']:.0f} s")
+    if machine_probe is None:
+        from .kernel import machine
+
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            machine_probe = machine(max(calls, 5), log)
+        finally:
+            torch.set_num_threads(torch_threads)
+    return summarize(raw, {**common, "num_layers": num_layers}, log, machine_probe)
 
 
 def _side_rate(samples: list[float]) -> dict:
     return figure([1.0 / s for s in samples], "tokens/s")
 
 
-def summarize(raw: dict, common: dict, log=print) -> dict:
-    ours, bnb, dense = raw["ours"], raw["bitsandbytes"], raw["dense_bf16"]
-    res: dict = {"settings": {k: v for k, v in common.items() if k not in ("model_dir",)}}
-    res["raw"] = raw
-    paths = {
-        "ours_rows2": ours["rows2"],
-        "ours_rows1": ours["rows1"],
-        "bitsandbytes_rows1": bnb["rows1"],
-        "bitsandbytes_peft_rows1": bnb["rows1_peft"],
-        "dense_bf16_rows1": dense["rows1"],
-    }
-    for name, r in paths.items():
-        res[name] = {
+# (result key, process, measurement, rows): the table's rows, top to bottom
+PATHS = (
+    ("ours_rows2", "ours", "rows2", 2),
+    ("ours_rows1", "ours", "rows1", 1),
+    ("bitsandbytes_rows1", "bitsandbytes", "rows1", 1),
+    ("bitsandbytes_peft_rows1", "bitsandbytes", "rows1_peft", 1),
+    ("dense_bf16_rows1", "dense_bf16", "rows1", 1),
+)
+PATH_LABELS = {
+    "ours_rows2": LABELS["ours"] + ", base + tuned in one pass",
+    "ours_rows1": LABELS["ours"] + ", tuned alone",
+    "bitsandbytes_rows1": LABELS["bitsandbytes"],
+    "bitsandbytes_peft_rows1": LABELS["bitsandbytes_peft"],
+    "dense_bf16_rows1": LABELS["dense_bf16"],
+}
+PEER = "bitsandbytes_rows1"
+
+
+def summarize(raw: dict, common: dict, log=print, machine_probe: dict | None = None) -> dict:
+    """Figures from the children's raw samples, ratios against bitsandbytes' single stream, and
+    the derived fractions of the machine probes (when given)."""
+    res: dict = {"settings": {k: v for k, v in common.items() if k != "model_dir"}, "raw": raw}
+    paths = {}
+    for key, process, measured, rows in PATHS:
+        r, proc = raw[process][measured], raw[process]
+        paths[key] = {
+            "label": PATH_LABELS[key],
+            "rows": rows,
             "decode_tokens_per_second_per_side": _side_rate(r["decode_step_seconds"]),
             "decode_step_seconds": figure(r["decode_step_seconds"], "s"),
             "prefill_seconds": figure(r["prefill_seconds"], "s"),
+            "peak_rss_GB": exact(proc["peak_rss_bytes"] / 1e9, "GB", of="its process"),
+            "load_seconds": exact(proc["load_seconds"], "s"),
         }
-    for kind, r in (("ours", ours), ("bitsandbytes", bnb), ("dense_bf16", dense)):
-        res[f"{kind}_peak_rss"] = exact(r["peak_rss_bytes"] / 2**30, "GiB")
-        res[f"{kind}_load_seconds"] = exact(r["load_seconds"], "s")
-    res["server"] = raw["server"]
-    res["server_peak_rss"] = exact(raw["server"]["peak_rss_bytes"] / 2**30, "GiB")
-    step = res["ours_rows2"]["decode_step_seconds"]["median"]
-    res["ours_step_bytes"] = exact(ours["step_bytes"] / 1e9, "GB")
-    res["ours_rows2_read_gb_per_s"] = exact(ours["step_bytes"] / 1e9 / step, "GB/s")
-    rate = lambda name: res[name]["decode_tokens_per_second_per_side"]  # noqa: E731
-    res["ratios"] = {
-        "decode_2rows_vs_bnb_1row": ratio_of(
-            rate("ours_rows2"),
-            rate("bitsandbytes_rows1"),
-            LABELS["ours"] + ", 2 rows, per side",
-            LABELS["bitsandbytes"] + ", 1 row",
-        ),
-        "decode_2rows_vs_bnb_peft_1row": ratio_of(
-            rate("ours_rows2"),
-            rate("bitsandbytes_peft_rows1"),
-            LABELS["ours"] + ", 2 rows, per side",
-            LABELS["bitsandbytes_peft"] + ", 1 row",
-        ),
-        "decode_2rows_vs_dense_1row": ratio_of(
-            rate("ours_rows2"),
-            rate("dense_bf16_rows1"),
-            LABELS["ours"] + ", 2 rows, per side",
-            LABELS["dense_bf16"] + ", 1 row",
-        ),
-        "peak_rss_vs_bnb": ratio_of(
-            res["ours_peak_rss"],
-            res["bitsandbytes_peak_rss"],
-            LABELS["ours"],
-            LABELS["bitsandbytes"] + " + peft",
-        ),
+    res["paths"] = paths
+    server = raw["server"]
+    rates = [server[side]["tokens_per_second"] for side in ("base", "tuned")]
+    firsts = [server[side]["first_token_seconds"] for side in ("base", "tuned")]
+    res["server"] = {
+        "label": LABELS["server"],
+        "rows": 2,
+        # the slower pane: both panes stream from one pass, so they differ only by rounding
+        "tokens_per_second_per_side": exact(min(rates), "tokens/s") if None not in rates else None,
+        "first_token_seconds": exact(max(firsts), "s") if None not in firsts else None,
+        "peak_rss_GB": exact(server["peak_rss_bytes"] / 1e9, "GB", of="the server process"),
+        "ready_seconds": exact(server["ready_seconds"], "s"),
     }
-    r2 = rate("ours_rows2")["median"]
+    peer = paths[PEER]
+    res["ratios"] = {
+        f"{key}_decode_vs_bnb": ratio_of(
+            p["decode_tokens_per_second_per_side"],
+            peer["decode_tokens_per_second_per_side"],
+            p["label"] + ", tokens/s per side",
+            peer["label"] + ", tokens/s",
+        )
+        for key, p in paths.items()
+        if key != PEER
+    }
+    for key in ("ours_rows2", "dense_bf16_rows1"):
+        res["ratios"][f"{key}_peak_rss_vs_bnb"] = ratio_of(
+            paths[key]["peak_rss_GB"],
+            peer["peak_rss_GB"],
+            paths[key]["label"] + ", peak RSS",
+            peer["label"] + " (+ peft), peak RSS",
+        )
+    res["ratios"]["server_peak_rss_vs_bnb"] = ratio_of(
+        res["server"]["peak_rss_GB"],
+        peer["peak_rss_GB"],
+        LABELS["server"] + ", peak RSS",
+        peer["label"] + " (+ peft), peak RSS",
+    )
+    ours = raw["ours"]
+    two = paths["ours_rows2"]
+    step = two["decode_step_seconds"]["median"]
+    prefill = two["prefill_seconds"]["median"]
+    derived = {
+        "step_GB": exact(ours["step_bytes"] / 1e9, "GB", of="weights one decode step reads"),
+        "decode_read_GBps": exact(ours["step_bytes"] / 1e9 / step, "GB/s", of="2 rows"),
+        "prefill_TFLOP": exact(ours["prefill_flops_rows2"] / 1e12, "TFLOP", of="2 rows"),
+        "prefill_GFLOPs": exact(ours["prefill_flops_rows2"] / 1e9 / prefill, "GFLOP/s"),
+    }
+    # a side-by-side demo on bitsandbytes: one pass of the base and one of base + peft per token
+    pair_step = (
+        paths[PEER]["decode_step_seconds"]["median"]
+        + paths["bitsandbytes_peft_rows1"]["decode_step_seconds"]["median"]
+    )
+    derived["bnb_side_by_side_tokens_per_second"] = exact(
+        1 / pair_step, "tokens/s", of="1 / (bitsandbytes step + bitsandbytes + peft step)"
+    )
+    derived["ours_rows2_vs_bnb_side_by_side"] = exact(
+        paths["ours_rows2"]["decode_tokens_per_second_per_side"]["median"] * pair_step,
+        "x",
+        of="ours 2 rows tokens/s per side / bitsandbytes side by side",
+    )
+    if machine_probe is not None:
+        res["machine"] = machine_probe
+        derived["decode_bandwidth_fraction"] = exact(
+            derived["decode_read_GBps"]["median"] / machine_probe["read_bandwidth"]["median"],
+            "x",
+            of="the read bandwidth probe",
+        )
+        derived["decode_steps_per_second_ceiling"] = exact(
+            machine_probe["read_bandwidth"]["median"] / derived["step_GB"]["median"],
+            "steps/s",
+            of="probe GB/s / step GB",
+        )
+        derived["prefill_peak_fraction"] = exact(
+            derived["prefill_GFLOPs"]["median"] / machine_probe["gemm_bf16"]["median"],
+            "x",
+            of="the bf16 GEMM probe",
+        )
+    res["derived"] = derived
+    rate = lambda key: paths[key]["decode_tokens_per_second_per_side"]["median"]  # noqa: E731
     log(
-        f"  ours 2 rows: {r2:.2f} tokens/s per side, prefill "
-        f"{res['ours_rows2']['prefill_seconds']['median']:.2f} s, peak RSS "
-        f"{res['ours_peak_rss']['median']:.2f} GiB; bitsandbytes 1 row "
-        f"{rate('bitsandbytes_rows1')['median']:.2f} tokens/s; server peak RSS "
-        f"{res['server_peak_rss']['median']:.2f} GiB"
+        f"  ours 2 rows: {rate('ours_rows2'):.2f} tokens/s per side, prefill {prefill:.2f} s, "
+        f"peak RSS {two['peak_rss_GB']['median']:.2f} GB; bitsandbytes 1 row "
+        f"{rate(PEER):.2f} tokens/s; server peak RSS "
+        f"{res['server']['peak_rss_GB']['median']:.2f} GB"
     )
     return res
 

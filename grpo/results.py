@@ -1,29 +1,166 @@
-"""`python -m grpo.results runs/tiny`: the README's results table, rendered from summary.json.
+"""`python -m grpo.results runs/tiny`: the README's results table, rendered from the run directory.
 
-Every figure in the README's results section comes from a run directory written by
-`make train`; this rewrites the block between `<!-- results:start -->` and `<!-- results:end -->`.
+Every figure in the README's results section comes from a run directory written by `make train`
+(summary.json, config.yaml, eval.jsonl, base/warmup.json); this rewrites the block between
+`<!-- results:start -->` and `<!-- results:end -->`. The machine line is the one the run recorded
+in summary.json ("machine": CPU model from /proc/cpuinfo, core count, torch threads).
+
+The block rewriter (`replace_block`, `rewrite_block`) is shared with `bench/report.py`, which owns
+the Performance blocks: each tool replaces the text between its own two marker lines and nothing
+else, atomically (temp file, then rename).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 from pathlib import Path
 
+import yaml
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+# config fields the results line names: the ones that make the run what it is
+CONFIG_SHOWN = (
+    "max_steps",
+    "prompts_per_step",
+    "num_generations",
+    "temperature",
+    "learning_rate",
+    "lr_schedule",
+    "beta",
+    "loss_type",
+    "lora_r",
+    "reward_funcs",
+)
+
+
+class ReadmeError(RuntimeError):
+    """A file cannot take a generated block (missing file, or its markers missing or repeated)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The block rewriter
+# ---------------------------------------------------------------------------------------------
+
+
+def check_block(text: str, start: str, end: str, where: str = "the README") -> None:
+    """Raise ReadmeError unless `start` occurs once, then `end` once, each on a line of its own."""
+    starts, ends = text.count(start), text.count(end)
+    fix = f"put the two marker lines {start} and {end} where the generated block goes"
+    if starts != 1 or ends != 1:
+        raise ReadmeError(
+            f"{where} must hold {start} once and {end} once (found {starts} and {ends}); {fix}"
+        )
+    if text.index(start) > text.index(end):
+        raise ReadmeError(f"{where} has {end} before {start}; {fix}")
+    lines = text.splitlines()
+    if start not in lines or end not in lines:
+        raise ReadmeError(f"{where}: {start} and {end} must each stand alone on a line; {fix}")
+
+
+def replace_block(text: str, start: str, end: str, body: str, where: str = "the README") -> str:
+    """`text` with the lines between the marker lines replaced by `body`; markers and everything
+    outside them unchanged, so applying it twice gives the same text."""
+    check_block(text, start, end, where)
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    body = body.strip("\n")
+    return f"{head}{start}\n{body}\n{end}{tail}" if body else f"{head}{start}\n{end}{tail}"
+
+
+def read_checked(path: Path, start: str, end: str) -> str:
+    """The text of `path`, or ReadmeError naming the file and the markers it needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReadmeError(f"{path} does not exist; create it with the lines {start} and {end}")
+    text = path.read_text()
+    check_block(text, start, end, str(path))
+    return text
+
+
+def rewrite_block(path: Path, start: str, end: str, body: str) -> None:
+    """Replace the block of `path` between its markers with `body`, atomically."""
+    path = Path(path)
+    text = replace_block(read_checked(path, start, end), start, end, body, str(path))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine a run was measured on
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine(torch_threads: int) -> dict:
+    """What a run records about where it ran: {"cpu_model", "cpu_count", "torch_threads"}."""
+    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch_threads}
+
+
+def machine_text(m: dict) -> str:
+    """'Intel(R) Xeon(R) Processor, 2 cores, 2 torch threads' from a `machine()` dict."""
+    cores, threads = m.get("cpu_count"), m.get("torch_threads")
+    parts = [m.get("cpu_model") or "unknown CPU"]
+    if cores:
+        parts.append(f"{cores} core{'s' if cores != 1 else ''}")
+    if threads:
+        parts.append(f"{threads} torch thread{'s' if threads != 1 else ''}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The results block
+# ---------------------------------------------------------------------------------------------
+
+
+def base_name(s: dict, cfg: dict) -> str:
+    """What GRPO trained on top of, from the run's own settings."""
+    return "NF4" if s.get("quantize", cfg.get("quantize")) else str(cfg.get("dtype", "unquantized"))
+
+
+def method_name(s: dict, cfg: dict) -> str:
+    if not s.get("use_lora", cfg.get("use_lora", True)):
+        return f"full fine-tuning of the {base_name(s, cfg)} model"
+    r = cfg.get("lora_r")
+    return f"LoRA{f' r={r}' if r else ''} on the {base_name(s, cfg)} base"
+
+
+def config_text(cfg: dict) -> str:
+    def value(v):
+        return ",".join(map(str, v)) if isinstance(v, list) else v
+
+    return ", ".join(f"{k}={value(cfg[k])}" for k in CONFIG_SHOWN if k in cfg)
 
 
 def render(run_dir: Path) -> str:
+    run_dir = Path(run_dir)
     s = json.loads((run_dir / "summary.json").read_text())
-    cfg = (run_dir / "config.yaml").read_text()
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     warm = run_dir / "base" / "warmup.json"
     warm_s = json.loads(warm.read_text())["warmup_seconds"] if warm.is_file() else None
     gain = (s["accuracy_after"] - s["accuracy_before"]) * 100
+    where = (
+        machine_text(s["machine"])
+        if "machine" in s
+        else f"a machine the run did not record ({s.get('torch_threads', '?')} torch thread(s))"
+    )
     lines = [
-        f"Measured with `make train` (config [`examples/tiny.yaml`](examples/tiny.yaml)) on a "
-        f"2-core CPU, {s.get('torch_threads', '?')} torch thread(s); figures from "
-        f"`{run_dir}/summary.json`, rendered by `python -m grpo.results {run_dir}`.",
+        f"Measured by the run in `{run_dir}` (its whole config: `{run_dir}/config.yaml`) on "
+        f"{where}; figures from `{run_dir}/summary.json`, rendered by "
+        f"`python -m grpo.results {run_dir}`.",
         "",
         "| held-out greedy accuracy (n = {}) | value |".format(s["n_eval"]),
         "|---|---|",
@@ -33,8 +170,9 @@ def render(run_dir: Path) -> str:
             f"| warm-up model, unquantized (for reference) | {s['accuracy_dense_base']:.1%} |"
         )
     lines += [
-        f"| **before GRPO**: the NF4 base GRPO starts from | **{s['accuracy_before']:.1%}** |",
-        f"| **after GRPO** ({s['grpo_steps']} steps, LoRA on NF4) "
+        f"| **before GRPO**: the {base_name(s, cfg)} base GRPO starts from "
+        f"| **{s['accuracy_before']:.1%}** |",
+        f"| **after GRPO** ({s['grpo_steps']} steps, {method_name(s, cfg)}) "
         f"| **{s['accuracy_after']:.1%}** |",
         f"| gain | {gain:+.1f} points |",
     ]
@@ -47,11 +185,7 @@ def render(run_dir: Path) -> str:
                 + ", ".join(f"step {p['step']}: {p['accuracy']:.1%}" for p in points)
                 + " |"
             )
-    lines += [
-        "",
-        "| time | seconds |",
-        "|---|---|",
-    ]
+    lines += ["", "| time | seconds |", "|---|---|"]
     if warm_s is not None:
         lines.append(f"| supervised warm-up (cached in `{run_dir}/base`) | {warm_s:.0f} |")
     lines += [
@@ -59,40 +193,30 @@ def render(run_dir: Path) -> str:
         f"| whole run (`total_seconds`) | {s['total_seconds']:.0f} |",
         "",
         f"Trainable parameters: {s['trainable_parameters']:,} of {s['total_parameters']:,}; "
-        f"stored model {s['bytes'] / 2**20:.2f} MiB. Config: "
-        + ", ".join(
-            line.replace(": ", "=")
-            for line in cfg.splitlines()
-            if line.split(":")[0]
-            in {
-                "max_steps",
-                "learning_rate",
-                "num_generations",
-                "prompts_per_step",
-                "lora_r",
-                "temperature",
-                "loss_type",
-            }
-        )
-        + ".",
+        f"stored model {s['bytes'] / 2**20:.2f} MiB. Config: {config_text(cfg)}.",
     ]
-    return "\n".join(line for line in lines).rstrip() + "\n"
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def update_readme(readme: Path, run_dir: Path) -> None:
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"error: {readme} lacks the {START} / {END} markers; add them first")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    tmp = readme.with_name(f".{readme.name}.tmp")
-    tmp.write_text(f"{head}{START}\n{render(run_dir)}{END}{tail}")
-    os.replace(tmp, readme)
+    rewrite_block(readme, START, END, render(run_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    run = Path(argv[0] if argv else "runs/tiny")
+    readme = Path(argv[1] if len(argv) > 1 else "README.md")
+    if not (run / "summary.json").is_file():
+        print(f"error: {run}/summary.json does not exist; run `make train` first", file=sys.stderr)
+        return 2
+    try:
+        update_readme(readme, run)
+    except ReadmeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{readme} results updated from {run}/summary.json")
+    return 0
 
 
 if __name__ == "__main__":
-    run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/tiny")
-    if not (run / "summary.json").is_file():
-        raise SystemExit(f"error: {run}/summary.json does not exist; run `make train` first")
-    update_readme(Path("README.md"), run)
-    print(f"README.md results updated from {run}/summary.json")
+    sys.exit(main())

@@ -16,6 +16,7 @@ from grpo.atomic import atomic_path, atomic_write_text
 from grpo.config import ConfigError, GRPOConfig, exit_on_error, parse_cli
 from grpo.data import DatasetLoadError
 from grpo.model import ModelLoadError
+from grpo.results import machine
 
 PLOTTED = [
     ("reward", "reward (mean)"),
@@ -217,6 +218,7 @@ def run(cfg: GRPOConfig) -> dict:
         "adapter_dir": str(adapter_dir),
         "world_size": dist.world_size(),
         "torch_threads": torch.get_num_threads(),
+        "machine": machine(torch.get_num_threads()),
         **report,
     }
     warmup_json = Path(base_path(cfg)) / "warmup.json"
