@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test train demo bench lint format clean
+.PHONY: help install test train demo bench phi2-scale lint format clean
 
 help:
 	@echo "make install   create $(VENV) and install the project with its test extras"
@@ -22,6 +22,7 @@ help:
 	@echo "make train     the embedded default GRPO run on CPU (CONFIG=$(CONFIG))"
 	@echo "make demo      serve the base-vs-tuned Gradio demo on 127.0.0.1:$(PORT)"
 	@echo "make bench     speed/memory/footprint against the peers -> bench/results.{json,md}"
+	@echo "make phi2-scale GRPO steps of the Phi-2 recipe on a random-weight Phi-2 (time, memory)"
 	@echo "make lint      ruff check + ruff format --check"
 	@echo "make clean     remove $(VENV), runs/ and caches"
 
@@ -50,6 +51,9 @@ demo: install
 
 bench: install
 	$(PY) -m bench.run
+
+phi2-scale: install
+	$(PY) -m bench.phi2_scale --out bench/phi2_scale.json
 
 lint: install
 	$(VENV)/bin/ruff check .
