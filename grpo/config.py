@@ -67,11 +67,6 @@ class GRPOConfig:
         "recompute each decoder layer's activations in the backward pass: less memory, about a "
         "third more compute",
     )
-    gradient_checkpointing: bool = _f(
-        False,
-        "recompute each decoder layer's activations in the backward pass (less memory, ~30% more "
-        "compute)",
-    )
     # --- task ------------------------------------------------------------------------------
     task: str = _f("arithmetic", "'arithmetic' (two-digit +/-, for the tiny model) or 'gsm8k'")
     dataset_path: str = _f("", "gsm8k only: hub id (openai/gsm8k) or a local .jsonl/.parquet")

@@ -48,7 +48,7 @@ from grpo.model import base_path, build_policy, resolve_device
 from grpo.rewards import combine_rewards
 from grpo.rollout import Rollout, completion_logps, generate_rollouts
 from grpo.warmup import ensure_tiny_base
-from qlora import adapters_disabled, release_freed_memory
+from qlora import adapters_disabled, release_freed_memory, return_large_frees_to_os
 
 EVENTS = ("step_start", "phase_end", "step_end")
 
@@ -98,6 +98,8 @@ class GRPOTrainer:
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            return_large_frees_to_os()  # freed activations leave the resident set, not the heap
         dist.init_from_env(self.device.type)
         if self.device.type == "cuda" and dist.world_size() > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
