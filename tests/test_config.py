@@ -39,7 +39,7 @@ PHI2_RUN = {
     "epsilon_high": 0.28, "loss_type": "dapo", "mask_truncated_completions": True,
     "reward_funcs": ["correctness", "format", "overlong"], "reward_weights": [1.0, 0.2, 1.0],
     "overlong_cache": 64, "lora_dropout": 0.05, "output_dir": "runs/phi2-gsm8k", "log_every": 1,
-    "sample_every": 10, "save_every": 50, "eval_every": 0,
+    "sample_every": 10, "save_every": 50, "eval_every": 0, "gradient_checkpointing": True,
 }  # fmt: skip
 
 
