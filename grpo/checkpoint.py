@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from grpo import distributed as dist
 from grpo.atomic import atomic_dir
+from grpo.model import base_path
 from grpo.tiny import save_model_dir
 from qlora import load_adapter, save_adapter
 
@@ -112,3 +114,29 @@ def save_final(output_dir: str | Path, model, tokenizer, *, use_lora: bool, base
     else:
         save_model_dir(model, tokenizer, target)
     return target
+
+
+def save_trainer(trainer) -> Path:
+    """checkpoints/step-N of a `GRPOTrainer` at its current step: rank 0 writes it, every rank
+    waits for it."""
+    cfg = trainer.cfg
+    path = step_dir(cfg.output_dir, trainer.step)
+    if dist.is_main():
+        state = {"step": trainer.step, "no_signal_streak": trainer.no_signal_streak}
+        save_checkpoint(
+            path,
+            trainer.model,
+            trainer.opt,
+            use_lora=cfg.use_lora,
+            base=base_path(cfg),
+            state=state,
+        )
+    dist.barrier()
+    return path
+
+
+def resume_trainer(trainer, path: Path) -> None:
+    """Put a `GRPOTrainer` back where `save_trainer` left it (every rank loads the same one)."""
+    meta = load_checkpoint(path, trainer.model, trainer.opt, use_lora=trainer.cfg.use_lora)
+    trainer.step = int(meta["step"])
+    trainer.no_signal_streak = int(meta.get("no_signal_streak", 0))

@@ -17,6 +17,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from grpo.config import ConfigError
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
@@ -75,3 +77,28 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def setup(device: torch.device, prompts_per_step: int) -> torch.device:
+    """Join torchrun's process group (if any) and return this process's device; every rank must
+    get whole groups, so prompts_per_step has to divide evenly among the processes."""
+    init_from_env(device.type)
+    if prompts_per_step % world_size():
+        raise ConfigError(
+            f"prompts_per_step={prompts_per_step} must be a multiple of the {world_size()} "
+            "processes, so no group is split across ranks"
+        )
+    if device.type == "cuda" and world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` in DistributedDataParallel when there are several processes, else itself."""
+    if world_size() <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # NF4 codes are buffers that never change: no need to broadcast them every forward.
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)

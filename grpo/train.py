@@ -81,6 +81,18 @@ def write_plots(metrics_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def write_samples(trainer, batch) -> None:
+    """One samples.jsonl line per prompt of `batch`: its completions, rewards and advantages."""
+    G = trainer.cfg.num_generations
+    for i, r in enumerate(batch.records):
+        rows = slice(i * G, (i + 1) * G)
+        sample = {"step": trainer.step, "prompt": r["prompt"], "answer": r["answer"]}
+        sample["completions"] = batch.rollout.completions[rows]
+        sample["rewards"] = batch.rewards[rows].tolist()
+        sample["advantages"] = batch.advantages[rows].tolist()
+        trainer.log_line("samples.jsonl", sample)
+
+
 LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "warnings.log")
 
 
@@ -134,7 +146,7 @@ def run(cfg: GRPOConfig) -> dict:
 
     resumed_from = None
     if cfg.resume and (ckpt := checkpoint.latest_checkpoint(out)) is not None:
-        trainer.load_checkpoint(ckpt)  # every rank loads the same checkpoint
+        checkpoint.resume_trainer(trainer, ckpt)  # every rank loads the same checkpoint
         resumed_from = str(ckpt)
         if main:
             truncate_logs(out, trainer.step)
@@ -182,19 +194,19 @@ def run(cfg: GRPOConfig) -> dict:
                 refresh=False,
             )
         if main and trainer.step % cfg.sample_every == 0:
-            trainer.write_samples(batch)
+            write_samples(trainer, batch)
         if cfg.eval_every and trainer.step % cfg.eval_every == 0:
             acc, _ = evaluate_heldout()
             if main:
                 trainer.log_line("eval.jsonl", {"step": trainer.step, "accuracy": acc})
                 bar.write(f"step {trainer.step}: held-out greedy accuracy {acc:.1%}")
         if cfg.save_every and trainer.step % cfg.save_every == 0:
-            trainer.save_checkpoint()
+            checkpoint.save_trainer(trainer)
     bar.close()
     grpo_seconds = time.time() - t_grpo
     latest = checkpoint.latest_checkpoint(out)
     if latest is None or latest.name != f"step-{trainer.step:06d}":
-        trainer.save_checkpoint()
+        checkpoint.save_trainer(trainer)
 
     acc_after, comps_after = evaluate_heldout()
     adapter_dir = out / ("adapter" if cfg.use_lora else "model")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -40,11 +39,11 @@ from pathlib import Path
 
 import torch
 
-from grpo import checkpoint
 from grpo import distributed as dist
-from grpo.config import ConfigError, GRPOConfig
+from grpo.config import GRPOConfig
 from grpo.loss import constant_groups, group_advantages, grpo_loss
-from grpo.model import base_path, build_policy, resolve_device
+from grpo.metrics import no_signal_warning, step_metrics
+from grpo.model import build_policy, resolve_device
 from grpo.rewards import combine_rewards
 from grpo.rollout import Rollout, completion_logps, generate_rollouts
 from grpo.warmup import ensure_tiny_base
@@ -97,17 +96,9 @@ class GRPOTrainer:
         self.log = log or (lambda msg: print(msg, flush=True))
         if cfg.torch_threads > 0:
             torch.set_num_threads(cfg.torch_threads)
-        self.device = resolve_device(cfg.device)
+        self.device = dist.setup(resolve_device(cfg.device), cfg.prompts_per_step)
         if self.device.type == "cpu":
             return_large_frees_to_os()  # freed activations leave the resident set, not the heap
-        dist.init_from_env(self.device.type)
-        if self.device.type == "cuda" and dist.world_size() > 1:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if cfg.prompts_per_step % dist.world_size():
-            raise ConfigError(
-                f"prompts_per_step={cfg.prompts_per_step} must be a multiple of the "
-                f"{dist.world_size()} processes, so no group is split across ranks"
-            )
         self.task = cfg.load_task()
         if cfg.model == "tiny":
             if dist.is_main():  # one rank builds the cached base, the others wait and load it
@@ -116,18 +107,13 @@ class GRPOTrainer:
         torch.manual_seed(cfg.seed)  # LoRA init: identical on every rank
         self.model, self.tokenizer, self.reference = build_policy(cfg, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ddp = None
-        self.forward_model = self.model  # what the loss forward goes through (DDP when > 1 rank)
-        if dist.world_size() > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            # NF4 codes are buffers that never change: no need to broadcast them every forward.
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, ids, broadcast_buffers=False)
-            self.forward_model = self.ddp
+        self.forward_model = dist.wrap(self.model, self.device)  # the loss's forward: DDP if > 1
         self.opt = torch.optim.AdamW(
             self.params, lr=learning_rate(cfg, 0), weight_decay=cfg.weight_decay
         )
+        names = ("loss_type", "epsilon_low", "epsilon_high", "beta", "importance_sampling_level")
+        self.loss_options = {k: getattr(cfg, k) for k in names}
+        self.loss_options["max_completion_length"] = cfg.max_new_tokens  # used by "dr_grpo"
         self.reward_fns, self.reward_weights = cfg.build_rewards()
         self.step = 0  # completed optimizer steps
         self.no_signal_streak = 0
@@ -184,7 +170,6 @@ class GRPOTrainer:
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
-            min_new_tokens=cfg.min_new_tokens,
         )
         return self.score(records, ro, self.phase_end("generation", t0))
 
@@ -222,6 +207,7 @@ class GRPOTrainer:
         seconds = {"reference": self.phase_end("reference", t0)}
         seconds |= {"forward_backward": 0.0, "optimizer": 0.0}
         lr, stats_acc = learning_rate(cfg, self.step), defaultdict(float)
+        options = {**self.loss_options, "num_items_in_batch": num_items}
         starts = range(0, N, cfg.micro_batch_size)
         self.model.train()
         for _ in range(cfg.num_iterations):
@@ -230,23 +216,13 @@ class GRPOTrainer:
                 rows = slice(start, min(N, start + cfg.micro_batch_size))
                 part = ro.select(rows)
                 # DDP all-reduces on the last micro-batch only (gradient accumulation).
-                sync = self.ddp is None or start == starts[-1]
-                with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                sync = self.forward_model is self.model or start == starts[-1]
+                with contextlib.nullcontext() if sync else self.forward_model.no_sync():
                     logps = completion_logps(self.forward_model, part, cfg.temperature)  # [n, C]
-                    loss, stats = grpo_loss(
-                        logps,
-                        None if old_logps is None else old_logps[rows],
-                        None if ref_logps is None else ref_logps[rows],
-                        batch.advantages[rows],
-                        loss_mask[rows],
-                        loss_type=cfg.loss_type,
-                        epsilon_low=cfg.epsilon_low,
-                        epsilon_high=cfg.epsilon_high,
-                        beta=cfg.beta,
-                        importance_sampling_level=cfg.importance_sampling_level,
-                        max_completion_length=cfg.max_new_tokens,
-                        num_items_in_batch=num_items,
-                    )
+                    old = None if old_logps is None else old_logps[rows]
+                    ref = None if ref_logps is None else ref_logps[rows]
+                    adv, mask = batch.advantages[rows], loss_mask[rows]
+                    loss, stats = grpo_loss(logps, old, ref, adv, mask, **options)
                     # Per-sequence and per-micro-batch means weigh in by their share of the
                     # rank's batch, so the accumulated gradient is the full-batch one; "dapo"
                     # already divides by the global token count, so it undoes DDP's average.
@@ -264,7 +240,9 @@ class GRPOTrainer:
             seconds["optimizer"] += self.phase_end("optimizer", t0)
         self.step += 1
         self.check_signal(batch.no_signal.float().mean().item())
-        return self.metrics(batch, lr, grad_norm, seconds, stats_acc)
+        return step_metrics(
+            self.step, batch, self.task, lr, grad_norm, seconds, stats_acc, self.device
+        )
 
     def clip_gradients(self) -> float:
         """The gradient's global L2 norm before clipping (clipped to max_grad_norm when > 0)."""
@@ -273,54 +251,18 @@ class GRPOTrainer:
         grads = [p.grad.norm() for p in self.params if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(grads)))
 
-    def metrics(self, batch: Batch, lr, grad_norm, seconds: dict, stats: dict) -> dict:
-        ro, N, W = batch.rollout, len(batch.rollout), dist.world_size()
-        lengths = ro.completion_mask.sum(dim=1)  # [N]
-        correct = [
-            self.task.is_correct(c, a) for c, a in zip(ro.completions, batch.answers, strict=True)
-        ]
-
-        def mean_over_ranks(total: float) -> float:
-            return dist.all_reduce_sum(total, self.device) / (N * W)
-
-        gen = batch.generation_seconds
-        metrics = {
-            "step": self.step,
-            "reward": batch.step_rewards.mean().item(),
-            "reward_std": batch.step_rewards.std().item(),
-            "accuracy": mean_over_ranks(sum(correct)),
-            "frac_reward_zero_std": batch.no_signal.float().mean().item(),
-            "completion_length": mean_over_ranks(lengths.sum().item()),
-            "completion_length_max": int(lengths.max()),
-            "truncated_frac": mean_over_ranks(ro.truncated.sum().item()),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "step_seconds": gen + sum(seconds.values()),  # train_step: the whole call's wall time
-            "generation_seconds": gen,
-            **{f"{phase}_seconds": s for phase, s in seconds.items()},
-            "update_seconds": seconds["forward_backward"] + seconds["optimizer"],
-            "generated_tokens": int(lengths.sum()),  # this process's completion tokens
-            "generated_tokens_per_second": lengths.sum().item() / max(1e-9, gen),
-            **stats,
-        }
-        for name, values in batch.reward_parts.items():
-            metrics[f"reward/{name}"] = values.mean().item()
-            metrics[f"reward/{name}_std"] = values.std().item()
-        return metrics
-
     @torch.no_grad()
     def reference_logps(self, ro: Rollout) -> torch.Tensor:
+        """Step 4: log-probs [N, C] under the reference (the base: adapters disabled)."""
         if self.reference is not None:
-            return self._chunked_logps(self.reference, ro)
+            return self.policy_logps_nograd(ro, self.reference)
         with adapters_disabled(self.model):
-            return self._chunked_logps(self.model, ro)
+            return self.policy_logps_nograd(ro)
 
     @torch.no_grad()
-    def policy_logps_nograd(self, ro: Rollout) -> torch.Tensor:
-        return self._chunked_logps(self.model, ro)
-
-    def _chunked_logps(self, model, ro: Rollout) -> torch.Tensor:
-        mb = self.cfg.micro_batch_size
+    def policy_logps_nograd(self, ro: Rollout, model=None) -> torch.Tensor:
+        """Step 5: log-probs [N, C] under the current policy (or `model`), in micro-batches."""
+        mb, model = self.cfg.micro_batch_size, self.model if model is None else model
         parts = [
             completion_logps(model, ro.select(slice(s, s + mb)), self.cfg.temperature)
             for s in range(0, len(ro), mb)
@@ -330,48 +272,12 @@ class GRPOTrainer:
     def check_signal(self, frac_no_signal: float) -> None:
         """Loud, not silent: all-equal rewards in every group means every advantage is 0."""
         self.no_signal_streak = self.no_signal_streak + 1 if frac_no_signal == 1.0 else 0
-        patience = self.cfg.no_signal_patience
-        streak = self.no_signal_streak
-        if streak == patience or (streak > 0 and streak % (5 * patience) == 0):
-            msg = (
-                f"WARNING: no learning signal: every group had zero reward variance for "
-                f"{streak} consecutive steps (step {self.step}); all advantages "
-                "are 0 and nothing is learned. Check the reward functions and the columns they "
-                "get, raise temperature or num_generations, or pick easier prompts."
-            )
-            if dist.is_main():
-                print(msg, file=sys.stderr, flush=True)
-                self.log_line("warnings.log", {"step": self.step, "warning": msg})
+        msg = no_signal_warning(self.no_signal_streak, self.cfg.no_signal_patience, self.step)
+        if msg and dist.is_main():
+            print(msg, file=sys.stderr, flush=True)
+            self.log_line("warnings.log", {"step": self.step, "warning": msg})
 
     # ---- files -------------------------------------------------------------------------------
     def log_line(self, name: str, record: dict) -> None:
         with open(self.out / name, "a") as f:
             f.write(json.dumps(record) + "\n")
-
-    def write_samples(self, batch: Batch) -> None:
-        """One samples.jsonl line per prompt of `batch`: its completions, rewards, advantages."""
-        G = self.cfg.num_generations
-        for i, r in enumerate(batch.records):
-            rows = slice(i * G, (i + 1) * G)
-            sample = {"step": self.step, "prompt": r["prompt"], "answer": r["answer"]}
-            sample["completions"] = batch.rollout.completions[rows]
-            sample["rewards"] = batch.rewards[rows].tolist()
-            sample["advantages"] = batch.advantages[rows].tolist()
-            self.log_line("samples.jsonl", sample)
-
-    def save_checkpoint(self) -> Path:
-        """checkpoints/step-N (rank 0 writes it, whole or not at all; every rank waits)."""
-        path = checkpoint.step_dir(self.out, self.step)
-        if dist.is_main():
-            state = {"step": self.step, "no_signal_streak": self.no_signal_streak}
-            lora, base = self.cfg.use_lora, base_path(self.cfg)
-            checkpoint.save_checkpoint(
-                path, self.model, self.opt, use_lora=lora, base=base, state=state
-            )
-        dist.barrier()
-        return path
-
-    def load_checkpoint(self, path: Path) -> None:
-        meta = checkpoint.load_checkpoint(path, self.model, self.opt, use_lora=self.cfg.use_lora)
-        self.step = int(meta["step"])
-        self.no_signal_streak = int(meta.get("no_signal_streak", 0))

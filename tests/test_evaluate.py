@@ -2,9 +2,12 @@
 
 import pytest
 
+from grpo.data import Task
 from grpo.evaluate import evaluate, evaluate_distributed
 from grpo.model import load_model
 from grpo.rewards import answer_value
+
+TASK = Task("arithmetic", train=[], eval=[])  # scores any record by its gold answer
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +16,7 @@ def model_and_records(tiny_model_dir):
     model, tokenizer = load_model(tiny_model_dir)
     prompts = [f"{a:02d}+{b:02d}=" for a in range(10, 90, 9) for b in range(3, 80, 17)][:40]
     _, completions = evaluate(
-        model, tokenizer, [{"prompt": p, "answer": "0"} for p in prompts], max_new_tokens=8
+        model, tokenizer, TASK, [{"prompt": p, "answer": "0"} for p in prompts], max_new_tokens=8
     )
     numbered = [(p, answer_value(c)) for p, c in zip(prompts, completions, strict=True)]
     numbered = [(p, v) for p, v in numbered if v is not None]
@@ -28,18 +31,18 @@ def model_and_records(tiny_model_dir):
 
 def test_accuracy_counts_the_right_answers(model_and_records):
     model, tokenizer, records = model_and_records
-    accuracy, completions = evaluate(model, tokenizer, records, max_new_tokens=8)
+    accuracy, completions = evaluate(model, tokenizer, TASK, records, max_new_tokens=8)
     assert len(completions) == len(records)
     assert accuracy == sum(i % 2 == 0 for i in range(len(records))) / len(records)
 
 
 def test_batching_and_the_distributed_share_change_nothing(model_and_records):
     model, tokenizer, records = model_and_records
-    whole = evaluate(model, tokenizer, records, max_new_tokens=8)
-    assert evaluate(model, tokenizer, records, max_new_tokens=8, batch_size=3) == whole
-    assert evaluate_distributed(model, tokenizer, records, max_new_tokens=8) == whole
+    whole = evaluate(model, tokenizer, TASK, records, max_new_tokens=8)
+    assert evaluate(model, tokenizer, TASK, records, max_new_tokens=8, batch_size=3) == whole
+    assert evaluate_distributed(model, tokenizer, TASK, records, max_new_tokens=8) == whole
 
 
 def test_no_records_is_zero_not_a_division_error(model_and_records):
     model, tokenizer, _ = model_and_records
-    assert evaluate(model, tokenizer, [], max_new_tokens=8) == (0.0, [])
+    assert evaluate(model, tokenizer, TASK, [], max_new_tokens=8) == (0.0, [])
