@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +29,9 @@ from grpo.choices import (
     SCHEDULES,
     TASKS,
 )
-from grpo.data import Task, arithmetic_problem_count, load_task
+from grpo.data import DATASET_SUFFIXES, Task, arithmetic_problem_count, load_task
+
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "microsoft/phi-2", "gpt2"
 
 
 class ConfigError(ValueError):
@@ -258,11 +261,12 @@ class GRPOConfig:
             bad("min_new_tokens", f"must be <= max_new_tokens ({self.max_new_tokens})")
         if self.overlong_cache > self.max_new_tokens:
             bad("overlong_cache", f"must be <= max_new_tokens ({self.max_new_tokens})")
-        if self.task == "arithmetic" and not self.n_eval < arithmetic_problem_count():
-            bad(
-                "n_eval",
-                f"the arithmetic task has {arithmetic_problem_count()} problems; use fewer",
-            )
+        if self.task == "arithmetic":
+            problems = arithmetic_problem_count()
+            if not self.n_eval < problems:
+                bad("n_eval", f"the arithmetic task has {problems} problems; hold out fewer")
+            if self.prompts_per_step > problems - self.n_eval:
+                bad("prompts_per_step", f"exceeds the {problems - self.n_eval} training problems")
 
         # --- rewards: one check for built-in names and import paths (grpo.rewards)
         from grpo.rewards import RewardError, check_reward_names
@@ -306,13 +310,9 @@ class GRPOConfig:
             bad("output_dir", "must name a directory, e.g. runs/tiny")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             bad("output_dir", "is a file; name a directory")
-        if self.task == "gsm8k" and Path(self.dataset_path).suffix in (
-            ".jsonl",
-            ".json",
-            ".parquet",
-        ):
-            if not Path(self.dataset_path).is_file():
-                bad("dataset_path", "no such file; pass a GSM8K-format .jsonl/.parquet or a hub id")
+        local_dataset = Path(self.dataset_path).suffix in DATASET_SUFFIXES
+        if self.task == "gsm8k" and local_dataset and not Path(self.dataset_path).is_file():
+            bad("dataset_path", "no such file; pass a GSM8K-format .jsonl/.parquet or a hub id")
 
         from grpo.model import is_local_name, linear_module_paths
 
@@ -321,6 +321,8 @@ class GRPOConfig:
         if self.model != "tiny" and is_local_name(self.model):
             if not (Path(self.model).expanduser() / "config.json").is_file():
                 bad("model", "no config.json in that directory; pass a save_pretrained directory")
+        elif self.model != "tiny" and not _HUB_ID.fullmatch(self.model):
+            bad("model", "is neither tiny, a local directory nor a hub id such as microsoft/phi-2")
         if self.use_lora:
             self._check_lora_targets(linear_module_paths(self.model))
         return self

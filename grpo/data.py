@@ -28,6 +28,9 @@ GSM8K_INSTRUCTION = (
 )
 
 
+DATASET_SUFFIXES = (".jsonl", ".json", ".parquet")  # a local GSM8K-format file, not a hub id
+
+
 class DatasetLoadError(RuntimeError):
     """The dataset is neither a local file nor reachable on the hub; the CLI prints one line."""
 
@@ -161,7 +164,7 @@ def gsm8k_task(source: str = "openai/gsm8k", n_eval: int | None = None) -> Task:
     from datasets import load_dataset
 
     path = Path(source)
-    if path.suffix in {".jsonl", ".json", ".parquet"}:
+    if path.suffix in DATASET_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(
                 f"dataset file {source!r} does not exist; pass a GSM8K-format file"

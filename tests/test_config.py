@@ -215,6 +215,25 @@ def test_every_field_rejects_a_bad_value_naming_it(name):
     assert str(err.value).startswith(f"{name}=") and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"model": "phi 2"}, "model='phi 2': is neither tiny, a local directory nor a hub id"),
+        ({"prompts_per_step": 19_501}, "prompts_per_step=19501: exceeds the 19500 training"),
+        ({"reward_funcs": ["correctness", "correctness"]}, "'correctness' is listed twice"),
+        (
+            {"lora_targets": ["fc1", "fc1"]},
+            r"lora_targets=\['fc1', 'fc1'\]: a name is listed twice",
+        ),
+        ({"lora_targets": []}, r"lora_targets=\[\]: name the linear modules"),
+        ({"output_dir": "pyproject.toml"}, "output_dir='pyproject.toml': is a file"),
+    ],
+)
+def test_more_bad_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        GRPOConfig(**override).validate()
+
+
 def test_lora_targets_accept_dotted_suffixes_and_full_paths():
     GRPOConfig(lora_targets=["self_attn.q_proj", "model.layers.0.mlp.fc1"]).validate()
     with pytest.raises(ConfigError, match="'mlp.q_proj' names no linear layer"):
