@@ -168,6 +168,7 @@ class GRPOTrainer:
             self.tokenizer,
             prompts,
             max_new_tokens=cfg.max_new_tokens,
+            min_new_tokens=cfg.min_new_tokens,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
         )

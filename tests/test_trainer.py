@@ -237,6 +237,16 @@ def test_hooks_see_every_phase_in_order_and_the_metrics(tmp_path, shared_base, n
         trainer.add_callback("step_begin", print)
 
 
+def test_min_new_tokens_forces_every_completion_to_full_length(tmp_path, shared_base):
+    """The warmed-up tiny model ends its answers with EOS after ~5 tokens; with min_new_tokens =
+    max_new_tokens = 9 every completion of the step has all 9 tokens."""
+    out = with_base(tmp_path / "run", shared_base)
+    trainer = GRPOTrainer(fast_cfg(out, max_new_tokens=9, min_new_tokens=9))
+    metrics, batch = trainer.train_step()
+    assert batch.rollout.completion_mask.sum(dim=1).tolist() == [9] * 16
+    assert metrics["generated_tokens"] == 16 * 9
+
+
 def constant_reward(value: float):
     def constant(prompts, completions, **columns):
         return [value] * len(completions)
