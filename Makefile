@@ -53,7 +53,7 @@ bench: install
 	$(PY) -m bench.run
 
 phi2-scale: install
-	$(PY) -m bench.phi2_scale --out bench/phi2_scale.json
+	$(PY) -m bench.phi2_scale --out bench/phi2_scale.json --readme README.md
 
 lint: install
 	$(VENV)/bin/ruff check .

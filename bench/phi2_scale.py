@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -50,6 +51,7 @@ from bench.measure import current_rss_bytes, environment, peak_rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "examples" / "phi2_gsm8k.yaml"
+README_START, README_END = "<!-- phi2-scale:start -->", "<!-- phi2-scale:end -->"
 PHASES = ("generation", "reference", "forward_backward", "optimizer")
 GB = 1e9
 
@@ -172,6 +174,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     from grpo.trainer import GRPOTrainer  # imports transformers: part of the runtime
 
     runtime_bytes = current_rss_bytes()
+    load_before = os.getloadavg()[0]  # other jobs on the cores slow every phase
 
     model_dir = phi2_dir(args.layers, log=log)
     with tempfile.TemporaryDirectory(prefix="phi2-scale-") as tmp:
@@ -247,6 +250,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         "sum_of_parts_gb": parts,
         "peak_over_parts": peak / parts if parts else math.nan,
         "environment": environment(device),
+        "model_layers": args.layers,
+        "load_average_before": load_before,
     }
 
 
@@ -260,7 +265,12 @@ def render(result: dict) -> str:
         f"`python -m bench.phi2_scale` on {machine}, {result['threads']} torch threads: "
         f"{result['model']}; {b['prompts']} prompts x {b['generations']} completions x "
         f"{b['new_tokens']} tokens, micro-batch {b['micro_batch']}; medians of "
-        f"{len(result['steps'])} steps.",
+        f"{len(result['steps'])} steps"
+        + (
+            f" (1-minute load average {result['load_average_before']:.1f} at the start)."
+            if "load_average_before" in result
+            else "."
+        ),
         "",
         "| step | generation | reference | forward-backward | optimizer | generated tokens/s |",
         "|---|---|---|---|---|---|",
@@ -292,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=None, help="rows per forward-backward")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="also write the full report here")
+    p.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="rewrite this file's block between <!-- phi2-scale:start --> and :end with the tables",
+    )
+    p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help="do not run: render a report written by --out (with --readme, publish it)",
+    )
     return p
 
 
@@ -335,9 +357,16 @@ def main(argv: list[str] | None = None) -> int:
             print(err.code, file=sys.stderr)
             return 2
         raise
-    result = run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+    else:
+        result = run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(render(result), file=sys.stderr)
-    if args.out is not None:
+    if args.readme is not None:
+        from grpo.results import rewrite_block
+
+        rewrite_block(args.readme, README_START, README_END, render(result))
+    if args.out is not None and args.render is None:
         tmp = args.out.with_name(args.out.name + ".tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(args.out)
@@ -346,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         phase_seconds=result["phase_seconds"],
         generated_tokens_per_second=result["generated_tokens_per_second"],
         sum_of_parts_gb=result["sum_of_parts_gb"],
-        layers=args.layers,
+        layers=result["model_layers"] if "model_layers" in result else args.layers,
     )
     print(json.dumps(summary))
     return 0
