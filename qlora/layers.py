@@ -239,8 +239,12 @@ class LoRALinear(nn.Module):
             return y
         if self.rows is None:
             return y + self.update(x).to(y.dtype)
-        # y[rows] + update(x[rows]): the same single addition as above, for those rows only
-        return y.index_add(0, self.rows, self.update(x.index_select(0, self.rows)).to(y.dtype))
+        # y[rows] + update(x[rows]): the same single addition as above, for those rows only,
+        # copied back in place of those rows (index_copy is a memcpy; index_add's scatter-add of
+        # a 16-bit tensor on CPU took longer than the NF4 matmul itself)
+        rows = self.rows
+        update = self.update(x.index_select(0, rows)).to(y.dtype)
+        return y.index_copy(0, rows, y.index_select(0, rows) + update)
 
     @torch.no_grad()
     def merged_weight(self) -> Tensor:
