@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from grpo.rollout import nucleus_filter
 from qlora import adapter_rows, adapters_disabled
 
 
@@ -90,19 +91,6 @@ class Side:
         if rate is not None:
             parts.append(f"{rate:.1f} tokens/s")
         return " · ".join(parts)
-
-
-def nucleus_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Top-p (Holtzman et al. 2020) as transformers' TopPLogitsWarper: set to -inf the least
-    likely tokens whose probabilities sum to at most 1 - top_p; the most likely always stays.
-    logits [B, V] -> [B, V]."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=False)  # [B, V], ascending
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop = cumulative <= 1 - top_p  # the low tail
-    drop[..., -1:] = False
-    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator=None) -> torch.Tensor:
