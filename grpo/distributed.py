@@ -69,6 +69,20 @@ def gather_lists(items: list) -> list[list]:
     return out
 
 
+def cpu_threads_per_rank(requested: int) -> int:
+    """Torch threads for one CPU process: `requested` (0: one per core), capped at this rank's
+    share of the cores, cores // LOCAL_WORLD_SIZE (>= 1). More OpenMP threads than cores across
+    the ranks makes every parallel region wait on a descheduled thread: a step that takes
+    seconds alone can take minutes when other jobs share the cores.
+
+    >>> cpu_threads_per_rank(8) <= max(1, len(os.sched_getaffinity(0)))
+    True
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    share = max(1, (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return share if requested <= 0 else min(requested, share)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -140,7 +140,8 @@ def run(cfg: GRPOConfig) -> dict:
     say(
         f"model: {trainer.model.config.model_type}, {report['total_parameters']:,} parameters, "
         f"{report['trainable_parameters']:,} trainable; stored {report['bytes'] / 2**20:.2f} MiB "
-        f"({report['bits_per_param']:.2f} bits/param overall); {dist.world_size()} process(es)",
+        f"({report['bits_per_param']:.2f} bits/param overall); {dist.world_size()} process(es) x "
+        f"{torch.get_num_threads()} torch thread(s)",
         flush=True,
     )
 

@@ -94,11 +94,14 @@ class GRPOTrainer:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.log = log or (lambda msg: print(msg, flush=True))
-        if cfg.torch_threads > 0:
-            torch.set_num_threads(cfg.torch_threads)
         self.device = dist.setup(resolve_device(cfg.device), cfg.prompts_per_step)
         if self.device.type == "cpu":
+            threads = dist.cpu_threads_per_rank(cfg.torch_threads)  # never more than the cores
+            if cfg.torch_threads > 0 or dist.world_size() > 1:
+                torch.set_num_threads(threads)
             return_large_frees_to_os()  # freed activations leave the resident set, not the heap
+        elif cfg.torch_threads > 0:
+            torch.set_num_threads(cfg.torch_threads)
         self.task = cfg.load_task()
         if cfg.model == "tiny":
             if dist.is_main():  # one rank builds the cached base, the others wait and load it

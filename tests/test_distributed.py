@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from grpo import distributed as dist
 from grpo.config import GRPOConfig
 from grpo.trainer import GRPOTrainer
 
@@ -74,6 +75,18 @@ def test_two_processes_equal_one(tmp_path, base_dir, loss_type):
         assert one[k].abs().max() > 1e-4, k  # every LoRA matrix and gradient is live
 
 
+@pytest.mark.parametrize(
+    ("requested", "cores", "local_world", "expected"),
+    [(2, 2, 2, 1), (0, 2, 2, 1), (2, 2, 1, 2), (0, 16, 4, 4), (3, 16, 4, 3), (8, 3, 4, 1)],
+)
+def test_cpu_threads_per_rank_never_oversubscribes(
+    monkeypatch, requested, cores, local_world, expected
+):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    assert dist.cpu_threads_per_rank(requested) == expected
+
+
 def test_torchrun_end_to_end_writes_one_checkpoint(tmp_path, base_dir):
     run = tmp_path / "run"
     run.mkdir()
@@ -95,7 +108,8 @@ def test_torchrun_end_to_end_writes_one_checkpoint(tmp_path, base_dir):
     )
     cfg.save_yaml(tmp_path / "c.yaml")
     proc = torchrun(2, "-m", "grpo.train", "--config", str(tmp_path / "c.yaml"))
-    assert "2 process(es)" in proc.stdout
+    share = max(1, len(os.sched_getaffinity(0)) // 2)  # torch_threads=2 capped at the cores
+    assert f"2 process(es) x {min(2, share)} torch thread(s)" in proc.stdout
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000003"]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     lines = (run / "metrics.jsonl").read_text().splitlines()
