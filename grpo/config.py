@@ -63,7 +63,8 @@ class GRPOConfig:
     torch_threads: int = _f(
         2,
         "CPU threads for torch (0: torch's default); 2: both cores of a 2-core machine, a GRPO "
-        "step ~1.5x faster than 1 thread when idle (far slower when other jobs share the cores)",
+        "step ~1.5x faster than 1 thread when idle (far slower when other jobs share the cores); "
+        "under torchrun on CPU, capped at cores // processes",
     )
     gradient_checkpointing: bool = _f(
         False,
