@@ -9,7 +9,7 @@
 Nothing is pickled: tensors go to safetensors, the rest to JSON. A checkpoint directory is written
 whole in a temporary directory and renamed into place (`grpo.atomic.atomic_dir`), so a kill at any
 moment leaves either no step-N or a complete one. The learning rate is a function of the step
-alone (`grpo.trainer.learning_rate`), so there is no scheduler state to save.
+alone (`grpo.schedule.learning_rate`), so there is no scheduler state to save.
 """
 
 from __future__ import annotations

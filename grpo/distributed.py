@@ -83,6 +83,15 @@ def cpu_threads_per_rank(requested: int) -> int:
     return share if requested <= 0 else min(requested, share)
 
 
+def set_torch_threads(device: torch.device, requested: int) -> None:
+    """torch.set_num_threads(requested) (0: torch's default), on CPU capped by
+    cpu_threads_per_rank; under torchrun on CPU the cap applies even to 0."""
+    if device.type == "cpu" and (requested > 0 or world_size() > 1):
+        torch.set_num_threads(cpu_threads_per_rank(requested))
+    elif device.type != "cpu" and requested > 0:
+        torch.set_num_threads(requested)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

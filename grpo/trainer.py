@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.utils import clip_grad_norm_
+from torch.optim import AdamW
 
 from grpo import distributed as dist
 from grpo.config import GRPOConfig
@@ -46,32 +48,12 @@ from grpo.metrics import no_signal_warning, step_metrics
 from grpo.model import build_policy, resolve_device
 from grpo.rewards import combine_rewards
 from grpo.rollout import Rollout, completion_logps, generate_rollouts
+from grpo.schedule import learning_rate
 from grpo.warmup import ensure_tiny_base
 from qlora import adapters_disabled, release_freed_memory, return_large_frees_to_os
 
 EVENTS = ("step_start", "phase_end", "step_end")
-
-
-def learning_rate(cfg: GRPOConfig, step: int) -> float:
-    """The learning rate of the optimizer step after `step` completed steps (step counts from 0):
-
-        lr(s) = learning_rate * f(s),   W = int(warmup_ratio * max_steps)
-        f(s)  = (s + 1) / (W + 1)                                        if s < W
-        f(s)  = max(0, 1 - p) | (1 + cos(pi * min(1, p))) / 2 | 1        linear | cosine | constant
-                with p = (s - W) / max(1, max_steps - W)
-
-    A function of the step alone, so a resumed run continues on exactly the same curve."""
-    warm = int(cfg.warmup_ratio * cfg.max_steps)
-    progress = (step - warm) / max(1, cfg.max_steps - warm)
-    if step < warm:
-        factor = (step + 1) / (warm + 1)
-    elif cfg.lr_schedule == "linear":
-        factor = max(0.0, 1.0 - progress)
-    elif cfg.lr_schedule == "cosine":
-        factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    else:
-        factor = 1.0
-    return cfg.learning_rate * factor
+SAMPLING = ("max_new_tokens", "min_new_tokens", "temperature", "top_p")  # generate_rollouts'
 
 
 @dataclass
@@ -95,13 +77,9 @@ class GRPOTrainer:
         self.out = Path(cfg.output_dir)
         self.log = log or (lambda msg: print(msg, flush=True))
         self.device = dist.setup(resolve_device(cfg.device), cfg.prompts_per_step)
+        dist.set_torch_threads(self.device, cfg.torch_threads)  # on CPU, never over the cores
         if self.device.type == "cpu":
-            threads = dist.cpu_threads_per_rank(cfg.torch_threads)  # never more than the cores
-            if cfg.torch_threads > 0 or dist.world_size() > 1:
-                torch.set_num_threads(threads)
             return_large_frees_to_os()  # freed activations leave the resident set, not the heap
-        elif cfg.torch_threads > 0:
-            torch.set_num_threads(cfg.torch_threads)
         self.task = cfg.load_task()
         if cfg.model == "tiny":
             if dist.is_main():  # one rank builds the cached base, the others wait and load it
@@ -111,9 +89,8 @@ class GRPOTrainer:
         self.model, self.tokenizer, self.reference = build_policy(cfg, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.forward_model = dist.wrap(self.model, self.device)  # the loss's forward: DDP if > 1
-        self.opt = torch.optim.AdamW(
-            self.params, lr=learning_rate(cfg, 0), weight_decay=cfg.weight_decay
-        )
+        self.opt = AdamW(self.params, lr=learning_rate(cfg, 0), weight_decay=cfg.weight_decay)
+        self.sampling = {k: getattr(cfg, k) for k in SAMPLING}
         names = ("loss_type", "epsilon_low", "epsilon_high", "beta", "importance_sampling_level")
         self.loss_options = {k: getattr(cfg, k) for k in names}
         self.loss_options["max_completion_length"] = cfg.max_new_tokens  # used by "dr_grpo"
@@ -166,15 +143,7 @@ class GRPOTrainer:
         torch.manual_seed(cfg.seed * 1_000_003 + self.step * 1_009 + dist.rank())
         records = self.sample_prompts(self.step)
         prompts = [r["prompt"] for r in records for _ in range(cfg.num_generations)]  # [N]
-        ro = generate_rollouts(
-            self.model,
-            self.tokenizer,
-            prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            min_new_tokens=cfg.min_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-        )
+        ro = generate_rollouts(self.model, self.tokenizer, prompts, **self.sampling)
         return self.score(records, ro, self.phase_end("generation", t0))
 
     def score(self, records: list[dict], ro: Rollout, generation_seconds: float = 0.0) -> Batch:
@@ -234,7 +203,8 @@ class GRPOTrainer:
                     (loss * share).backward()
                 for k, v in {**stats, "loss": loss.item()}.items():
                     stats_acc[k] += v * len(part) / (N * cfg.num_iterations)
-            grad_norm = self.clip_gradients()
+            # The global L2 norm before clipping (max_grad_norm 0: measured, not clipped).
+            grad_norm = float(clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf))
             seconds["forward_backward"] += self.phase_end("forward_backward", t0)
             t0 = time.perf_counter()
             for group in self.opt.param_groups:
@@ -247,13 +217,6 @@ class GRPOTrainer:
         return step_metrics(
             self.step, batch, self.task, lr, grad_norm, seconds, stats_acc, self.device
         )
-
-    def clip_gradients(self) -> float:
-        """The gradient's global L2 norm before clipping (clipped to max_grad_norm when > 0)."""
-        if self.cfg.max_grad_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-        grads = [p.grad.norm() for p in self.params if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(grads)))
 
     @torch.no_grad()
     def reference_logps(self, ro: Rollout) -> torch.Tensor:

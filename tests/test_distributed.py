@@ -87,6 +87,18 @@ def test_cpu_threads_per_rank_never_oversubscribes(
     assert dist.cpu_threads_per_rank(requested) == expected
 
 
+def test_set_torch_threads_applies_the_cap_on_cpu_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    dist.set_torch_threads(torch.device("cpu"), 8)  # capped at the 2 cores
+    dist.set_torch_threads(torch.device("cpu"), 0)  # one process, 0: torch's default, untouched
+    dist.set_torch_threads(torch.device("cuda"), 8)  # host threads of a GPU run: as asked
+    dist.set_torch_threads(torch.device("cuda"), 0)
+    assert calls == [2, 8]
+
+
 def test_torchrun_end_to_end_writes_one_checkpoint(tmp_path, base_dir):
     run = tmp_path / "run"
     run.mkdir()

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from grpo.checkpoint import latest_checkpoint
 from grpo.config import GRPOConfig
+from grpo.schedule import learning_rate
 from grpo.train import run
-from grpo.trainer import GRPOTrainer, learning_rate
+from grpo.trainer import GRPOTrainer
 
 FAST = dict(
     model="tiny",
