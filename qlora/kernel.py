@@ -1,7 +1,8 @@
 """The NF4 CPU kernel (csrc/nf4_cpu.cpp): a fused matmul for few input rows, a fast dequantize.
 
     nf4_linear(x, q, bias)   y = x W^T + b in x.dtype: fused_matmul for at most FUSED_MAX_ROWS
-                             input rows, decode + torch's GEMM above (prefill, training)
+                             input rows, decode + torch's GEMM above (prefill, training);
+                             lora=LoraUpdate(A, B, s, rows) adds s B A x inside the fused call
     fused_matmul(x, q)       y = x W^T in float32; W is decoded block by block inside the dot
                              products and never written to memory (decoding, small batches)
     dequantize(q, dtype)     W = NF4_CODE[q] * absmax, bit for bit nf4.dequantize_nf4
@@ -146,6 +147,17 @@ def _compile(isa: str | None):
 
 
 @dataclass(frozen=True)
+class LoraUpdate:
+    """A LoRA update for the fused kernel: u = scaling * B (A x), on the batch items `rows`
+    (int64 indices into dim 0 of x; None: all of them)."""
+
+    a: Tensor  # [r, in] float32, contiguous
+    b: Tensor  # [out, r] float32, contiguous
+    scaling: float
+    rows: Tensor | None = None
+
+
+@dataclass(frozen=True)
 class Kernel:
     """One loaded build. `matmul` and `dequantize_flat` call its ops with no checks: use the
     module's functions, which check and fall back."""
@@ -156,12 +168,24 @@ class Kernel:
     load_seconds: float  # compile + load on a cold cache, load only (~0.1 s) on a warm one
 
     def matmul(
-        self, x: Tensor, q: NF4Weight, bias: Tensor | None = None, bf16_out: bool = False
+        self,
+        x: Tensor,
+        q: NF4Weight,
+        bias: Tensor | None = None,
+        bf16_out: bool = False,
+        lora: LoraUpdate | None = None,
+        span: int = 1,
     ) -> Tensor:
-        """[M, out] = x W^T (+ bias, added in float32) for a contiguous float32/bfloat16 x
-        [M, in] with in even: float32, or rounded once to bfloat16 if bf16_out."""
+        """[M, out] = x W^T (+ bias, added in float32) (+ the LoRA update, see nf4_linear) for a
+        contiguous float32/bfloat16 x [M, in] with in even: float32, or rounded once to
+        bfloat16 if bf16_out. `span`: input rows per batch item, for lora.rows."""
         args = _scale_args(q)
-        return self.ops.matmul(x, q.packed, *args, q.shape[0], q.blocksize, bias, bf16_out)
+        if lora is None:
+            return self.ops.matmul(x, q.packed, *args, q.shape[0], q.blocksize, bias, bf16_out)
+        return self.ops.matmul(
+            x, q.packed, *args, q.shape[0], q.blocksize, bias, bf16_out,
+            lora.a, lora.b, lora.scaling, lora.rows, span,
+        )  # fmt: skip
 
     def dequantize_flat(self, q: NF4Weight, out: Tensor) -> None:
         """Decode q into out, a contiguous float32/bfloat16 tensor of exactly q.numel elements."""
@@ -413,19 +437,45 @@ def uses_fused(x: Tensor, q: NF4Weight) -> bool:
     return _fused_kernel(x, q) is not None
 
 
-def nf4_linear(x: Tensor, q: NF4Weight, bias: Tensor | None = None) -> Tensor:
+def lora_fusable(x: Tensor, q: NF4Weight, lora: LoraUpdate) -> bool:
+    """Whether nf4_linear(x, q, lora=lora) runs in one kernel call: uses_fused(x, q), float32
+    contiguous CPU adapter matrices of matching shapes, and rows only for an x with a batch dim."""
+    a, b = lora.a, lora.b
+    return (
+        uses_fused(x, q)
+        and a.dtype == b.dtype == torch.float32
+        and a.device == b.device == q.device
+        and a.is_contiguous()
+        and b.is_contiguous()
+        and a.shape == (b.shape[1], q.shape[1])
+        and b.shape[0] == q.shape[0]
+        and (lora.rows is None or (x.dim() >= 2 and lora.rows.dtype == torch.long))
+    )
+
+
+def nf4_linear(
+    x: Tensor, q: NF4Weight, bias: Tensor | None = None, lora: LoraUpdate | None = None
+) -> Tensor:
     """y = x W^T + b in x.dtype, x [..., in] -> [..., out].
 
     uses_fused(x, q): the fused kernel, y = fl32(sum_k x_k W_nk) + b in float32, rounded once to
     x.dtype. Otherwise F.linear(x, decode(q, x.dtype), b), the pure-PyTorch NF4Linear's
     arithmetic exactly (also when x carries a gradient: autograd sees a plain F.linear with a
     constant weight).
+
+    lora (only where lora_fusable): the LoRA update joins the same call, before the rounding:
+    y = fl32(fl32(sum_k x_k W_nk + b) + fl32(s * sum_j B_nj h_j)), h = A x in float32, on the
+    rows lora.rows (the others: the line above, bit for bit).
     """
     k = _fused_kernel(x, q)
+    if lora is not None and not lora_fusable(x, q, lora):
+        raise ValueError("nf4_linear: this LoRA update cannot join the fused kernel (lora_fusable)")
     if k is None:
         return F.linear(x, decode(q, x.dtype), bias)
     if bias is not None and (bias.dtype not in KERNEL_DTYPES or bias.device != q.device):
         bias = bias.to(device=q.device, dtype=torch.float32)
     x2 = x.reshape(-1, q.shape[1]).contiguous()  # [M, in]; a copy only if x was strided
-    y = k.matmul(x2, q, bias.contiguous() if bias is not None else None, x.dtype == torch.bfloat16)
+    span = x2.shape[0] // x.shape[0] if x.dim() >= 2 and x.shape[0] else 1  # rows per item
+    bias = bias.contiguous() if bias is not None else None
+    y = k.matmul(x2, q, bias, x.dtype == torch.bfloat16, lora, span)
     return y.view(*x.shape[:-1], q.shape[0])

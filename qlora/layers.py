@@ -5,7 +5,8 @@
                  GEMM for many); otherwise decoded on every call (in backward again)
     LoRALinear:  y = base(x) + s * B A dropout(x),   A [r, in], B [out, r],
                  s = alpha / r (LoRA, Hu et al. 2021)
-                   or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023)
+                   or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023);
+                 decoding on CPU over an NF4 base: base and update in one kernel call
 
 Only A and B train. B starts at zero, so a fresh adapter leaves the base model's output unchanged.
 """
@@ -234,9 +235,12 @@ class LoRALinear(nn.Module):
         return self.lora_B(h) * self.scaling
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)  # [..., out]
         if self.disabled:
-            return y
+            return self.base(x)
+        fused = self._fused_decode(x)
+        if fused is not None:
+            return fused
+        y = self.base(x)  # [..., out]
         if self.rows is None:
             return y + self.update(x).to(y.dtype)
         # y[rows] + update(x[rows]): the same single addition as above, for those rows only,
@@ -245,6 +249,24 @@ class LoRALinear(nn.Module):
         rows = self.rows
         update = self.update(x.index_select(0, rows)).to(y.dtype)
         return y.index_copy(0, rows, y.index_select(0, rows) + update)
+
+    def _fused_decode(self, x: Tensor) -> Tensor | None:
+        """Decoding on CPU (no gradient, no dropout, few rows, an NF4 base): base and update in
+        one call of the NF4 kernel, kernel.nf4_linear(x, W, b, lora=...), added in float32 before
+        the one rounding to the output dtype; None where that path does not apply."""
+        base, a, b = self.base, self.lora_A.weight, self.lora_B.weight
+        if not isinstance(base, NF4Linear) or (self.training and self.dropout > 0):
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
+            return None
+        xc = x.to(base.compute_dtype)
+        lora = kernel.LoraUpdate(a, b, self.scaling, self.rows)
+        if not kernel.lora_fusable(xc, base.qweight, lora):
+            return None
+        bias = base.bias
+        if bias is not None and bias.dtype != base.compute_dtype:
+            bias = bias.to(base.compute_dtype)
+        return kernel.nf4_linear(xc, base.qweight, bias, lora).to(x.dtype)
 
     @torch.no_grad()
     def merged_weight(self) -> Tensor:

@@ -187,6 +187,102 @@ def test_rows_are_independent_of_batch_and_threads(kernels):
             torch.set_num_threads(threads)
 
 
+# --- the LoRA update inside the fused kernel ------------------------------------------------------
+
+
+def lora_factors(q, r=16, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(r, q.shape[1], generator=g) / q.shape[1] ** 0.5  # [r, in]
+    b = torch.randn(q.shape[0], r, generator=g) * 0.05  # [out, r]
+    return a, b
+
+
+def assert_lora_within_rounding(y, x, weight, a, b, s):
+    """|y - (x W^T + s B A x) in float64| <= 2 TOL_U u S, S the sum of |terms| of both parts."""
+    x64 = x.double().reshape(-1, x.shape[-1])
+    w64, a64, b64 = weight.double(), a.double(), b.double()
+    exact = x64 @ w64.T + s * (x64 @ a64.T) @ b64.T
+    scale = x64.abs() @ w64.abs().T + s * (x64.abs() @ a64.abs().T) @ b64.abs().T
+    err = (y.double().reshape(exact.shape) - exact).abs()
+    assert torch.all(err <= 2 * TOL_U * U * scale), f"max err / (u S) = {(err / (U * scale)).max()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_lora_update_at_phi2_shapes(phi2_weights, kern, dtype):
+    g = torch.Generator().manual_seed(12)
+    for q, weight in phi2_weights:
+        a, b = lora_factors(q)
+        x = torch.randn(2, q.shape[1], generator=g).to(dtype)
+        y = kern.matmul(x, q, None, False, kernel.LoraUpdate(a, b, 2.0), 1)
+        assert_lora_within_rounding(y, x.float(), weight, a, b, 2.0)
+        base = kern.matmul(x, q)
+        assert (y - base).abs().max() > 1e-3  # the update is there, and large next to rounding
+
+
+def test_lora_rows_other_rows_bit_identical_and_batch_invariant(kernels):
+    """Items not in rows get the base alone, bit for bit; an item's result does not depend on
+    the batch around it, on the thread count, or on which other items carry the update."""
+    q = quantize_nf4(torch.randn(300, 256, generator=torch.Generator().manual_seed(13)))
+    a, b = lora_factors(q)
+    x = torch.randn(3, 2, 256, generator=torch.Generator().manual_seed(14))  # 3 items x 2 rows
+    threads = torch.get_num_threads()
+    for kern in kernels.values():
+
+        def run(xs, rows=None, lora=True, kern=kern):
+            update = kernel.LoraUpdate(a, b, 0.5, rows) if lora else None
+            return kern.matmul(xs.reshape(-1, 256), q, None, False, update, xs.shape[1])
+
+        y = run(x, torch.tensor([0, 2])).view(3, 2, -1)
+        assert torch.equal(y[1], run(x[1:2], lora=False))  # not in rows: the base, exactly
+        assert torch.equal(y[0], run(x[0:1]))  # alone, with the update on every row
+        assert torch.equal(y[2], run(x[2:3]))
+        assert torch.equal(run(x, torch.tensor([2])).view(3, 2, -1)[2], y[2])
+        try:
+            torch.set_num_threads(2)
+            assert torch.equal(run(x, torch.tensor([0, 2])).view(3, 2, -1), y)
+        finally:
+            torch.set_num_threads(threads)
+        with pytest.raises(RuntimeError, match="lora_rows out of range"):
+            run(x, torch.tensor([3]))
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_lora_linear_decodes_in_one_kernel_call(monkeypatch, compute_dtype):
+    from qlora import LoRALinear
+
+    torch.manual_seed(15)
+    lin = nn.Linear(256, 96).to(compute_dtype)
+    layer = LoRALinear(NF4Linear.from_linear(lin, compute_dtype=compute_dtype), 8, 16.0, 0.1)
+    nn.init.normal_(layer.lora_B.weight, std=0.05)
+    calls = []
+    matmul = kernel.Kernel.matmul
+    monkeypatch.setattr(kernel.Kernel, "matmul", lambda *a: calls.append(a[5]) or matmul(*a))
+    x = torch.randn(2, 3, 256).to(compute_dtype)
+    layer.eval()
+    with torch.no_grad():
+        y = layer(x)
+        base = layer.base(x).float()
+        reference = base + layer.update(x)  # the base rounded to bf16, then the update
+    assert len(calls) == 2 and calls[0] is not None and calls[1] is None  # fused; then base
+    if compute_dtype == torch.float32:
+        w, a, b = dequantize_nf4(layer.base.qweight), layer.lora_A.weight, layer.lora_B.weight
+        assert_lora_within_rounding(y - lin.bias, x, w, a, b, layer.scaling)
+    else:  # one rounding of the float32 sum against the reference's rounded base: 2 bf16 ulps
+        ulp = 2.0 ** (torch.frexp(torch.maximum(base.abs(), reference.abs())).exponent - 8.0)
+        assert torch.all((y.float() - reference).abs() <= 2 * ulp)
+    calls.clear()
+    layer.train()  # dropout active: the unfused path
+    with torch.no_grad():
+        layer(x)
+    xg = x.clone().requires_grad_(True)
+    layer.eval()
+    layer(xg).sum().backward()  # a gradient to carry: the unfused path
+    assert all(c is None for c in calls)
+    with pytest.raises(ValueError, match="lora_fusable"):
+        bad = kernel.LoraUpdate(layer.lora_A.weight, layer.lora_B.weight.bfloat16(), 1.0)
+        kernel.nf4_linear(x, layer.base.qweight, None, bad)
+
+
 # --- inputs the kernel does not take as they are --------------------------------------------------
 
 

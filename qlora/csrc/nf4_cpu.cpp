@@ -12,7 +12,8 @@
 //
 //   dequantize(out):  out[e] = fl(NF4_CODE[q_e] * absmax_b), cast to bfloat16 by round to
 //                     nearest even (NaN -> 0xFFFF), as torch's CPU .to(torch.bfloat16) does
-//   matmul:           y[m, n] = sum_k x[m, k] W[n, k] in float32, W never written to memory
+//   matmul:           y[m, n] = sum_k x[m, k] W[n, k] in float32, W never written to memory;
+//                     optionally + bias, + a LoRA update s B (A x[m]) on chosen rows (struct Lora)
 //
 // The lookup NF4_CODE[q] is a permute: the 16 floats fill one AVX-512 register, and
 // _mm512_permutexvar_ps reads only the low 4 bits of each 32-bit index, so a nibble needs a
@@ -494,14 +495,64 @@ int check_common(const at::Tensor& packed, const at::Tensor& absmax, const at::T
   return shift;
 }
 
-// y [M, N] = x [M, K] (float32 or bfloat16) W^T (+ bias [N], added in float32), in float32,
-// or rounded once to bfloat16 when bf16_out.
+// sum_k a[k] b[k] in float32, in an order fixed by n (four SIMD chains, then the tail)
+float dot_f32(const float* a, const float* b, int64_t n) {
+  int64_t k = 0;
+  float total = 0.0f;
+#if QLORA_ISA != 0
+  Vec acc[4] = {vzero(), vzero(), vzero(), vzero()};
+  for (; k + 4 * kLanes <= n; k += 4 * kLanes)
+    for (int c = 0; c < 4; ++c) acc[c] = vfma(vload(a + k + c * kLanes), vload(b + k + c * kLanes), acc[c]);
+  total = vsum(vadd(vadd(acc[0], acc[1]), vadd(acc[2], acc[3])));
+#endif
+  for (; k < n; ++k) total += a[k] * b[k];
+  return total;
+}
+
+// The LoRA update of the fused matmul (optional): for the input rows m it covers,
+//
+//     h[m, j] = sum_k A[j, k] x[m, k]                       (float32, dot_f32's order)
+//     u[m, n] = fl(s * sum_j B[n, j] h[m, j])               (j = 0 .. r-1 in order)
+//     y[m, n] = fl(fl(sum_k x[m, k] W[n, k] + b[n]) + u[m, n]), rounded once to bfloat16 if asked
+//
+// The rows covered: every row, or those of the batch items in `rows` (item i = input rows
+// i*span .. i*span + span - 1). The others get the base alone, bit for bit as without LoRA.
+struct Lora {
+  const float* b = nullptr;  // [N, r]; nullptr: no LoRA
+  int64_t r = 0;
+  float scaling = 0.0f;
+  std::vector<int64_t> slot;  // input row m -> its row of h, or -1
+  std::vector<float> h;       // [rows covered, r]
+
+  // u[c * (end - begin) + n - begin] for every covered row c and output n in [begin, end):
+  // eight outputs at a time, so that eight independent chains hide the add latency (each
+  // output's own sum still runs j = 0 .. r-1 in order)
+  void updates(int64_t begin, int64_t end, std::vector<float>& u) const {
+    const int64_t len = end - begin, covered = static_cast<int64_t>(h.size()) / r;
+    u.assign(covered * len, 0.0f);
+    for (int64_t c = 0; c < covered; ++c) {
+      const float* hc = h.data() + c * r;
+      for (int64_t n = begin; n < end; n += 8) {
+        const int64_t cnt = std::min<int64_t>(8, end - n);
+        float d[8] = {};
+        for (int64_t j = 0; j < r; ++j)
+          for (int64_t i = 0; i < cnt; ++i) d[i] += b[(n + i) * r + j] * hc[j];
+        for (int64_t i = 0; i < cnt; ++i) u[c * len + n - begin + i] = scaling * d[i];
+      }
+    }
+  }
+};
+
+// y [M, N] = x [M, K] (float32 or bfloat16) W^T (+ bias [N], added in float32) (+ the LoRA
+// update above), in float32, or rounded once to bfloat16 when bf16_out.
 at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                   const at::Tensor& nf4_code, const std::optional<at::Tensor>& dynamic_code,
                   const std::optional<at::Tensor>& absmax_scale,
                   const std::optional<at::Tensor>& absmax_offset, int64_t absmax_group,
                   int64_t out_features, int64_t blocksize, const std::optional<at::Tensor>& bias,
-                  bool bf16_out) {
+                  bool bf16_out, const std::optional<at::Tensor>& lora_a,
+                  const std::optional<at::Tensor>& lora_b, double lora_scaling,
+                  const std::optional<at::Tensor>& lora_rows, int64_t lora_span) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
               "x must be a contiguous 2-D CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
@@ -529,6 +580,50 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   args.B = blocksize;
   at::Tensor out = at::empty({M, N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
   if (M == 0 || N == 0) return out;
+
+  Lora lora;
+  if (lora_a.has_value()) {
+    TORCH_CHECK(lora_b.has_value(), "lora_a needs lora_b");
+    TORCH_CHECK(lora_a->scalar_type() == at::kFloat && lora_a->is_contiguous() &&
+                    lora_a->dim() == 2 && lora_a->size(1) == K,
+                "lora_a must be contiguous float32 [r, in_features]");
+    lora.r = lora_a->size(0);
+    TORCH_CHECK(lora_b->scalar_type() == at::kFloat && lora_b->is_contiguous() &&
+                    lora_b->dim() == 2 && lora_b->size(0) == N && lora_b->size(1) == lora.r,
+                "lora_b must be contiguous float32 [out_features, r]");
+    lora.b = lora_b->data_ptr<float>();
+    lora.scaling = static_cast<float>(lora_scaling);
+    lora.slot.assign(M, -1);
+    int64_t covered = 0;
+    if (lora_rows.has_value()) {
+      TORCH_CHECK(lora_rows->scalar_type() == at::kLong && lora_rows->is_contiguous() &&
+                      lora_rows->device().is_cpu(),
+                  "lora_rows must be a contiguous int64 CPU tensor");
+      TORCH_CHECK(lora_span > 0 && M % lora_span == 0, "lora_span must divide the rows");
+      const int64_t* items = lora_rows->data_ptr<int64_t>();
+      for (int64_t i = 0; i < lora_rows->numel(); ++i) {
+        TORCH_CHECK(items[i] >= 0 && items[i] < M / lora_span, "lora_rows out of range");
+        for (int64_t m = items[i] * lora_span; m < (items[i] + 1) * lora_span; ++m)
+          if (lora.slot[m] < 0) lora.slot[m] = covered++;
+      }
+    } else {
+      for (int64_t m = 0; m < M; ++m) lora.slot[m] = covered++;
+    }
+    // h = A x for the covered rows, from x in float32 (bfloat16 widens exactly)
+    const float* a = lora_a->data_ptr<float>();
+    const bool bf16_in = x.scalar_type() == at::kBFloat16;
+    const uint16_t* xb =
+        bf16_in ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+    const float* xf = bf16_in ? nullptr : x.data_ptr<float>();
+    std::vector<float> xm(K);
+    lora.h.assign(covered * lora.r, 0.0f);
+    for (int64_t m = 0; m < M; ++m) {
+      if (lora.slot[m] < 0) continue;
+      for (int64_t k = 0; k < K; ++k) xm[k] = bf16_in ? bf16_to_float(xb[m * K + k]) : xf[m * K + k];
+      for (int64_t j = 0; j < lora.r; ++j)
+        lora.h[lora.slot[m] * lora.r + j] = dot_f32(a + j * K, xm.data(), K);
+    }
+  }
 
 #if QLORA_ISA != 0
   const bool grouped = K % kGroup == 0;
@@ -579,6 +674,8 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     const float* x_rows[kMaxTile];
     float y_tile[2 * kMaxTile];
+    std::vector<float> u;  // the LoRA updates of this chunk's outputs
+    if (lora.b != nullptr) lora.updates(begin, end, u);
     for (int64_t n = begin; n < end; n += 2) {
       const int rows = end - n >= 2 ? 2 : 1;  // output rows in pairs: one x load serves both
       for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
@@ -589,8 +686,10 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
           const bool has_bias = bias_f32 != nullptr || bias_bf16 != nullptr;
           const float b = bias_f32 ? bias_f32[n + r] : bias_bf16 ? bf16_to_float(bias_bf16[n + r]) : 0.0f;
           for (int m = 0; m < mt; ++m) {
-            // one float32 add, as y + bias.float()
-            const float v = has_bias ? y_tile[r * mt + m] + b : y_tile[r * mt + m];
+            // one float32 add, as y + bias.float(); then the LoRA update, one more
+            float v = has_bias ? y_tile[r * mt + m] + b : y_tile[r * mt + m];
+            if (lora.b != nullptr && lora.slot[m0 + m] >= 0)
+              v += u[lora.slot[m0 + m] * (end - begin) + n + r - begin];
             const int64_t at = (m0 + m) * N + n + r;
             if (bf16_out)
               y_bf16[at] = bf16_bits(v);
@@ -750,7 +849,8 @@ QLORA_LIBRARY(QLORA_NAMESPACE, m) {
   m.def(
       "matmul(Tensor x, Tensor packed, Tensor absmax, Tensor nf4_code, Tensor? dynamic_code, "
       "Tensor? absmax_scale, Tensor? absmax_offset, int absmax_group, int out_features, "
-      "int blocksize, Tensor? bias, bool bf16_out) -> Tensor",
+      "int blocksize, Tensor? bias, bool bf16_out, Tensor? lora_a=None, Tensor? lora_b=None, "
+      "float lora_scaling=0.0, Tensor? lora_rows=None, int lora_span=1) -> Tensor",
       &matmul);
   m.def(
       "dequantize(Tensor packed, Tensor absmax, Tensor nf4_code, Tensor? dynamic_code, "
