@@ -154,3 +154,35 @@ def test_steps_run_on_the_model_thread_and_give_the_same_tokens(adapted):
         assert [s.ids for s in got] == [s.ids for s in want]
     assert len(seen) >= 10 * len(PROMPTS) // 2
     worker.close()
+
+
+def test_float32_kv_cache_gives_the_16_bit_cache_s_logits_bit_for_bit(monkeypatch):
+    """A bf16 model decoding with grpo.cpu_attention keeps its cache in float32 (the same 16-bit
+    values, never widened again per step): prefill and every decode step give the same logits
+    as a bf16 cache, bit for bit; past the size budget the cache stays in the model's dtype."""
+    from app import streaming
+    from grpo.cpu_attention import use_cpu_decode_attention
+
+    model, tokenizer = build_tiny_phi(seed=0)
+    model = model.to(torch.bfloat16).eval()
+    use_cpu_decode_attention(model)
+    ids = tokenizer([PROMPTS[1]] * 2, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    capacity = ids.shape[1] + 6
+    assert streaming.cache_dtype(model, 2, capacity) == torch.float32
+
+    def logits(dtype):
+        cache = streaming.preallocated_cache(model, capacity, dtype)
+        out, seq, steps = None, ids, []
+        with torch.inference_mode():
+            for _ in range(6):
+                inputs = seq if out is None else seq[:, -1:]
+                out = model(input_ids=inputs, cache=cache, use_cache=True, logits_to_keep=1)
+                steps.append(out.logits[:, -1].float())
+                seq = torch.cat([seq, steps[-1].argmax(-1, keepdim=True)], dim=1)
+        assert cache.layers[0].key_buffer.dtype == (dtype or torch.bfloat16)
+        return steps
+
+    for ours, theirs in zip(logits(torch.float32), logits(None), strict=True):
+        assert torch.equal(ours, theirs)
+    monkeypatch.setattr(streaming, "FLOAT32_CACHE_BYTES", 1024)
+    assert streaming.cache_dtype(model, 2, capacity) is None
