@@ -94,15 +94,27 @@ def rewrite_block(path: Path, start: str, end: str, body: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform.processor() where there is none)."""
+def cpu_model(cpuinfo: str | None = None) -> str:
+    r"""The CPU's model name from /proc/cpuinfo (platform.processor() where there is none), with
+    its x86 family and model numbers where the name alone does not tell generations apart.
+
+    >>> cpu_model("model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\n")
+    'AMD EPYC (family 25, model 17)'
+    """
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        text = ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+        if not line.strip() and fields:
+            break  # the first processor's lines are enough
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    if fields.get("cpu family") and fields.get("model"):
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def machine(torch_threads: int) -> dict:
