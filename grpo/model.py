@@ -11,7 +11,7 @@ from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from grpo.choices import DTYPES
-from qlora import prepare_qlora
+from qlora import prepare_qlora, return_large_frees_to_os, trainable_parameters
 from qlora.loading import CheckpointError, load_quantized, stored_parameters
 
 TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
@@ -164,6 +164,17 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but no CUDA device is visible; use --device cpu")
     return torch.device(device)
+
+
+def release_memory_each_step(model, device: torch.device) -> bool:
+    """Whether training steps hand their freed memory back to the OS (glibc set up for it when
+    True): on CPU, for a model of at least SMALL_MODEL_PARAMS parameters. Measured: Phi-2
+    (2.8 B) on CPU peaked at 2.7 GB resident instead of 6.0 GB; the tiny default (0.8 M) would
+    take 1.01 s a step instead of 0.55 s, re-faulting its activations' pages, to save 170 MB."""
+    if device.type != "cpu" or trainable_parameters(model)[1] < SMALL_MODEL_PARAMS:
+        return False
+    return_large_frees_to_os()
+    return True
 
 
 def build_policy(cfg, device: torch.device):

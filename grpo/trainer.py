@@ -45,12 +45,12 @@ from grpo import distributed as dist
 from grpo.config import GRPOConfig
 from grpo.loss import constant_groups, group_advantages, grpo_loss
 from grpo.metrics import no_signal_warning, step_metrics
-from grpo.model import build_policy, resolve_device
+from grpo.model import build_policy, release_memory_each_step, resolve_device
 from grpo.rewards import combine_rewards
 from grpo.rollout import Rollout, completion_logps, generate_rollouts
 from grpo.schedule import learning_rate
 from grpo.warmup import ensure_tiny_base
-from qlora import adapters_disabled, release_freed_memory, return_large_frees_to_os
+from qlora import adapters_disabled, release_freed_memory
 
 EVENTS = ("step_start", "phase_end", "step_end")
 SAMPLING = ("max_new_tokens", "min_new_tokens", "temperature", "top_p")  # generate_rollouts'
@@ -78,8 +78,6 @@ class GRPOTrainer:
         self.log = log or (lambda msg: print(msg, flush=True))
         self.device = dist.setup(resolve_device(cfg.device), cfg.prompts_per_step)
         dist.set_torch_threads(self.device, cfg.torch_threads)  # on CPU, never over the cores
-        if self.device.type == "cpu":
-            return_large_frees_to_os()  # freed activations leave the resident set, not the heap
         self.task = cfg.load_task()
         if cfg.model == "tiny":
             if dist.is_main():  # one rank builds the cached base, the others wait and load it
@@ -88,6 +86,7 @@ class GRPOTrainer:
         torch.manual_seed(cfg.seed)  # LoRA init: identical on every rank
         self.model, self.tokenizer, self.reference = build_policy(cfg, self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.release_memory = release_memory_each_step(self.model, self.device)
         self.forward_model = dist.wrap(self.model, self.device)  # the loss's forward: DDP if > 1
         self.opt = AdamW(self.params, lr=learning_rate(cfg, 0), weight_decay=cfg.weight_decay)
         self.sampling = {k: getattr(cfg, k) for k in SAMPLING}
@@ -122,7 +121,7 @@ class GRPOTrainer:
         self.emit("step_start", {"step": self.step + 1})
         batch = self.make_batch()
         metrics = self.update(batch)
-        if self.device.type == "cpu":
+        if self.release_memory:
             release_freed_memory()  # the step's activations leave the resident set
         metrics["step_seconds"] = time.perf_counter() - t0
         self.emit("step_end", metrics)

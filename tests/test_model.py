@@ -117,3 +117,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tmp_pat
     for name in grads[0]:
         assert grads[0][name].abs().max() > 0, name
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_only_a_large_model_on_cpu_hands_memory_back_each_step(monkeypatch):
+    import grpo.model
+    from grpo.model import release_memory_each_step
+
+    calls = []
+    monkeypatch.setattr(grpo.model, "return_large_frees_to_os", lambda: calls.append(1) or True)
+    small = torch.nn.Linear(10, 10)  # 110 parameters
+    assert not release_memory_each_step(small, torch.device("cpu")) and calls == []
+    monkeypatch.setattr(grpo.model, "SMALL_MODEL_PARAMS", 110)
+    assert release_memory_each_step(small, torch.device("cpu")) and calls == [1]
+    assert not release_memory_each_step(small, torch.device("cuda")) and calls == [1]
