@@ -96,7 +96,11 @@ class GRPOConfig:
     warmup_sft_batch_size: int = _f(128, "sequences per supervised warm-up step")
     warmup_sft_learning_rate: float = _f(1e-3, "AdamW learning rate of the warm-up")
     # --- GRPO ------------------------------------------------------------------------------
-    max_steps: int = _f(1000, "GRPO optimizer steps (one generation batch each)")
+    max_steps: int = _f(
+        200,
+        "GRPO optimizer steps (one generation batch each); 200: the tiny default gains 30+ points "
+        "in about 2 minutes of GRPO on 2 cores (1000 steps: 5 more points, 5x the time)",
+    )
     prompts_per_step: int = _f(32, "distinct prompts per generation batch")
     num_generations: int = _f(
         8, "G: completions per prompt, the group the advantage is relative to"
@@ -166,7 +170,7 @@ class GRPOConfig:
     sample_every: int = _f(50, "steps between samples.jsonl entries")
     save_every: int = _f(100, "steps between checkpoints (0: only at the end)")
     eval_every: int = _f(
-        200, "steps between held-out evaluations during training (0: before/after only)"
+        50, "steps between held-out evaluations during training (0: before/after only)"
     )
     no_signal_patience: int = _f(
         5, "warn when every group has zero reward variance this many steps in a row"

@@ -177,15 +177,32 @@ def release_memory_each_step(model, device: torch.device) -> bool:
     return True
 
 
+def use_fused_gelu(model) -> int:
+    """Swap every NewGELUActivation (Phi's "gelu_new") for transformers' GELUTanh: the same
+    formula, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as one torch kernel forward and
+    one backward instead of eight elementwise ops and their gradients (equal up to float32
+    rounding). In the tiny default's GRPO step those ops were a quarter of the time. Returns
+    how many were swapped."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    names = [n for n, m in model.named_modules() if isinstance(m, NewGELUActivation)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, GELUTanh())
+    return len(names)
+
+
 def build_policy(cfg, device: torch.device):
     """(model, tokenizer, reference or None) for a GRPO run of `cfg` (a GRPOConfig).
 
     QLoRA (quantize and use_lora): the base is quantized to NF4 while it is read (`nf4_targets`),
-    so a 16-bit copy of the whole model never exists, then LoRA wraps the targets. use_lora false:
+    so a 16-bit copy of the whole model never exists, then LoRA wraps the targets. The
+    activation is the fused one (use_fused_gelu). use_lora false:
     the whole model trains and the KL reference (beta > 0) is a frozen copy of it."""
     nf4 = tuple(cfg.lora_targets) if cfg.quantize and cfg.use_lora else None
     model, tokenizer = load_model(base_path(cfg), cfg.dtype, nf4_targets=nf4)
     model.to(device)
+    use_fused_gelu(model)
     reference = None
     if cfg.use_lora:
         prepare_qlora(

@@ -14,7 +14,7 @@ DEFAULT_RUN = {
     "model": "tiny", "dtype": "float32", "device": "auto", "torch_threads": 2, "task": "arithmetic",
     "dataset_path": "", "arithmetic_format": "fixed", "n_eval": 500, "warmup_sft_steps": 900,
     "warmup_target_accuracy": 0.0, "warmup_sft_batch_size": 128, "warmup_sft_learning_rate": 1e-3,
-    "max_steps": 1000, "prompts_per_step": 32, "num_generations": 8, "num_iterations": 1,
+    "max_steps": 200, "prompts_per_step": 32, "num_generations": 8, "num_iterations": 1,
     "micro_batch_size": 256, "max_new_tokens": 6, "temperature": 1.0, "top_p": 1.0,
     "learning_rate": 5e-4, "weight_decay": 0.0, "warmup_ratio": 0.05, "lr_schedule": "cosine",
     "max_grad_norm": 1.0, "beta": 0.0, "epsilon_low": 0.2, "epsilon_high": 0.2, "loss_type": "grpo",
@@ -24,7 +24,7 @@ DEFAULT_RUN = {
     "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "use_rslora": False,
     "lora_targets": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"], "seed": 0,
     "output_dir": "runs/tiny", "log_every": 10, "sample_every": 50, "save_every": 100,
-    "eval_every": 200, "no_signal_patience": 5, "resume": False,
+    "eval_every": 50, "no_signal_patience": 5, "resume": False,
     # fields added since, at their no-op values
     "gradient_checkpointing": False, "min_new_tokens": 0,
 }  # fmt: skip

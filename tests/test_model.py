@@ -130,3 +130,22 @@ def test_only_a_large_model_on_cpu_hands_memory_back_each_step(monkeypatch):
     monkeypatch.setattr(grpo.model, "SMALL_MODEL_PARAMS", 110)
     assert release_memory_each_step(small, torch.device("cpu")) and calls == [1]
     assert not release_memory_each_step(small, torch.device("cuda")) and calls == [1]
+
+
+def test_fused_gelu_is_phi_s_gelu_new_to_float32_rounding():
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from grpo.model import use_fused_gelu
+    from grpo.tiny import build_tiny_phi
+
+    model, tokenizer = build_tiny_phi(seed=0)
+    ids = tokenizer(["47+05=+052", "03-99=-096"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert use_fused_gelu(model) == model.config.num_hidden_layers
+        after = model(input_ids=ids).logits
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert sum(isinstance(m, GELUTanh) for m in model.modules()) == model.config.num_hidden_layers
+    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+    x = torch.linspace(-6, 6, 10001, dtype=torch.float64)
+    assert (GELUTanh()(x) - NewGELUActivation()(x)).abs().max() < 1e-12  # one formula
