@@ -70,8 +70,13 @@ def test_two_processes_equal_one(tmp_path, base_dir, loss_type):
         results[nproc] = load_file(out)
     one, two = results[1], results[2]
     assert one.keys() == two.keys() and any(k.startswith("grad.") for k in one)
-    for k in one:  # LoRA weights after the step, and the gradients the optimizer saw
-        torch.testing.assert_close(one[k], two[k], atol=1e-6, rtol=0)
+    for k in one:  # the gradients the optimizer saw, and the LoRA weights after the step
+        # Adam's first step moves each weight by ~lr * g / (|g| + eps): where g is near eps, a
+        # float32-rounding change in g moves the weight by up to ~1e-3 lr (lr = 1e-2 here).
+        atol = 1e-7 if k.startswith("grad.") else 1e-5
+        torch.testing.assert_close(
+            one[k], two[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}"
+        )
         assert one[k].abs().max() > 1e-4, k  # every LoRA matrix and gradient is live
 
 

@@ -1,4 +1,5 @@
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -173,3 +174,34 @@ def test_next_tokens_greedy_is_argmax_and_masks_eos_below_min_new_tokens():
     assert next_tokens(logits, 1, **kw).tolist() == [2, 0]  # step 1 < 2: EOS (1) is out
     assert next_tokens(logits, 2, **kw).tolist() == [1, 0]  # step 2: allowed again
     assert logits[0, 1] == 5.0  # the caller's logits are untouched
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 5])
+def test_shared_prompts_give_the_full_forward_s_logps_and_gradients(tiny, max_new_tokens):
+    """Each distinct prompt once, its cache copied to its rows: the same log-probs and LoRA
+    gradients as running every row's prompt, up to float32 rounding (left padding included)."""
+    from qlora import prepare_qlora
+
+    model, tok = tiny
+    model = copy.deepcopy(model)
+    prepare_qlora(model, r=4, alpha=8.0, dropout=0.0)  # no random masks: both paths comparable
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    torch.manual_seed(1)
+    prompts = ["7+5=", "47+35=", "7+5=", "47+35=", "7+5=", "9-80="]
+    ro = generate_rollouts(model, tok, prompts, max_new_tokens=max_new_tokens)
+    model.train()
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        logps = completion_logps(model, ro, 0.7, share_prompts=share)
+        (logps * ro.completion_mask).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((logps.detach() * ro.completion_mask, grads))
+    (full, full_grads), (shared, shared_grads) = results
+    torch.testing.assert_close(shared, full, atol=2e-5, rtol=1e-5)
+    for a, b in zip(shared_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().max() > 1e-3 for g in full_grads)  # gradients that say something
