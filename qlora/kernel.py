@@ -440,10 +440,14 @@ def uses_fused(x: Tensor, q: NF4Weight) -> bool:
 def lora_fusable(x: Tensor, q: NF4Weight, lora: LoraUpdate) -> bool:
     """Whether nf4_linear(x, q, lora=lora) runs in one kernel call: uses_fused(x, q), float32
     contiguous CPU adapter matrices of matching shapes, and rows only for an x with a batch dim."""
+    return uses_fused(x, q) and _lora_matches(x, q, lora)
+
+
+def _lora_matches(x: Tensor, q: NF4Weight, lora: LoraUpdate) -> bool:
+    """lora_fusable's conditions on the adapter itself (uses_fused aside)."""
     a, b = lora.a, lora.b
     return (
-        uses_fused(x, q)
-        and a.dtype == b.dtype == torch.float32
+        a.dtype == b.dtype == torch.float32
         and a.device == b.device == q.device
         and a.is_contiguous()
         and b.is_contiguous()
@@ -468,7 +472,7 @@ def nf4_linear(
     rows lora.rows (the others: the line above, bit for bit).
     """
     k = _fused_kernel(x, q)
-    if lora is not None and not lora_fusable(x, q, lora):
+    if lora is not None and (k is None or not _lora_matches(x, q, lora)):
         raise ValueError("nf4_linear: this LoRA update cannot join the fused kernel (lora_fusable)")
     if k is None:
         return F.linear(x, decode(q, x.dtype), bias)

@@ -89,10 +89,15 @@ class NF4Linear(nn.Module):
         qweight = kernel.quantize(linear.weight, blocksize=blocksize, double_quant=double_quant)
         return cls(qweight, linear.bias, compute_dtype or linear.weight.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def compute_bias(self) -> Tensor | None:
+        """The bias in compute_dtype (None without one)."""
         bias = self.bias
         if bias is not None and bias.dtype != self.compute_dtype:
             bias = bias.to(self.compute_dtype)
+        return bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self.compute_bias()
         xc = x.to(self.compute_dtype)
         if self.qweight.device.type == "cpu" and not (torch.is_grad_enabled() and xc.requires_grad):
             y = kernel.nf4_linear(xc, self.qweight, bias)
@@ -263,10 +268,7 @@ class LoRALinear(nn.Module):
         lora = kernel.LoraUpdate(a, b, self.scaling, self.rows)
         if not kernel.lora_fusable(xc, base.qweight, lora):
             return None
-        bias = base.bias
-        if bias is not None and bias.dtype != base.compute_dtype:
-            bias = bias.to(base.compute_dtype)
-        return kernel.nf4_linear(xc, base.qweight, bias, lora).to(x.dtype)
+        return kernel.nf4_linear(xc, base.qweight, base.compute_bias(), lora).to(x.dtype)
 
     @torch.no_grad()
     def merged_weight(self) -> Tensor:
