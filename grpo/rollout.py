@@ -248,7 +248,8 @@ def completion_logps(
     each distinct prompt runs once, its KV cache (gradients flow through it) is copied to its
     rows, and the completions run on it, so the forward sees U*P + N*C tokens instead of
     N*(P+C), the same positions, masks and values (equal up to float32 rounding). Off for a
-    model that cannot keep a cache while training (gradient checkpointing).
+    model that cannot keep a cache while training (gradient checkpointing) and under DDP
+    (whose reducer expects one forward per backward).
     """
     logits = _shared_prompt_logits(model, rollout) if share_prompts else None
     if logits is None:
@@ -272,11 +273,10 @@ def completion_logps(
 def _shared_prompt_logits(model, rollout: Rollout) -> torch.Tensor | None:
     """The [N, C, V] logits of completion_logps with each distinct prompt run once; None when
     no prompt repeats or the model cannot take this path."""
-    inner = getattr(model, "module", model)  # DDP wraps the model
-    checkpointing = getattr(inner, "is_activation_checkpointing", None)  # transformers >= 5
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
     if checkpointing is None:
-        checkpointing = getattr(inner, "is_gradient_checkpointing", False)
-    if checkpointing:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing or hasattr(model, "no_sync"):  # no_sync: DDP, one forward per backward
         return None
     prompts = torch.cat([rollout.prompt_ids, rollout.prompt_mask], dim=1)  # [N, 2P]
     distinct, rows = torch.unique(prompts, dim=0, return_inverse=True)  # [U, 2P], [N]

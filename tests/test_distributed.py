@@ -71,9 +71,10 @@ def test_two_processes_equal_one(tmp_path, base_dir, loss_type):
     one, two = results[1], results[2]
     assert one.keys() == two.keys() and any(k.startswith("grad.") for k in one)
     for k in one:  # the gradients the optimizer saw, and the LoRA weights after the step
-        # Adam's first step moves each weight by ~lr * g / (|g| + eps): where g is near eps, a
-        # float32-rounding change in g moves the weight by up to ~1e-3 lr (lr = 1e-2 here).
-        atol = 1e-7 if k.startswith("grad.") else 1e-5
+        # One process shares prompt passes, DDP does not: float32 rounding apart. Adam's first
+        # step moves each weight by ~lr * g / (|g| + eps): where g is near eps, a rounding change
+        # in g moves the weight by up to a few 1e-3 lr (lr = 1e-2 here).
+        atol = 1e-6 if k.startswith("grad.") else 5e-5
         torch.testing.assert_close(
             one[k], two[k], atol=atol, rtol=0, msg=lambda m, k=k: f"{k}: {m}"
         )
