@@ -14,7 +14,8 @@ import argparse
 import os
 import sys
 
-from grpo.choices import DTYPES, TASKS
+from grpo.choices import DTYPES
+from grpo.tasks import TASKS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from grpo.model import SMALL_MODEL_PARAMS
+    from grpo.policy import SMALL_MODEL_PARAMS
 
-    from .loading import load_demo
+    from .serving import load_demo
     from .worker import ModelThread
 
     hf_logging.disable_progress_bar()  # stderr is for errors: one line each

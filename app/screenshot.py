@@ -19,7 +19,8 @@ from .browser import BrowserMissing, compare_in_browser, serve
 
 def default_prompt(app_args: list[str]) -> str:
     """The first held-out prompt of the run's task (what the demo lists first as an example)."""
-    from .loading import DemoError, resolve_spec, task_examples
+    from .serving import task_examples
+    from .spec import DemoError, resolve_spec
 
     args = app_parser().parse_args(app_args)
     try:

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grpo.config import ConfigError, GRPOConfig
+from grpo.config import ConfigError, GRPOConfig, is_local_name
 
 
 class DemoError(RuntimeError):
@@ -98,9 +98,9 @@ def resolve_spec(
                 "base_model_name_or_path; fix: pass --model"
             )
     local = Path(model).expanduser()
-    if str(model).startswith((".", "/", "~")) and not (local / "config.json").is_file():
-        # A path, not a hub id: say so now rather than after importing torch (load_model
-        # still checks hub ids and everything else).
+    if is_local_name(str(model)) and not (local / "config.json").is_file():
+        # A path, not a hub id: say so now rather than after loading (load_model still checks
+        # hub ids and everything else).
         raise DemoError(
             f"model {model}: no config.json there; fix: pass a directory written by "
             "save_pretrained (`make train` builds runs/tiny/base) or a hub id such as "

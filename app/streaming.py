@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from grpo import cpu_attention
-from grpo.rollout import nucleus_filter
+from grpo.rollout import next_tokens
 from qlora import adapter_rows, adapters_disabled
+
+from . import cpu_attention
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,15 @@ class Side:
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator=None) -> torch.Tensor:
-    """[B, V] logits -> [B] token ids: argmax, or sample from softmax(nucleus(logits / T))."""
-    if sampling.greedy:
-        return logits.argmax(dim=-1)
-    logits = nucleus_filter(logits / sampling.temperature, sampling.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    """[B, V] logits -> [B] token ids by the rollouts' rule (`grpo.rollout.next_tokens`)."""
+    return next_tokens(
+        logits,
+        0,
+        greedy=sampling.greedy,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        generator=generator,
+    )
 
 
 def _cache_kwarg(model) -> str:
@@ -113,7 +117,7 @@ class PreallocatedLayer(DynamicLayer):
 
     transformers' DynamicLayer concatenates every new token onto the cache, copying all of it:
     O(T) bytes per step and layer, with fresh pages each time (for Phi-2, two rows of a 150-token
-    prompt: ~100 MB copied per step, a third of the step). Here a step writes only its own
+    prompt: ~100 MB copied per step). Here a step writes only its own
     [B, heads, n, head_dim] slice and attention reads a view of the first T positions, the same
     values in the same order.
     """
@@ -155,7 +159,7 @@ FLOAT32_CACHE_BYTES = 512 * 2**20  # float32 KV cache up to this size (see preal
 
 
 def cache_dtype(model, rows: int, capacity: int) -> torch.dtype | None:
-    """float32 for a 16-bit model that decodes with grpo.cpu_attention (which computes decode
+    """float32 for a 16-bit model that decodes with app.cpu_attention (which computes decode
     attention in float32) when the float32 cache of `rows` x `capacity` positions stays within
     FLOAT32_CACHE_BYTES; None (the model's dtype) otherwise.
 

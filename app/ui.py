@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from .loading import Demo, reward_breakdown
+from .serving import Demo, reward_breakdown
 from .streaming import Sampling
 
 EMPTY_PROMPT = "Type a prompt first (or click one of the examples below)."

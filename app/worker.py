@@ -1,10 +1,9 @@
 """One long-lived thread that runs every torch call of the demo.
 
-Gradio runs each request's handler in a thread of its own pool. If those threads ran the model
-while the main thread (which loaded it) keeps its own OpenMP thread team, libgomp manages more
-threads than the machine has cores, and its workers stop spinning between parallel regions: on a
-2-core CPU a Phi-2-sized decode step then takes about twice as long (measured: 4.3 instead of
-8.5 tokens/s per side). So the demo loads the model on one `ModelThread` and submits every
+Gradio runs each request's handler in a thread of its own pool. If those threads ran the model while
+the main thread (which loaded it) keeps its own OpenMP thread team, libgomp manages more threads
+than the machine has cores, and its workers stop spinning between parallel regions, so every decode
+step pays for waking them. So the demo loads the model on one `ModelThread` and submits every
 forward pass to it: one OpenMP team, kept warm from step to step, whichever request asks.
 """
 

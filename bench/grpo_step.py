@@ -68,13 +68,14 @@ def build_base(output_dir: str, overrides: dict) -> Path:
     Setup, not a measured figure: it runs single-threaded, the fastest setting for a model this
     small on a machine whose cores other processes also use.
     """
-    from grpo.warmup import ensure_tiny_base
+    from grpo.tasks import load_task
+    from grpo.tiny.warmup import ensure_tiny_base
 
     cfg = make_config(output_dir, overrides)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        task = cfg.load_task()
+        task = load_task(cfg)
         return ensure_tiny_base(cfg, task, log=lambda msg: None)
     finally:
         torch.set_num_threads(threads)
@@ -82,7 +83,7 @@ def build_base(output_dir: str, overrides: dict) -> Path:
 
 def child(args: dict) -> dict:
     """In a fresh process: time `steps` GRPO steps of one config."""
-    from grpo.trainer import GRPOTrainer
+    from grpo.train import build_trainer
 
     quantize, beta = CONFIGS[args["config"]]
     cfg = make_config(
@@ -96,7 +97,7 @@ def child(args: dict) -> dict:
         },
     )
     start = time.perf_counter()
-    trainer = GRPOTrainer(cfg, log=lambda msg: None)  # reuses <output_dir>/base
+    trainer = build_trainer(cfg, log=lambda msg: None)  # reuses <output_dir>/base
     init_seconds = time.perf_counter() - start
     phases: dict[str, float] = {}
     step_start: list[float] = []

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.results import cpu_model
+from grpo.summary import cpu_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIN_REPEATS = 5

@@ -43,7 +43,7 @@ def cache_root() -> Path:
 def phi2_config(num_layers: int = 32, **overrides):
     from transformers import PhiConfig
 
-    from grpo.tiny import SPECIAL_TOKENS
+    from grpo.tiny.build import SPECIAL_TOKENS
 
     pad, bos, eos = (SPECIAL_TOKENS.index(t) for t in ("<pad>", "<bos>", "<eos>"))
     kwargs = {**PHI2_CONFIG, "num_hidden_layers": num_layers, **overrides}
@@ -58,7 +58,7 @@ def phi2_dir(num_layers: int = 32, seed: int = 0, root: Path | None = None, log=
         return directory
     from transformers import PhiForCausalLM
 
-    from grpo.tiny import build_char_tokenizer
+    from grpo.tiny.build import build_char_tokenizer
 
     log(f"building a random Phi-2 ({num_layers} layers, bf16) in {directory} (once)")
     torch.manual_seed(seed)

@@ -84,6 +84,7 @@ def synthetic_gsm8k(n: int, seed: int = 0) -> list[dict]:
 
 def recipe_config(model_dir: Path, data: Path, out_dir: Path, args: argparse.Namespace, device):
     """examples/phi2_gsm8k.yaml with the model, data and batch of this run."""
+    from grpo.cli import check_run
     from grpo.config import GRPOConfig
 
     values = yaml.safe_load(RECIPE.read_text())
@@ -104,7 +105,7 @@ def recipe_config(model_dir: Path, data: Path, out_dir: Path, args: argparse.Nam
         torch_threads=args.threads,
         save_every=0,
     )
-    return GRPOConfig.from_dict(values, source=f"{RECIPE.name} + bench.phi2_scale").validate()
+    return check_run(GRPOConfig.from_dict(values, source=f"{RECIPE.name} + bench.phi2_scale"))
 
 
 def tensor_bytes(tensors) -> int:
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from bench.phi2 import phi2_dir
-    from grpo.trainer import GRPOTrainer  # imports transformers: part of the runtime
+    from grpo.train import build_trainer  # imports transformers: part of the runtime
 
     runtime_bytes = current_rss_bytes()
     load_before = os.getloadavg()[0]  # other jobs on the cores slow every phase
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             f"micro-batch {args.micro_batch}, {args.steps} steps, {torch.get_num_threads()} threads"
         )
         t0 = time.perf_counter()
-        trainer = GRPOTrainer(cfg, log=log)
+        trainer = build_trainer(cfg, log=log)
         load_seconds = time.perf_counter() - t0
         loaded_rss = current_rss_bytes()
         probe = PhaseProbe(device)
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(render(result), file=sys.stderr)
     if args.readme is not None:
-        from grpo.results import rewrite_block
+        from bench.results import rewrite_block
 
         rewrite_block(args.readme, README_START, README_END, render(result))
     if args.out is not None and args.render is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grpo.results import ReadmeError, check_block, read_checked, rewrite_block
+from bench.results import ReadmeError, check_block, read_checked, rewrite_block
 
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"

@@ -8,10 +8,10 @@
     python -m bench.run --quick         small shapes, a smoke test, never published
     python -m bench.run --readme-only   rewrite results.md and the README from results.json
 
-Parts: (1) layers.py: NF4Linear+LoRA vs bitsandbytes Linear4bit+LoRA vs fp32 Linear+LoRA, and
+Parts: (1) layer_speed.py: NF4Linear+LoRA vs bitsandbytes Linear4bit+LoRA vs fp32 Linear+LoRA, and
 dequantization; (2) quality.py: quantization error, bits/parameter, Phi-2's NF4 footprint;
 (3) grpo_step.py: GRPO steps of the tiny default config; (4) logprob_memory.py:
-selective_log_softmax vs log_softmax().gather(); (5) kernel.py: the NF4 CPU kernel at Phi-2's
+selective_log_softmax vs log_softmax().gather(); (5) kernel_speed.py: the NF4 CPU kernel at Phi-2's
 shapes against bitsandbytes' and our pure-PyTorch path, with the machine's read bandwidth and
 matmul peak; (6) serve.py: a Phi-2-sized model served on CPU, ours vs bitsandbytes (+ peft) vs
 dense bf16, and the demo server itself. Parts 3, 4 and 6 run each configuration in a child
@@ -42,10 +42,10 @@ from pathlib import Path
 
 import torch
 
+from bench.qlora_timing import PHI2_SHAPES
 from qlora import kernel as qlora_kernel
-from qlora.bench import PHI2_SHAPES
 
-from . import grpo_step, kernel, layers, logprob_memory, quality, serve
+from . import grpo_step, kernel_speed, layer_speed, logprob_memory, quality, serve
 from .measure import MIN_REPEATS, REPO_ROOT, environment
 from .report import ReadmeError, check_readme, render_markdown, update_readme
 
@@ -186,7 +186,7 @@ def merge_into(previous: dict | None, results: dict, parts: list[str]) -> dict:
 
 
 def load_tiny_model(base_dir: Path):
-    from grpo.model import load_model
+    from grpo.policy import load_model
 
     model, _ = load_model(base_dir, "float32")
     return model
@@ -217,7 +217,7 @@ def measure(
                 f"({settings.layer_repeats} repeats)"
             )
             start = time.perf_counter()
-            results["layers"] = layers.run(
+            results["layers"] = layer_speed.run(
                 settings.layer_shapes,
                 settings.layer_tokens,
                 settings.lora_r,
@@ -270,7 +270,7 @@ def measure(
             log(f"machine probes on {serve_threads} threads: read bandwidth, GEMM peak")
             start = time.perf_counter()
             with torch_threads(serve_threads):
-                results["machine"] = kernel.machine(settings.kernel_repeats, log)
+                results["machine"] = kernel_speed.machine(settings.kernel_repeats, log)
             wall["machine"] = time.perf_counter() - start
         if "kernel" in parts:
             log(
@@ -278,7 +278,7 @@ def measure(
                 f"({settings.kernel_repeats} repeats)"
             )
             start = time.perf_counter()
-            results["kernel"] = kernel.run(
+            results["kernel"] = kernel_speed.run(
                 serve_threads, settings.kernel_repeats, log, results["machine"]
             )
             wall["kernel"] = time.perf_counter() - start

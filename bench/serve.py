@@ -166,7 +166,7 @@ def child(args: dict) -> dict:
     out: dict = {"config": kind, "threads": torch.get_num_threads()}
     start = time.perf_counter()
     if kind == "ours":
-        from app.loading import load_demo
+        from app.serving import load_demo
         from app.spec import resolve_spec
         from qlora import adapter_rows
 
@@ -287,7 +287,7 @@ def run(
     raw["server"] = server_child(model_dir, adapter_dir, prompt_tokens, steps)
     log(f"  server: ready in {raw['server']['ready_seconds']:.0f} s")
     if machine_probe is None:
-        from .kernel import machine
+        from .kernel_speed import machine
 
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(threads)

@@ -7,7 +7,7 @@
         trainer_state.json        the step, AdamW's hyperparameters, the no-signal streak
 
 Nothing is pickled: tensors go to safetensors, the rest to JSON. A checkpoint directory is written
-whole in a temporary directory and renamed into place (`grpo.atomic.atomic_dir`), so a kill at any
+whole in a temporary directory and renamed into place (`qlora.atomic.atomic_dir`), so a kill at any
 moment leaves either no step-N or a complete one. The learning rate is a function of the step
 alone (`grpo.schedule.learning_rate`), so there is no scheduler state to save.
 """
@@ -21,10 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from grpo import distributed as dist
-from grpo.atomic import atomic_dir
-from grpo.model import base_path
-from grpo.tiny import save_model_dir
+from grpo.policy import base_path, save_model_dir
 from qlora import load_adapter, save_adapter
+from qlora.atomic import atomic_dir
 
 STATE_FILE = "trainer_state.json"
 

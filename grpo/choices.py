@@ -1,8 +1,9 @@
 """Every closed set of names a run can choose from, defined once.
 
 The config validates against these tuples, and the modules that act on a name (the loss, the
-loader, the reward registry, the task loader) import them from here, so a new choice is added
-in one place. Plain tuples: this module imports nothing.
+loader) import them from here, so a new choice is added in one place. Plain tuples: this module
+imports nothing. Tasks and rewards are registered where they live (`grpo.tasks.TASK_MODULES`,
+each task's `REWARDS`, `grpo.rewards.GENERIC_REWARDS`).
 """
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # how per-token terms are averaged (grpo.loss)
@@ -11,19 +12,5 @@ IS_LEVELS = ("token", "sequence")  # importance ratio per token (PPO/GRPO) or pe
 SCHEDULES = ("constant", "linear", "cosine")  # learning rate after the linear warm-up
 DTYPES = ("float32", "bfloat16", "float16")  # weights and LoRA compute
 DEVICES = ("auto", "cpu", "cuda")
-TASKS = ("arithmetic", "gsm8k")
-ARITHMETIC_FORMATS = ("fixed", "plain")  # "07+35=" -> "+042", or "7+35=" -> "42"
-# Built-in reward functions (grpo.rewards.REWARD_FUNCTIONS); a run may also name `module:function`.
-REWARD_NAMES = ("correctness", "format", "digits", "overlong")
 
-__all__ = [
-    "ARITHMETIC_FORMATS",
-    "DEVICES",
-    "DTYPES",
-    "IS_LEVELS",
-    "LOSS_TYPES",
-    "REWARD_NAMES",
-    "SCALE_REWARDS",
-    "SCHEDULES",
-    "TASKS",
-]
+__all__ = ["DEVICES", "DTYPES", "IS_LEVELS", "LOSS_TYPES", "SCALE_REWARDS", "SCHEDULES"]

@@ -1,37 +1,27 @@
-"""One dataclass holding every knob of a run, a YAML file to set them, `--key value` to override.
+"""One dataclass holding every knob of a run; its defaults are the embedded default run.
+
+A YAML file lists what differs from the defaults, and the command line (`grpo/cli.py`, generated
+from these fields) overrides single fields:
 
     python -m grpo.train --config examples/tiny.yaml --learning_rate 3e-4 --beta 0.04
 
-`python -m grpo.train --help` lists every field with its default and meaning. `GRPOConfig.validate`
-runs before any model is loaded; a bad value is one line on stderr and exit code 2.
+`GRPOConfig.validate` checks each value on its own and against the others; the checks that need a
+task, a reward function or a model's config are the CLI's (`grpo.cli.check_run`). This module is
+data: it imports nothing of the algorithm.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import re
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from grpo.choices import (
-    ARITHMETIC_FORMATS,
-    DEVICES,
-    DTYPES,
-    IS_LEVELS,
-    LOSS_TYPES,
-    SCALE_REWARDS,
-    SCHEDULES,
-    TASKS,
-)
-from grpo.data import DATASET_SUFFIXES, Task, arithmetic_problem_count, load_task
-
-_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "microsoft/phi-2", "gpt2"
+from grpo.choices import DEVICES, DTYPES, IS_LEVELS, LOSS_TYPES, SCALE_REWARDS, SCHEDULES
+from qlora.model import PHI_TARGETS
 
 
 class ConfigError(ValueError):
@@ -62,22 +52,24 @@ class GRPOConfig:
     device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
     torch_threads: int = _f(
         2,
-        "CPU threads for torch (0: torch's default); 2: both cores of a 2-core machine, a GRPO "
-        "step ~1.5x faster than 1 thread when idle (far slower when other jobs share the cores); "
-        "under torchrun on CPU, capped at cores // processes",
+        "CPU threads for torch (0: torch's default); under torchrun on CPU, capped at "
+        "cores // processes",
     )
     gradient_checkpointing: bool = _f(
         False,
-        "recompute each decoder layer's activations in the backward pass: less memory, about a "
-        "third more compute",
+        "recompute each decoder layer's activations in the backward pass: less memory, more "
+        "compute",
     )
     # --- task ------------------------------------------------------------------------------
-    task: str = _f("arithmetic", "'arithmetic' (two-digit +/-, for the tiny model) or 'gsm8k'")
+    task: str = _f(
+        "arithmetic",
+        "a task of grpo/tasks: 'arithmetic' (two-digit +/-, for the tiny model), 'gsm8k'",
+    )
     dataset_path: str = _f("", "gsm8k only: hub id (openai/gsm8k) or a local .jsonl/.parquet")
     arithmetic_format: str = _f(
         "fixed",
         'arithmetic only: \'fixed\' ("07+35=" -> "+042", every digit at a fixed position) or '
-        '\'plain\' ("7+35=" -> "42"; learned far more slowly, see the README)',
+        '\'plain\' ("7+35=" -> "42")',
     )
     n_eval: int = _f(
         500, "held-out problems for the before/after greedy evaluation, never trained on"
@@ -85,8 +77,8 @@ class GRPOConfig:
     # --- warm-up (model: tiny only) --------------------------------------------------------
     warmup_sft_steps: int = _f(
         900,
-        "supervised steps that make the random tiny Phi partly right, ~45% held-out "
-        "(python -m grpo.warmup_curve); at most this many, see next",
+        "supervised steps that make the random tiny Phi partly right (accuracy against steps: "
+        "python -m grpo.tiny.warmup_curve); at most this many, see next",
     )
     warmup_target_accuracy: float = _f(
         0.0,
@@ -98,8 +90,7 @@ class GRPOConfig:
     # --- GRPO ------------------------------------------------------------------------------
     max_steps: int = _f(
         200,
-        "GRPO optimizer steps (one generation batch each); 200: the tiny default gains 30+ points "
-        "in about 2 minutes of GRPO on 2 cores (1000 steps: 5 more points, 5x the time)",
+        "GRPO optimizer steps (one generation batch each)",
     )
     prompts_per_step: int = _f(32, "distinct prompts per generation batch")
     num_generations: int = _f(
@@ -145,9 +136,9 @@ class GRPOConfig:
     )
     reward_funcs: list[str] = _f(
         ["correctness", "digits"],
-        "reward functions: built-in names (correctness, format, digits, overlong) or import "
-        "paths module:function on sys.path; default: the exact answer plus partial credit per "
-        "right digit",
+        "reward functions: the task's (arithmetic: correctness, digits; gsm8k: correctness, "
+        "format), the generic overlong, or import paths module:function on sys.path; default: "
+        "the exact answer plus partial credit per right digit",
     )
     reward_weights: list[float] = _f([1.0, 1.0], "one weight per reward function")
     overlong_cache: int = _f(0, "'overlong' reward: soft-penalty window in tokens before the limit")
@@ -159,7 +150,7 @@ class GRPOConfig:
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
     use_rslora: bool = _f(False, "rank-stabilised scale alpha / sqrt(r)")
     lora_targets: list[str] = _f(
-        ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+        list(PHI_TARGETS),
         "linear modules to wrap, by name or dotted suffix (default: Phi's attention and MLP "
         "linears); checked against the model before any work",
     )
@@ -178,180 +169,13 @@ class GRPOConfig:
     resume: bool = _f(False, "continue from the newest complete checkpoint in output_dir")
 
     # ------------------------------------------------------------------------------------
-    def load_task(self, task: str | None = None) -> Task:
-        """The config's task (or `task`) with its seed, n_eval, dataset_path and format."""
-        return load_task(
-            task or self.task,
-            seed=self.seed,
-            n_eval=self.n_eval,
-            dataset_path=self.dataset_path,
-            arithmetic_format=self.arithmetic_format,
-        )
-
-    def build_rewards(self) -> tuple[dict, list[float]]:
-        """(reward functions by name, weights): every run and the demo build the run's rewards
-        here, built-ins and import paths alike (`grpo.rewards.build_reward_functions`)."""
-        from grpo.rewards import build_reward_functions
-
-        return build_reward_functions(
-            self.reward_funcs,
-            self.reward_weights,
-            max_completion_length=self.max_new_tokens,
-            cache_length=self.overlong_cache,
-        )
-
     def validate(self) -> GRPOConfig:
         """Check every field before any work; raise ConfigError naming the first bad field, its
-        value and the fix. Nothing is loaded or written here (the model's linear names are read
-        from its config on the meta device)."""
-
-        def bad(name, why):
-            raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
-
-        hints = typing.get_type_hints(GRPOConfig)
-        for f in dataclasses.fields(self):  # types first: the checks below compare numbers
-            if not _has_type(getattr(self, f.name), hints[f.name]):
-                bad(f.name, f"should be of type {_type_name(hints[f.name])}")
-
-        for name, choices in [
-            ("loss_type", LOSS_TYPES),
-            ("scale_rewards", SCALE_REWARDS),
-            ("importance_sampling_level", IS_LEVELS),
-            ("lr_schedule", SCHEDULES),
-            ("dtype", DTYPES),
-            ("task", TASKS),
-            ("arithmetic_format", ARITHMETIC_FORMATS),
-            ("device", DEVICES),
-        ]:
-            if getattr(self, name) not in choices:
-                bad(name, f"must be one of {', '.join(choices)}")
-        if self.device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                bad("device", "no CUDA device is visible; use auto or cpu")
-
-        # --- numbers: `not lo <= x` form, so NaN fails too
-        for name in ("max_steps", "prompts_per_step", "num_iterations", "micro_batch_size",
-                     "max_new_tokens", "n_eval", "log_every", "sample_every",
-                     "no_signal_patience", "warmup_sft_batch_size", "lora_r"):  # fmt: skip
-            if not getattr(self, name) >= 1:
-                bad(name, "must be >= 1")
-        for name in ("save_every", "eval_every", "warmup_sft_steps", "overlong_cache",
-                     "torch_threads", "seed", "min_new_tokens"):  # fmt: skip
-            if not getattr(self, name) >= 0:
-                bad(name, "must be >= 0")
-        if self.num_generations < 2:
-            bad("num_generations", "needs >= 2 (a group of one has no relative advantage)")
-        for name in ("epsilon_low", "epsilon_high", "learning_rate", "temperature",
-                     "warmup_sft_learning_rate", "lora_alpha"):  # fmt: skip
-            if not 0 < getattr(self, name) < math.inf:
-                bad(name, "must be a finite number > 0")
-        for name, why in [
-            ("beta", "must be >= 0 (0 disables the KL term)"),
-            ("max_grad_norm", "must be >= 0 (0 disables clipping)"),
-            ("weight_decay", "must be >= 0"),
-        ]:
-            if not 0 <= getattr(self, name) < math.inf:
-                bad(name, why)
-        if not 0 < self.top_p <= 1:
-            bad("top_p", "must be in (0, 1]")
-        if not 0 <= self.lora_dropout < 1:
-            bad("lora_dropout", "must be in [0, 1) (a probability; 1 would drop every input)")
-        if not 0 <= self.warmup_target_accuracy < 1:
-            bad("warmup_target_accuracy", "must be in [0, 1) (0 disables the early stop)")
-        if not 0 <= self.warmup_ratio < 1:
-            bad("warmup_ratio", "must be in [0, 1)")
-        if self.min_new_tokens > self.max_new_tokens:
-            bad("min_new_tokens", f"must be <= max_new_tokens ({self.max_new_tokens})")
-        if self.overlong_cache > self.max_new_tokens:
-            bad("overlong_cache", f"must be <= max_new_tokens ({self.max_new_tokens})")
-        if self.task == "arithmetic":
-            problems = arithmetic_problem_count()
-            if not self.n_eval < problems:
-                bad("n_eval", f"the arithmetic task has {problems} problems; hold out fewer")
-            if self.prompts_per_step > problems - self.n_eval:
-                bad("prompts_per_step", f"exceeds the {problems - self.n_eval} training problems")
-
-        # --- rewards: one check for built-in names and import paths (grpo.rewards)
-        from grpo.rewards import RewardError, check_reward_names
-
-        try:
-            check_reward_names(self.reward_funcs)
-        except RewardError as err:
-            bad("reward_funcs", str(err))
-        if len(self.reward_weights) != len(self.reward_funcs):
-            bad(
-                "reward_weights", f"needs one weight per reward function ({len(self.reward_funcs)})"
-            )
-        if not all(math.isfinite(w) for w in self.reward_weights):
-            bad("reward_weights", "every weight must be a finite number")
-        if "overlong" in self.reward_funcs and not 0 < self.overlong_cache <= self.max_new_tokens:
-            bad(
-                "overlong_cache", "the 'overlong' reward needs 0 < overlong_cache <= max_new_tokens"
-            )
-
-        # --- combinations
-        if self.quantize and not self.use_lora:
-            bad(
-                "quantize",
-                "an NF4 base cannot be fine-tuned in full; set use_lora: true or quantize: false",
-            )
-        if not self.use_lora and self.beta > 0 and self.model != "tiny":
-            bad(
-                "beta",
-                "full fine-tuning with beta > 0 keeps a frozen reference copy; use LoRA "
-                "for large models",
-            )
-        if self.task == "gsm8k" and self.model == "tiny":
-            bad(
-                "task",
-                "the tiny model only knows the arithmetic task; set model to a Phi-2 "
-                "path/id for gsm8k",
-            )
-
-        # --- paths: nothing is created here
-        if not self.output_dir.strip():
-            bad("output_dir", "must name a directory, e.g. runs/tiny")
-        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            bad("output_dir", "is a file; name a directory")
-        local_dataset = Path(self.dataset_path).suffix in DATASET_SUFFIXES
-        if self.task == "gsm8k" and local_dataset and not Path(self.dataset_path).is_file():
-            bad("dataset_path", "no such file; pass a GSM8K-format .jsonl/.parquet or a hub id")
-
-        from grpo.model import is_local_name, linear_module_paths
-
-        if not self.model.strip():
-            bad("model", "name a hub id (microsoft/phi-2), a local directory, or tiny")
-        if self.model != "tiny" and is_local_name(self.model):
-            if not (Path(self.model).expanduser() / "config.json").is_file():
-                bad("model", "no config.json in that directory; pass a save_pretrained directory")
-        elif self.model != "tiny" and not _HUB_ID.fullmatch(self.model):
-            bad("model", "is neither tiny, a local directory nor a hub id such as microsoft/phi-2")
-        if self.use_lora:
-            self._check_lora_targets(linear_module_paths(self.model))
+        value and the fix. Nothing is read or written here."""
+        for check in (_check_types, _check_choices, _check_numbers, _check_rewards,
+                      _check_lora, _check_combinations, _check_paths):  # fmt: skip
+            check(self)
         return self
-
-    def _check_lora_targets(self, paths: list[str] | None) -> None:
-        """Every target names a linear of the model (None: the model's architecture is not
-        known before it is loaded; the loader checks then)."""
-        from qlora.model import PHI_TARGETS, matches_target
-
-        if not self.lora_targets:
-            raise ConfigError(
-                f"lora_targets=[]: name the linear modules to adapt, e.g. {','.join(PHI_TARGETS)}"
-            )
-        if len(set(self.lora_targets)) != len(self.lora_targets):
-            raise ConfigError(f"lora_targets={self.lora_targets!r}: a name is listed twice")
-        if paths is None:
-            return
-        for target in self.lora_targets:
-            if not any(matches_target(p, target) for p in paths):
-                names = sorted({p.rsplit(".", 1)[-1] for p in paths})
-                raise ConfigError(
-                    f"lora_targets={self.lora_targets!r}: {target!r} names no linear layer of "
-                    f"{self.model}; its linear layers are {', '.join(names)}"
-                )
 
     # ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -385,6 +209,136 @@ class GRPOConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
         return cls.from_dict(values, source=str(path))
+
+
+def is_local_name(name: str) -> bool:
+    """Whether `name` means a directory (it exists, or starts with ".", "/" or "~", or has more
+    than one "/") rather than a hub id such as microsoft/phi-2."""
+    return (
+        Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    )
+
+
+# --- value checks (GRPOConfig.validate runs them in this order) ---------------------------------
+
+
+def _bad(cfg: GRPOConfig, name: str, why: str) -> typing.NoReturn:
+    raise ConfigError(f"{name}={getattr(cfg, name)!r}: {why}")
+
+
+def _check_types(cfg: GRPOConfig) -> None:
+    """Types first: the checks below compare numbers."""
+    hints = typing.get_type_hints(GRPOConfig)
+    for f in dataclasses.fields(cfg):
+        if not _has_type(getattr(cfg, f.name), hints[f.name]):
+            _bad(cfg, f.name, f"should be of type {_type_name(hints[f.name])}")
+
+
+def _check_choices(cfg: GRPOConfig) -> None:
+    for name, choices in [
+        ("loss_type", LOSS_TYPES),
+        ("scale_rewards", SCALE_REWARDS),
+        ("importance_sampling_level", IS_LEVELS),
+        ("lr_schedule", SCHEDULES),
+        ("dtype", DTYPES),
+        ("device", DEVICES),
+    ]:
+        if getattr(cfg, name) not in choices:
+            _bad(cfg, name, f"must be one of {', '.join(choices)}")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            _bad(cfg, "device", "no CUDA device is visible; use auto or cpu")
+
+
+def _check_numbers(cfg: GRPOConfig) -> None:
+    """Ranges, in the `not lo <= x` form so that NaN fails too."""
+    for name in ("max_steps", "prompts_per_step", "num_iterations", "micro_batch_size",
+                 "max_new_tokens", "n_eval", "log_every", "sample_every",
+                 "no_signal_patience", "warmup_sft_batch_size", "lora_r"):  # fmt: skip
+        if not getattr(cfg, name) >= 1:
+            _bad(cfg, name, "must be >= 1")
+    for name in ("save_every", "eval_every", "warmup_sft_steps", "overlong_cache",
+                 "torch_threads", "seed", "min_new_tokens"):  # fmt: skip
+        if not getattr(cfg, name) >= 0:
+            _bad(cfg, name, "must be >= 0")
+    if cfg.num_generations < 2:
+        _bad(cfg, "num_generations", "needs >= 2 (a group of one has no relative advantage)")
+    for name in ("epsilon_low", "epsilon_high", "learning_rate", "temperature",
+                 "warmup_sft_learning_rate", "lora_alpha"):  # fmt: skip
+        if not 0 < getattr(cfg, name) < math.inf:
+            _bad(cfg, name, "must be a finite number > 0")
+    for name, why in [
+        ("beta", "must be >= 0 (0 disables the KL term)"),
+        ("max_grad_norm", "must be >= 0 (0 disables clipping)"),
+        ("weight_decay", "must be >= 0"),
+    ]:
+        if not 0 <= getattr(cfg, name) < math.inf:
+            _bad(cfg, name, why)
+    if not 0 < cfg.top_p <= 1:
+        _bad(cfg, "top_p", "must be in (0, 1]")
+    if not 0 <= cfg.lora_dropout < 1:
+        _bad(cfg, "lora_dropout", "must be in [0, 1) (a probability; 1 would drop every input)")
+    if not 0 <= cfg.warmup_target_accuracy < 1:
+        _bad(cfg, "warmup_target_accuracy", "must be in [0, 1) (0 disables the early stop)")
+    if not 0 <= cfg.warmup_ratio < 1:
+        _bad(cfg, "warmup_ratio", "must be in [0, 1)")
+    if cfg.min_new_tokens > cfg.max_new_tokens:
+        _bad(cfg, "min_new_tokens", f"must be <= max_new_tokens ({cfg.max_new_tokens})")
+    if cfg.overlong_cache > cfg.max_new_tokens:
+        _bad(cfg, "overlong_cache", f"must be <= max_new_tokens ({cfg.max_new_tokens})")
+
+
+def _check_rewards(cfg: GRPOConfig) -> None:
+    """The weights against the names; the names themselves need the task (grpo.cli.check_run)."""
+    if len(cfg.reward_weights) != len(cfg.reward_funcs):
+        _bad(
+            cfg, "reward_weights", f"needs one weight per reward function ({len(cfg.reward_funcs)})"
+        )
+    if not all(math.isfinite(w) for w in cfg.reward_weights):
+        _bad(cfg, "reward_weights", "every weight must be a finite number")
+    if "overlong" in cfg.reward_funcs and not 0 < cfg.overlong_cache <= cfg.max_new_tokens:
+        _bad(
+            cfg,
+            "overlong_cache",
+            "the 'overlong' reward needs 0 < overlong_cache <= max_new_tokens",
+        )
+
+
+def _check_lora(cfg: GRPOConfig) -> None:
+    """The target list itself; the model's own names are checked by grpo.cli.check_run."""
+    if not cfg.use_lora:
+        return
+    if not cfg.lora_targets:
+        raise ConfigError(
+            f"lora_targets=[]: name the linear modules to adapt, e.g. {','.join(PHI_TARGETS)}"
+        )
+    if len(set(cfg.lora_targets)) != len(cfg.lora_targets):
+        _bad(cfg, "lora_targets", "a name is listed twice")
+
+
+def _check_combinations(cfg: GRPOConfig) -> None:
+    if cfg.quantize and not cfg.use_lora:
+        why = "an NF4 base cannot be fine-tuned in full; set use_lora: true or quantize: false"
+        _bad(cfg, "quantize", why)
+    if not cfg.use_lora and cfg.beta > 0 and cfg.model != "tiny":
+        _bad(
+            cfg,
+            "beta",
+            "full fine-tuning with beta > 0 keeps a frozen reference copy; use LoRA for large "
+            "models",
+        )
+
+
+def _check_paths(cfg: GRPOConfig) -> None:
+    """Nothing is created here."""
+    if not cfg.output_dir.strip():
+        _bad(cfg, "output_dir", "must name a directory, e.g. runs/tiny")
+    if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        _bad(cfg, "output_dir", "is a file; name a directory")
+    if not cfg.model.strip():
+        _bad(cfg, "model", "name a hub id (microsoft/phi-2), a local directory, or tiny")
 
 
 def _has_type(value, hint) -> bool:
@@ -446,56 +400,4 @@ def _coerce(key: str, value, kind: tuple[type, type | None], source: str):
     raise wrong()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m grpo.train",
-        description="GRPO with a hand-written loss on an NF4 + LoRA (QLoRA) base.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Fields (set in --config YAML or override with --name value; lists: a,b,c):\n"
-        + "\n".join(
-            f"  --{f.name:<28} {f.metadata['help']} (default: {_default(f)!r})"
-            for f in dataclasses.fields(GRPOConfig)
-        ),
-    )
-    parser.add_argument("--config", help="YAML file of field: value")
-    return parser
-
-
-def _default(f: dataclasses.Field):
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
-def parse_cli(argv: list[str] | None = None) -> GRPOConfig:
-    """--config FILE.yaml then --key value overrides (bool: --quantize false; list: a,b,c)."""
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    cfg = GRPOConfig.from_yaml(args.config) if args.config else GRPOConfig()
-    overrides = {}
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        if not token.startswith("--"):
-            raise ConfigError(f"unexpected argument {token!r}; overrides look like --key value")
-        key = token[2:].replace("-", "_")
-        if "=" in key:
-            key, value = key.split("=", 1)
-            i += 1
-        elif key in ("resume",) and (i + 1 >= len(rest) or rest[i + 1].startswith("--")):
-            value, i = "true", i + 1  # --resume alone is a switch
-        else:
-            if i + 1 >= len(rest):
-                raise ConfigError(f"--{key} needs a value")
-            value, i = rest[i + 1], i + 2
-        overrides[key] = value
-    parsed = GRPOConfig.from_dict(overrides, source="command line")
-    for key in overrides:
-        setattr(cfg, key, getattr(parsed, key))
-    return cfg
-
-
-def exit_on_error(err: Exception) -> typing.NoReturn:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
-
-
-__all__ = ["GRPOConfig", "ConfigError", "parse_cli", "build_parser", "exit_on_error"]
+__all__ = ["ConfigError", "GRPOConfig"]

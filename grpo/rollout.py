@@ -98,12 +98,14 @@ def next_tokens(
     top_p: float = 1.0,
     eos_token_id: int | None = None,
     min_new_tokens: int = 0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Completion token `step` (0-based) for every row: float32 logits [N, V] -> ids [N].
+    """Completion token `step` (0-based) for every row: float32 logits [N, V] -> ids [N]. The one
+    next-token rule of rollouts, evaluation and the demo.
 
     scores = logits, with scores[:, eos] = -inf while step < min_new_tokens
     greedy:  argmax(scores)
-    sampled: one draw from softmax(nucleus(scores / temperature, top_p))
+    sampled: one draw from softmax(nucleus(scores / temperature, top_p)), from `generator`
     """
     if step < min_new_tokens and eos_token_id is not None:
         logits = logits.clone()
@@ -113,7 +115,7 @@ def next_tokens(
     if temperature != 1.0:
         logits = logits / temperature
     probs = nucleus_filter(logits, top_p).softmax(dim=-1)  # [N, V]
-    return torch.multinomial(probs, num_samples=1).squeeze(1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
-"""`python -m grpo.train --config FILE.yaml [--key value ...]`: the whole run, end to end.
+"""`python -m grpo.train --config FILE.yaml [--field value ...]`: the whole run, end to end.
 
-validate config -> (tiny: build + supervised warm-up, cached) -> load base with the one loader
--> NF4 + LoRA -> greedy eval "before" -> GRPO steps -> greedy eval "after" -> adapter,
-summary.json, metrics.jsonl, samples.jsonl, plots.png in output_dir
+check config (grpo.cli) -> (tiny: build + supervised warm-up, cached; grpo.tiny) -> load base
+with the one loader -> NF4 + LoRA (build_trainer) -> greedy eval "before" -> GRPO steps ->
+greedy eval "after" -> adapter, summary.json, metrics.jsonl, samples.jsonl, plots.png in
+output_dir
 """
 
 from __future__ import annotations
@@ -12,73 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from grpo.atomic import atomic_path, atomic_write_text
-from grpo.config import ConfigError, GRPOConfig, exit_on_error, parse_cli
-from grpo.data import DatasetLoadError
-from grpo.model import ModelLoadError
-from grpo.results import machine
-
-PLOTTED = [
-    ("reward", "reward (mean)"),
-    ("accuracy", "sampled accuracy"),
-    ("kl", "KL (k3)"),
-    ("completion_length", "completion length (tokens)"),
-]
-
-
-def held_out_points(run_dir: Path) -> list[dict]:
-    """The held-out greedy accuracies of a run: eval.jsonl, with the base GRPO started from
-    (eval_before.json) as step 0 when there is at least one later point."""
-    eval_path = run_dir / "eval.jsonl"
-    evals = (
-        [json.loads(x) for x in eval_path.read_text().splitlines() if x.strip()]
-        if eval_path.is_file()
-        else []
-    )
-    before_path = run_dir / "eval_before.json"
-    if evals and before_path.is_file():
-        evals.insert(0, {"step": 0, "accuracy": json.loads(before_path.read_text())["accuracy"]})
-    return evals
-
-
-def write_plots(metrics_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    evals = held_out_points(metrics_path.parent)
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.2))
-    for ax, (key, title) in zip(axes, PLOTTED, strict=True):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), lw=1, label="sampled (per step)")
-        elif key == "kl":
-            ax.text(
-                0.5,
-                0.5,
-                "beta = 0: no reference,\nKL not computed",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-            )
-        if key == "accuracy" and evals:
-            ax.plot(
-                [e["step"] for e in evals],
-                [e["accuracy"] for e in evals],
-                "o-",
-                color="C3",
-                label="held-out greedy",
-            )
-            ax.legend(fontsize=8)
-        ax.set_title(title)
-        ax.set_xlabel("GRPO step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+from grpo.cli import check_run, exit_on_error, parse_cli
+from grpo.config import ConfigError, GRPOConfig
+from grpo.policy import ModelLoadError
+from grpo.summary import machine, print_report, write_plots
+from grpo.tasks.gsm8k import DatasetLoadError
+from qlora.atomic import atomic_write_text
 
 
 def write_samples(trainer, batch) -> None:
@@ -91,6 +31,31 @@ def write_samples(trainer, batch) -> None:
         sample["rewards"] = batch.rewards[rows].tolist()
         sample["advantages"] = batch.advantages[rows].tolist()
         trainer.log_line("samples.jsonl", sample)
+
+
+def build_trainer(cfg: GRPOConfig, log=None):
+    """The trainer of a run of `cfg`, with everything it is handed: the process group and device,
+    the task, the tiny default's warm-up base (built once, cached), and the policy."""
+    import torch
+
+    from grpo import distributed as dist
+    from grpo.policy import build_policy, resolve_device
+    from grpo.tasks import load_task
+    from grpo.trainer import GRPOTrainer
+
+    log = log or (lambda msg: print(msg, flush=True))
+    device = dist.setup(resolve_device(cfg.device), cfg.prompts_per_step)
+    dist.set_torch_threads(device, cfg.torch_threads)  # on CPU, never over the cores
+    task = load_task(cfg)
+    if cfg.model == "tiny":
+        from grpo.tiny.warmup import ensure_tiny_base
+
+        if dist.is_main():  # one rank builds the cached base, the others wait and load it
+            ensure_tiny_base(cfg, task, log=log)
+        dist.barrier()
+    torch.manual_seed(cfg.seed)  # LoRA init: identical on every rank
+    model, tokenizer, reference = build_policy(cfg, device)
+    return GRPOTrainer(cfg, model, tokenizer, task, reference, device=device, log=log)
 
 
 LOGS = ("metrics.jsonl", "samples.jsonl", "eval.jsonl", "warnings.log")
@@ -122,13 +87,12 @@ def run(cfg: GRPOConfig) -> dict:
     from grpo import checkpoint
     from grpo import distributed as dist
     from grpo.evaluate import evaluate_distributed
-    from grpo.model import base_path
-    from grpo.trainer import GRPOTrainer
+    from grpo.policy import base_path
     from qlora import footprint, trainable_parameters
 
     t_start = time.time()
     out = Path(cfg.output_dir)
-    trainer = GRPOTrainer(cfg)  # loads the model first: a missing model leaves nothing written
+    trainer = build_trainer(cfg)  # loads the model first: a missing model leaves nothing written
     main = dist.is_main()
     say = print if main else (lambda *a, **k: None)
     if main:
@@ -248,28 +212,9 @@ def run(cfg: GRPOConfig) -> dict:
     return summary
 
 
-def print_report(records, before: dict, acc_after: float, comps_after: list[str]) -> None:
-    n = len(records)
-    print("\n              held-out greedy accuracy")
-    print(f"  before GRPO  {before['accuracy']:7.1%}")
-    print(
-        f"  after GRPO   {acc_after:7.1%}   "
-        f"({(acc_after - before['accuracy']) * 100:+.1f} points, n={n})"
-    )
-    print("\n  prompt              base -> tuned        (gold)")
-    shown = 0
-    for rec, b, a in zip(records, before["completions"], comps_after, strict=True):
-        if b.strip() != a.strip() and shown < 6:
-            print(
-                f"  {rec['prompt'][-16:]!r:<18}{b.strip()[-8:]!r:>8} -> {a.strip()[-8:]!r:<10}"
-                f"({rec['answer']})"
-            )
-            shown += 1
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = parse_cli(argv).validate()
+        cfg = check_run(parse_cli(argv))
     except ConfigError as err:
         exit_on_error(err)
     from grpo import distributed as dist

@@ -11,9 +11,11 @@ One step, for a generation batch of `prompts_per_step` prompts and G = `num_gene
            logp = completion_logps(policy); loss = grpo_loss(...) * share; loss.backward()
        then clip the gradient norm, set the step's learning rate, optimizer step.
 
-`make_batch` does 1-3 and returns a `Batch`; `update` does 4-6 on it. Only the LoRA matrices train
-in QLoRA mode (the NF4 base is frozen); with `use_lora: false` the whole (unquantized) model
-trains, and the reference is a frozen copy.
+`make_batch` does 1-3 and returns a `Batch`; `update` does 4-6 on it. The trainer is handed what
+it trains (minGPT's `Trainer(config, model, dataset)`): the policy, its tokenizer and the task,
+whose reward functions score the completions. Only the LoRA matrices train in QLoRA mode (the NF4
+base is frozen); with `use_lora: false` the whole (unquantized) model trains, and the reference is
+a frozen copy. `grpo.train.build_trainer` prepares all of it from a config.
 
 Hooks (minGPT's `add_callback`): `trainer.add_callback(event, fn)` calls `fn(trainer, info)` at
     "step_start"  {"step": the step about to run, counted from 1}
@@ -36,6 +38,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.utils import clip_grad_norm_
@@ -45,12 +48,14 @@ from grpo import distributed as dist
 from grpo.config import GRPOConfig
 from grpo.loss import constant_groups, group_advantages, grpo_loss
 from grpo.metrics import no_signal_warning, step_metrics
-from grpo.model import build_policy, release_memory_each_step, resolve_device
-from grpo.rewards import combine_rewards
+from grpo.policy import release_memory_each_step
+from grpo.rewards import build_rewards, combine_rewards
 from grpo.rollout import Rollout, completion_logps, generate_rollouts
 from grpo.schedule import learning_rate
-from grpo.warmup import ensure_tiny_base
 from qlora import adapters_disabled, release_freed_memory
+
+if TYPE_CHECKING:
+    from grpo.tasks import Task
 
 EVENTS = ("step_start", "phase_end", "step_end")
 SAMPLING = ("max_new_tokens", "min_new_tokens", "temperature", "top_p")  # generate_rollouts'
@@ -72,19 +77,28 @@ class Batch:
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: GRPOConfig, log=None):
+    """GRPO on `model` (the policy: NF4 base + LoRA, or a whole model) for `task`.
+
+    `reference` is a frozen copy for the KL term when the whole model trains (None with LoRA:
+    the reference is the model with its adapters disabled). `device` defaults to the model's.
+    """
+
+    def __init__(
+        self,
+        cfg: GRPOConfig,
+        model,
+        tokenizer,
+        task: Task,
+        reference=None,
+        *,
+        device: torch.device | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.log = log or (lambda msg: print(msg, flush=True))
-        self.device = dist.setup(resolve_device(cfg.device), cfg.prompts_per_step)
-        dist.set_torch_threads(self.device, cfg.torch_threads)  # on CPU, never over the cores
-        self.task = cfg.load_task()
-        if cfg.model == "tiny":
-            if dist.is_main():  # one rank builds the cached base, the others wait and load it
-                ensure_tiny_base(cfg, self.task, log=self.log)
-            dist.barrier()
-        torch.manual_seed(cfg.seed)  # LoRA init: identical on every rank
-        self.model, self.tokenizer, self.reference = build_policy(cfg, self.device)
+        self.model, self.tokenizer, self.task, self.reference = model, tokenizer, task, reference
+        self.device = device if device is not None else next(model.parameters()).device
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.release_memory = release_memory_each_step(self.model, self.device)
         self.forward_model = dist.wrap(self.model, self.device)  # the loss's forward: DDP if > 1
@@ -93,7 +107,7 @@ class GRPOTrainer:
         names = ("loss_type", "epsilon_low", "epsilon_high", "beta", "importance_sampling_level")
         self.loss_options = {k: getattr(cfg, k) for k in names}
         self.loss_options["max_completion_length"] = cfg.max_new_tokens  # used by "dr_grpo"
-        self.reward_fns, self.reward_weights = cfg.build_rewards()
+        self.reward_fns, self.reward_weights = build_rewards(cfg, task)  # the task's, by name
         self.step = 0  # completed optimizer steps
         self.no_signal_streak = 0
         self.callbacks: dict[str, list[Callable]] = defaultdict(list)

@@ -6,7 +6,8 @@ bitsandbytes), LoRA adapters on top, adapters saved in peft's format.
     model.py    prepare_qlora, adapters_disabled, adapter_rows, merge_adapters, footprint
     loading.py  load_quantized: a checkpoint read tensor by tensor straight into NF4
     adapter.py  save_adapter / load_adapter (peft format, safetensors only)
-    bench.py    `python -m qlora.bench`: NF4Linear+LoRA vs bitsandbytes vs fp32, CPU or GPU
+    kernel.py   the fused NF4 CPU kernel (C++, built on first use) and its dispatch
+    atomic.py   atomic_path / atomic_dir: a file or directory written whole or not at all
 
 This package never imports grpo/.
 """

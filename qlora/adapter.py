@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_dir
 from .layers import LoRALinear
 from .model import find_target_linears, lora_layers, prepare_qlora
 
@@ -122,22 +121,9 @@ def _write_atomically(directory: Path, config: dict, tensors: dict[str, torch.Te
                 f"{directory} holds {strangers[0]!r}, which is not an adapter file; refusing to "
                 "replace it; fix: pass an empty or new directory"
             )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an adapter directory is not
+    with atomic_dir(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        if directory.exists():
-            os.replace(directory, old)  # a rename cannot overwrite a non-empty directory
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not directory.exists():
-            os.replace(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict:

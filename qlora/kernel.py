@@ -61,8 +61,8 @@ ENV = "QLORA_KERNEL"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ code reads and writes
 
 # Input rows up to which nf4_linear runs the fused kernel; above, decode + torch's GEMM is
-# faster. Measured with bench/kernel.py (Phi-2's three shapes, 2 threads, AMD EPYC Zen 5, bf16
-# and fp32 input): see the figures at the end of this module.
+# faster. `make bench` measures the crossover at Phi-2's three shapes (bench/kernel_speed.py,
+# its README table).
 FUSED_MAX_ROWS = 16
 
 

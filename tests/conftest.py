@@ -24,7 +24,7 @@ settings.load_profile("repo")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Phi saved with save_pretrained, loadable exactly like microsoft/phi-2."""
-    from grpo.tiny import save_tiny_phi
+    from grpo.tiny.build import save_tiny_phi
 
     return save_tiny_phi(tmp_path_factory.mktemp("models") / "tiny-phi", seed=0)
 

@@ -9,32 +9,35 @@ from safetensors.torch import save_file
 
 from grpo import distributed as dist
 from grpo.checkpoint import trainable_state
+from grpo.cli import check_run
 from grpo.config import GRPOConfig
 from grpo.rollout import generate_rollouts
-from grpo.trainer import GRPOTrainer
+from grpo.train import build_trainer
 
 
 def main(run_dir: str, loss_type: str, out: str) -> None:
-    cfg = GRPOConfig(
-        model="tiny",
-        output_dir=run_dir,
-        loss_type=loss_type,
-        prompts_per_step=8,
-        num_generations=4,
-        micro_batch_size=4,
-        max_new_tokens=5,
-        lora_r=4,
-        lora_alpha=8.0,
-        beta=0.04,
-        learning_rate=1e-2,
-        n_eval=16,
-        warmup_sft_steps=150,  # the base the test copied in was built with these (else: rebuilt)
-        warmup_sft_batch_size=64,
-        reward_funcs=["correctness", "digits"],
-        reward_weights=[1.0, 1.0],
-    ).validate()
+    cfg = check_run(
+        GRPOConfig(
+            model="tiny",
+            output_dir=run_dir,
+            loss_type=loss_type,
+            prompts_per_step=8,
+            num_generations=4,
+            micro_batch_size=4,
+            max_new_tokens=5,
+            lora_r=4,
+            lora_alpha=8.0,
+            beta=0.04,
+            learning_rate=1e-2,
+            n_eval=16,
+            warmup_sft_steps=150,  # the base the test copied in was built with these (else: rebuilt)
+            warmup_sft_batch_size=64,
+            reward_funcs=["correctness", "digits"],
+            reward_weights=[1.0, 1.0],
+        )
+    )
     torch.set_num_threads(1)
-    trainer = GRPOTrainer(cfg, log=lambda m: None)
+    trainer = build_trainer(cfg, log=lambda m: None)
     with torch.no_grad():  # a non-zero B, the same on every rank: every LoRA gradient is live
         g = torch.Generator().manual_seed(7)
         for name, p in trainer.model.named_parameters():

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import qlora.adapter
-from grpo.model import load_model
+from grpo.policy import load_model
 from qlora import AdapterError, LoRALinear, NF4Linear, load_adapter, prepare_qlora, save_adapter
 
 peft = pytest.importorskip("peft")

@@ -23,10 +23,10 @@ import torch
 from app.browser import BrowserMissing, chromium_path, compare_in_browser, open_demo, serve
 from app.streaming import nucleus_filter
 from grpo.config import GRPOConfig
-from grpo.data import arithmetic_task
-from grpo.model import load_model
+from grpo.policy import load_model
 from grpo.rollout import generate_rollouts
-from grpo.tiny import build_tiny_phi, save_tiny_phi
+from grpo.tasks.arithmetic import arithmetic_task
+from grpo.tiny.build import build_tiny_phi, save_tiny_phi
 from qlora import LoRALinear, adapters_disabled, load_adapter, prepare_qlora, save_adapter
 
 MAX_NEW = 8  # tokens per answer in these tests
@@ -244,17 +244,17 @@ def breakdown_demo(task, cfg: GRPOConfig):
     """A Demo with what `reward_breakdown` reads, and no model."""
     from types import SimpleNamespace
 
-    from app.loading import Demo, run_rewards
-    from grpo.tiny import build_char_tokenizer
+    from app.serving import Demo, run_rewards
+    from grpo.tiny.build import build_char_tokenizer
 
-    fns, weights = run_rewards(cfg)
+    fns, weights = run_rewards(cfg, task)
     answers = {r["prompt"]: r["answer"] for r in task.train + task.eval}
     generator = SimpleNamespace(tokenizer=build_char_tokenizer())
     return Demo(generator, None, {}, [], answers, fns, weights, task)
 
 
 def test_breakdown_shows_every_reward_of_the_run_and_no_format_without_one():
-    from app.loading import reward_breakdown
+    from app.serving import reward_breakdown
 
     task = arithmetic_task(seed=0, n_eval=N_EVAL)
     prompt, gold = task.eval[0]["prompt"], task.eval[0]["answer"]  # "30+03=", "+033"
@@ -268,8 +268,10 @@ def test_breakdown_shows_every_reward_of_the_run_and_no_format_without_one():
 
 
 def test_breakdown_of_a_task_with_an_answer_format(tmp_path, monkeypatch):
-    from app.loading import reward_breakdown
-    from grpo.data import Task
+    from app.serving import reward_breakdown
+    from grpo.tasks import Task
+    from grpo.tasks.answers import is_correct
+    from grpo.tasks.gsm8k import REWARDS
 
     (tmp_path / "demo_rewards.py").write_text(
         "def shout(prompts, completions, **columns):\n"
@@ -277,7 +279,7 @@ def test_breakdown_of_a_task_with_an_answer_format(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     records = [{"prompt": "Q: 6*7?", "answer": "42"}]
-    task = Task("gsm8k", train=records, eval=records, answer_tags=True)
+    task = Task("gsm8k", records, records, is_correct, REWARDS, answer_tags=True)
     cfg = GRPOConfig(
         reward_funcs=["correctness", "format", "overlong", "demo_rewards:shout"],
         reward_weights=[1.0, 0.2, 1.0, 0.5],

@@ -1,11 +1,12 @@
-"""grpo/atomic.py: the target is the old content or the whole new one, never a mix or a leftover."""
+"""qlora/atomic.py: the target is the old content or the whole new one, never a mix or a
+leftover."""
 
 import os
 import stat
 
 import pytest
 
-from grpo.atomic import atomic_dir, atomic_path, atomic_write_text
+from qlora.atomic import atomic_dir, atomic_path, atomic_write_text
 
 
 def listing(directory) -> list[str]:

@@ -6,7 +6,9 @@ import sys
 import pytest
 from conftest import run_cli_bad_input
 
-from grpo.config import ConfigError, GRPOConfig, parse_cli
+from grpo.cli import check_run, parse_cli
+from grpo.config import ConfigError, GRPOConfig
+from grpo.tasks import load_task
 
 # The embedded default run as `make train` ran it with every value spelled out in
 # examples/tiny.yaml; GRPOConfig's defaults must reproduce it field for field.
@@ -61,7 +63,7 @@ def test_no_default_is_the_learning_rate_that_collapsed_the_policy():
 
 
 def test_defaults_validate_and_yaml_round_trip(tmp_path):
-    cfg = GRPOConfig().validate()
+    cfg = check_run(GRPOConfig())
     cfg.save_yaml(tmp_path / "c.yaml")
     assert GRPOConfig.from_yaml(tmp_path / "c.yaml") == cfg
 
@@ -109,7 +111,7 @@ def test_yaml_then_cli_overrides(tmp_path):
 )
 def test_validation_names_field_and_value(override, message):
     with pytest.raises(ConfigError, match=message):
-        GRPOConfig.from_dict(override).validate()
+        check_run(GRPOConfig.from_dict(override))
 
 
 @pytest.mark.parametrize(
@@ -134,10 +136,10 @@ def test_help_lists_every_field_with_default():
 
 
 def test_config_loads_its_own_task():
-    task = GRPOConfig(n_eval=7, seed=3, arithmetic_format="plain").load_task()
+    task = load_task(GRPOConfig(n_eval=7, seed=3, arithmetic_format="plain"))
     assert len(task.eval) == 7 and all("+0" not in r["answer"] for r in task.eval)
-    assert task.eval == GRPOConfig(n_eval=7, seed=3, arithmetic_format="plain").load_task().eval
-    fixed = GRPOConfig(n_eval=7, seed=3).load_task("arithmetic")
+    assert task.eval == load_task(GRPOConfig(n_eval=7, seed=3, arithmetic_format="plain")).eval
+    fixed = load_task(GRPOConfig(n_eval=7, seed=3, task="arithmetic"))
     assert all(len(r["prompt"]) == 6 and r["answer"][0] in "+-" for r in fixed.eval)
 
 
@@ -150,7 +152,12 @@ BAD_VALUES = {
     "gradient_checkpointing": ({"gradient_checkpointing": "yes"}, "should be of type bool"),
     "task": ({"task": "chess"}, "must be one of arithmetic, gsm8k"),
     "dataset_path": (
-        {"task": "gsm8k", "model": "microsoft/phi-2", "dataset_path": "/no/such/gsm8k.jsonl"},
+        {
+            "task": "gsm8k",
+            "model": "microsoft/phi-2",
+            "dataset_path": "/no/such/gsm8k.jsonl",
+            "reward_funcs": ["correctness", "format"],
+        },
         "no such file",
     ),
     "arithmetic_format": ({"arithmetic_format": "roman"}, "must be one of fixed, plain"),
@@ -209,9 +216,9 @@ def test_every_field_has_a_bad_value_case():
 def test_every_field_rejects_a_bad_value_naming_it(name):
     overrides, message = BAD_VALUES[name]
     base = {k: v for k, v in overrides.items() if k != name}
-    GRPOConfig(**base).validate()  # the context alone is fine: the field is what fails
+    check_run(GRPOConfig(**base))  # the context alone is fine: the field is what fails
     with pytest.raises(ConfigError, match=message) as err:
-        GRPOConfig(**overrides).validate()
+        check_run(GRPOConfig(**overrides))
     assert str(err.value).startswith(f"{name}=") and "\n" not in str(err.value)
 
 
@@ -231,19 +238,19 @@ def test_every_field_rejects_a_bad_value_naming_it(name):
 )
 def test_more_bad_values(override, message):
     with pytest.raises(ConfigError, match=message):
-        GRPOConfig(**override).validate()
+        check_run(GRPOConfig(**override))
 
 
 def test_lora_targets_accept_dotted_suffixes_and_full_paths():
-    GRPOConfig(lora_targets=["self_attn.q_proj", "model.layers.0.mlp.fc1"]).validate()
+    check_run(GRPOConfig(lora_targets=["self_attn.q_proj", "model.layers.0.mlp.fc1"]))
     with pytest.raises(ConfigError, match="'mlp.q_proj' names no linear layer"):
-        GRPOConfig(lora_targets=["mlp.q_proj"]).validate()
+        check_run(GRPOConfig(lora_targets=["mlp.q_proj"]))
 
 
 def test_lora_targets_checked_against_a_local_model_dir(tiny_model_dir):
-    GRPOConfig(model=str(tiny_model_dir), lora_targets=["fc1"]).validate()
+    check_run(GRPOConfig(model=str(tiny_model_dir), lora_targets=["fc1"]))
     with pytest.raises(ConfigError, match="its linear layers are dense, fc1, fc2, k_proj"):
-        GRPOConfig(model=str(tiny_model_dir), lora_targets=["gate_proj"]).validate()
+        check_run(GRPOConfig(model=str(tiny_model_dir), lora_targets=["gate_proj"]))
 
 
 @pytest.mark.parametrize(

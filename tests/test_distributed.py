@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from grpo import distributed as dist
+from grpo.cli import check_run
 from grpo.config import GRPOConfig
-from grpo.trainer import GRPOTrainer
+from grpo.train import build_trainer
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +37,16 @@ def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp-base")
-    GRPOTrainer(
-        GRPOConfig(
-            model="tiny",
-            output_dir=str(out),
-            warmup_sft_steps=150,
-            warmup_sft_batch_size=64,
-            n_eval=16,
-        ).validate(),
+    build_trainer(
+        check_run(
+            GRPOConfig(
+                model="tiny",
+                output_dir=str(out),
+                warmup_sft_steps=150,
+                warmup_sft_batch_size=64,
+                n_eval=16,
+            )
+        ),
         log=lambda m: None,
     )
     return out / "base"

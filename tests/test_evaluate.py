@@ -2,12 +2,12 @@
 
 import pytest
 
-from grpo.data import Task
 from grpo.evaluate import evaluate, evaluate_distributed
-from grpo.model import load_model
-from grpo.rewards import answer_value
+from grpo.policy import load_model
+from grpo.tasks import Task
+from grpo.tasks.answers import answer_value, is_correct
 
-TASK = Task("arithmetic", train=[], eval=[])  # scores any record by its gold answer
+TASK = Task("arithmetic", train=[], eval=[], correct=is_correct)  # scores by the gold answer
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from grpo.model import ModelLoadError, load_model
-from grpo.tiny import build_tiny_phi, save_model_dir
+from grpo.policy import ModelLoadError, load_model
+from grpo.tiny.build import build_tiny_phi, save_model_dir
 from qlora import (
     PHI_TARGETS,
     CheckpointError,

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from grpo.tiny import build_tiny_phi
+from bench.qlora_timing import bnb_linear4bit, saved_bytes
+from grpo.tiny.build import build_tiny_phi
 from qlora import (
     LoRALinear,
     NF4Linear,
@@ -18,7 +19,6 @@ from qlora import (
     prepare_qlora,
     trainable_parameters,
 )
-from qlora.bench import bnb_linear4bit, saved_bytes
 
 
 def linear(in_f=128, out_f=96, seed=0):

@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from grpo.model import ModelLoadError, load_model, resolve_dtype
+from grpo.cli import check_run
+from grpo.policy import ModelLoadError, load_model, resolve_dtype
 
 
 def test_load_local_dir_sets_pad_and_dtype(tiny_model_dir):
@@ -74,13 +75,13 @@ def test_output_head_gets_a_contiguous_input(tiny_model_dir):
 
 def policy(model_dir, tmp_path, **overrides):
     from grpo.config import GRPOConfig
-    from grpo.model import build_policy
+    from grpo.policy import build_policy
 
     cfg = GRPOConfig(
         model=str(model_dir), output_dir=str(tmp_path), lora_r=4, lora_alpha=8.0, **overrides
     )
     torch.manual_seed(0)
-    return build_policy(cfg.validate(), torch.device("cpu"))
+    return build_policy(check_run(cfg), torch.device("cpu"))
 
 
 def test_build_policy_quantizes_while_loading_exactly_as_after(tiny_model_dir, tmp_path):
@@ -121,14 +122,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tmp_pat
 
 
 def test_only_a_large_model_on_cpu_hands_memory_back_each_step(monkeypatch):
-    import grpo.model
-    from grpo.model import release_memory_each_step
+    import grpo.policy
+    from grpo.policy import release_memory_each_step
 
     calls = []
-    monkeypatch.setattr(grpo.model, "return_large_frees_to_os", lambda: calls.append(1) or True)
+    monkeypatch.setattr(grpo.policy, "return_large_frees_to_os", lambda: calls.append(1) or True)
     small = torch.nn.Linear(10, 10)  # 110 parameters
     assert not release_memory_each_step(small, torch.device("cpu")) and calls == []
-    monkeypatch.setattr(grpo.model, "SMALL_MODEL_PARAMS", 110)
+    monkeypatch.setattr(grpo.policy, "SMALL_MODEL_PARAMS", 110)
     assert release_memory_each_step(small, torch.device("cpu")) and calls == [1]
     assert not release_memory_each_step(small, torch.device("cuda")) and calls == [1]
 
@@ -136,8 +137,8 @@ def test_only_a_large_model_on_cpu_hands_memory_back_each_step(monkeypatch):
 def test_fused_gelu_is_phi_s_gelu_new_to_float32_rounding():
     from transformers.activations import GELUTanh, NewGELUActivation
 
-    from grpo.model import use_fused_gelu
-    from grpo.tiny import build_tiny_phi
+    from grpo.policy import use_fused_gelu
+    from grpo.tiny.build import build_tiny_phi
 
     model, tokenizer = build_tiny_phi(seed=0)
     ids = tokenizer(["47+05=+052", "03-99=-096"], return_tensors="pt")["input_ids"]

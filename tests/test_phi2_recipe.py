@@ -4,14 +4,14 @@ few steps with the model swapped to a tiny Phi in a local dir and GSM8K to a sma
 import json
 import math
 
-from grpo.config import parse_cli
+from grpo.cli import check_run, parse_cli
 from grpo.train import run
 
 RECIPE = "examples/phi2_gsm8k.yaml"
 
 
 def test_recipe_names_phi2_and_every_phi2_linear():
-    cfg = parse_cli(["--config", RECIPE]).validate()
+    cfg = check_run(parse_cli(["--config", RECIPE]))
     assert cfg.model == "microsoft/phi-2" and cfg.task == "gsm8k" and cfg.quantize
     assert cfg.dtype == "bfloat16" and cfg.use_lora
     assert sorted(cfg.lora_targets) == sorted(["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])
@@ -29,38 +29,40 @@ def test_recipe_runs_on_tiny_phi_and_local_gsm8k(tmp_path, tiny_model_dir):
     ]
     data.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "run"
-    cfg = parse_cli(
-        [
-            "--config",
-            RECIPE,
-            "--model",
-            str(tiny_model_dir),
-            "--dataset_path",
-            str(data),
-            "--output_dir",
-            str(out),
-            "--device",
-            "cpu",
-            "--max_steps",
-            "2",
-            "--prompts_per_step",
-            "2",
-            "--num_generations",
-            "4",
-            "--micro_batch_size",
-            "4",
-            "--max_new_tokens",
-            "12",
-            "--overlong_cache",
-            "4",
-            "--n_eval",
-            "4",
-            "--save_every",
-            "1",
-            "--sample_every",
-            "1",
-        ]
-    ).validate()
+    cfg = check_run(
+        parse_cli(
+            [
+                "--config",
+                RECIPE,
+                "--model",
+                str(tiny_model_dir),
+                "--dataset_path",
+                str(data),
+                "--output_dir",
+                str(out),
+                "--device",
+                "cpu",
+                "--max_steps",
+                "2",
+                "--prompts_per_step",
+                "2",
+                "--num_generations",
+                "4",
+                "--micro_batch_size",
+                "4",
+                "--max_new_tokens",
+                "12",
+                "--overlong_cache",
+                "4",
+                "--n_eval",
+                "4",
+                "--save_every",
+                "1",
+                "--sample_every",
+                "1",
+            ]
+        )
+    )
     summary = run(cfg)
     assert summary["grpo_steps"] == 2 and summary["n_eval"] == 4
     for name in [

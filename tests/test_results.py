@@ -3,7 +3,7 @@ import json
 import pytest
 import yaml
 
-from grpo.results import (
+from bench.results import (
     END,
     START,
     ReadmeError,

@@ -1,5 +1,6 @@
-"""Tests for grpo/rewards.py: answer parsing, the three reward functions, and combine_rewards'
-error paths (each must name the function, the completion index and the text)."""
+"""Tests for grpo/rewards.py: the overlong penalty, names to functions (task rewards, generic ones,
+import paths), and combine_rewards' error paths (each must name the function, the completion
+index and the text)."""
 
 import doctest
 import math
@@ -9,29 +10,20 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 from grpo import rewards
-from grpo.choices import REWARD_NAMES
+from grpo.cli import check_run
 from grpo.config import ConfigError, GRPOConfig
 from grpo.rewards import (
-    REWARD_FUNCTIONS,
     MissingColumnError,
     RewardError,
-    answer_value,
     build_reward_functions,
     combine_rewards,
-    correctness_reward,
-    digits_reward,
-    extract_answer,
-    format_reward,
-    gold_answer,
-    is_correct,
-    last_number,
     overlong_penalty,
-    parse_number,
 )
+from grpo.tasks import arithmetic, gsm8k
+from grpo.tasks.answers import correctness_reward
+from grpo.tasks.gsm8k import format_reward
 
 MULTILINE = (
     "<think>\nFirst, 6 * 7.\nThat is 40 + 2.\n\nSo the result is 42.\n</think>\n"
@@ -41,230 +33,8 @@ MULTILINE = (
 
 def test_docstring_examples():
     result = doctest.testmod(rewards)
-    assert result.attempted >= 15
+    assert result.attempted >= 5
     assert result.failed == 0
-
-
-# --- numbers -----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "text, value",
-    [
-        ("42", 42.0),
-        ("42.0", 42.0),
-        ("$42", 42.0),
-        ("42.", 42.0),
-        ("  42  ", 42.0),
-        ("-7", -7.0),
-        ("\u22127", -7.0),
-        ("+3", 3.0),
-        ("-$5", -5.0),
-        ("$-5", -5.0),
-        ("1,234", 1234.0),
-        ("-1,234,567.25", -1234567.25),
-        ("$1,234.50", 1234.5),
-        (".5", 0.5),
-        ("0.25", 0.25),
-    ],
-)
-def test_parse_number_accepts(text, value):
-    assert parse_number(text) == value
-
-
-@pytest.mark.parametrize(
-    "text", ["", "abc", "4 2", "12,34", "1,2345", "--5", "nan", "inf", "42..", "$", "1.2.3"]
-)
-def test_parse_number_rejects(text):
-    assert parse_number(text) is None
-
-
-@given(st.integers(min_value=-(10**9), max_value=10**9))
-def test_parse_number_formats_agree(n):
-    # Every way of writing the same integer parses to it.
-    for text in (str(n), f"{n:,}", f"{n}.", f"{n}.0", f"{n:,}.00"):
-        assert parse_number(text) == n, text
-    dollars = f"-${abs(n):,}" if n < 0 else f"${n:,}"
-    assert parse_number(dollars) == n
-
-
-@pytest.mark.parametrize(
-    "text, number",
-    [
-        ("I tried 41 then 43, and the answer is 42.", "42"),
-        ("It drops to -3 degrees", "-3"),
-        ("10-3=7", "7"),
-        ("10-3", "3"),  # subtraction, not the number -3
-        ("a total of 1,234 apples", "1,234"),
-        ("items 1,2,3", "3"),
-        ("costs $18.50.", "$18.50"),
-        ("no digits at all", None),
-    ],
-)
-def test_last_number(text, number):
-    assert last_number(text) == number
-
-
-# --- extracting answers ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "text, answer",
-    [
-        ("<answer>42</answer>", "42"),
-        ("<answer> 42 </answer>", "42"),
-        (MULTILINE, "42"),
-        ("<answer>1</answer> no wait <answer>2</answer>", "2"),  # the last block wins
-        ("<answer>7</answer> and the number 99 after it", "7"),  # tags beat the last number
-        ("<answer>1 <answer>2</answer>", "2"),  # the innermost well-formed block
-        ("<answer>42", "42"),  # unclosed: fall back to the last number
-        ("<answer></answer> 42", None),  # an empty block is no answer
-        ("Thinking... the answer is -5.", "-5"),
-        ("nothing numeric here", None),
-        ("", None),
-    ],
-)
-def test_extract_answer(text, answer):
-    assert extract_answer(text) == answer
-
-
-def test_answer_value_reads_last_number_inside_block():
-    assert answer_value("<answer>The total is $1,018.</answer>") == 1018.0
-    assert answer_value("<answer>forty-two</answer>") is None
-
-
-@pytest.mark.parametrize(
-    "gold, final",
-    [
-        ("42", "42"),
-        ("  42\n", "42"),
-        ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
-        ("She has 1000 + 234 = 1234.\n#### 1,234", "1,234"),
-        ("####-3", "-3"),
-    ],
-)
-def test_gold_answer(gold, final):
-    assert gold_answer(gold) == final
-
-
-# --- correctness -------------------------------------------------------------------------------
-
-EQUIVALENT_TO_42 = [
-    "42",
-    "42.0",
-    "$42",
-    "42.",
-    "<answer> 42 </answer>",
-    "<answer>$42.00</answer>",
-    "The answer is 42.",
-    "Hmm, 41? No: 42",
-    MULTILINE,
-]
-
-
-@pytest.mark.parametrize("gold", ["42", "Six sevens are 42.\n#### 42", 42])
-def test_correctness_numeric_equivalence(gold):
-    n = len(EQUIVALENT_TO_42)
-    assert correctness_reward(["Q"] * n, EQUIVALENT_TO_42, answer=[gold] * n) == [1.0] * n
-
-
-@pytest.mark.parametrize(
-    "completion",
-    [
-        "no number at all",
-        "",
-        "42 is what I first thought, but it is 43",  # the last number counts
-        "<answer>43</answer> though 42 is also nice",  # the tag counts, not the later number
-        "<answer></answer>",
-        "-42",
-        "4.2",
-        "420",
-    ],
-)
-def test_correctness_wrong(completion):
-    assert correctness_reward(["Q"], [completion], answer=["42"]) == [0.0]
-
-
-def test_correctness_negative_and_thousands():
-    completions = [
-        "It ends at -5.",
-        "<answer>\u22125</answer>",
-        "5",
-        "1,234 total",
-        "1234",
-        "12,34",
-    ]
-    golds = ["#### -5", "-5", "-5", "1234", "#### 1,234", "1234"]
-    assert correctness_reward([""] * 6, completions, answer=golds) == [1, 1, 0, 1, 1, 0]
-
-
-def test_correctness_missing_column_names_it_and_the_columns_passed():
-    with pytest.raises(
-        MissingColumnError, match=r"needs the column 'answer'.*\['completion_lengths'\]"
-    ):
-        correctness_reward(["Q"], ["42"], completion_lengths=[3])
-
-
-def test_correctness_rejects_non_numeric_gold():
-    with pytest.raises(ValueError, match=r"gold answer 'forty-two' .* is not a number"):
-        correctness_reward(["Q"], ["42"], answer=["#### forty-two"])
-
-
-def test_correctness_rejects_column_of_wrong_length():
-    with pytest.raises(RewardError, match=r"column 'answer' has 1 entries for 2 completions"):
-        correctness_reward(["Q", "Q"], ["1", "2"], answer=["1"])
-
-
-def test_is_correct():
-    assert is_correct("<answer>0.3</answer>", "0.30000000000000004")
-    assert not is_correct("<answer>0.3001</answer>", "0.3")
-
-
-# --- format ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "completion",
-    [
-        "<answer>42</answer>",
-        MULTILINE,
-        "Let me think.\nStep 1: 6 * 7.\nStep 2: done.\n<answer>42</answer>",
-        "<think>short</think><answer>not a number, still formatted</answer>",
-        "<answer>\nmulti\nline\n</answer>",
-        "<answer>42</answer>\nExercise 2: ...",  # trailing text is allowed
-    ],
-)
-def test_format_good(completion):
-    assert format_reward(["Q"], [completion]) == [1.0]
-
-
-@pytest.mark.parametrize(
-    "completion",
-    [
-        "42",
-        "",
-        "<answer>42",  # unclosed
-        "42</answer>",  # unopened
-        "</answer>42<answer>",  # closed before opened
-        "<answer></answer>",  # empty
-        "<answer> \n\t </answer>",  # whitespace only
-        "<answer>4</answer><answer>2</answer>",  # duplicated
-        "<answer><answer>42</answer></answer>",  # nested
-        "<answer>1 <answer>42</answer>",  # stray opening tag
-        "<think>\nreasoning\n<answer>42</answer>",  # think unclosed
-        "reasoning</think>\n<answer>42</answer>",  # think unopened
-        "<answer>42</answer><think>late</think>",  # think after the answer
-        "<think>a</think><think>b</think><answer>42</answer>",  # two think blocks
-        "<think>a <answer>42</answer></think>",  # answer inside think
-        "<ANSWER>42</ANSWER>",  # tags are case-sensitive
-        "< answer >42</ answer >",
-    ],
-)
-def test_format_bad(completion):
-    assert format_reward(["Q"], [completion]) == [0.0]
-
-
-# --- overlong penalty --------------------------------------------------------------------------
 
 
 def test_overlong_penalty_at_boundaries():
@@ -307,43 +77,23 @@ def test_overlong_penalty_missing_column():
         fn(["Q"], ["c"], answer=["1"])
 
 
-# --- digits (partial credit) -------------------------------------------------------------------
+# --- names to functions ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "completion, gold, expected",
-    [
-        ("92", "92", 1.0),  # 2 digits + sign, all right
-        ("93", "92", 2 / 3),  # tens right, units wrong, sign right
-        ("29", "92", 1 / 3),  # only the sign
-        ("-51", "51", 2 / 3),  # digits right, sign wrong
-        ("5", "105", 2 / 4),  # right-aligned: units 5 and the sign
-        ("105", "5", 2 / 4),
-        ("<answer>-7</answer>", "-7", 1.0),
-        ("no number", "7", 0.0),
-        ("7.5", "7", 0.0),  # not an integer
-        ("1,234", "1234", 1.0),
-    ],
-)
-def test_digits_reward_values(completion, gold, expected):
-    assert digits_reward(["Q"], [completion], answer=[gold]) == [pytest.approx(expected)]
-
-
-def test_digits_reward_needs_answer_column():
-    with pytest.raises(MissingColumnError, match="answer"):
-        digits_reward(["Q"], ["1"])
-
-
-# --- registry ----------------------------------------------------------------------------------
+def test_each_task_names_its_own_rewards_and_overlong_is_generic():
+    assert list(arithmetic.REWARDS) == ["correctness", "digits"]
+    assert list(gsm8k.REWARDS) == ["correctness", "format"]
+    assert list(rewards.GENERIC_REWARDS) == ["overlong"]
+    with pytest.raises(RewardError, match="reward 'format' is unknown; choose from correctness, "
+                       "digits, overlong"):  # fmt: skip
+        build_reward_functions(["format"], [1.0], arithmetic.REWARDS)
 
 
 def test_registry_and_build():
-    assert (
-        tuple(REWARD_FUNCTIONS) == REWARD_NAMES == ("correctness", "format", "digits", "overlong")
-    )
     fns, weights = build_reward_functions(
-        ["format", "overlong"], [0.5, 1], max_completion_length=10, cache_length=5, unused=1
-    )
+        ["format", "overlong"], [0.5, 1], gsm8k.REWARDS, max_completion_length=10, cache_length=5,
+        unused=1,
+    )  # fmt: skip
     assert list(fns) == ["format", "overlong"] and weights == [0.5, 1.0]
     assert fns["format"] is format_reward
     assert fns["overlong"](["Q"], ["c"], completion_lengths=[8]) == [-0.6]
@@ -362,7 +112,7 @@ def test_registry_and_build():
 )
 def test_build_errors(names, weights, options, match):
     with pytest.raises(ValueError, match=match):
-        build_reward_functions(names, weights, **options)
+        build_reward_functions(names, weights, gsm8k.REWARDS, **options)
 
 
 # --- combine_rewards ---------------------------------------------------------------------------
@@ -373,6 +123,7 @@ def test_combine_weights_and_per_function():
     fns, weights = build_reward_functions(
         ["correctness", "format", "overlong"],
         [1.0, 0.5, 2.0],
+        gsm8k.REWARDS,
         max_completion_length=100,
         cache_length=20,
     )
@@ -487,18 +238,25 @@ def test_combine_bad_value_names_function_index_and_text(bad):
 
 # --- rewards by import path ----------------------------------------------------------------------
 
+
 USER_REWARDS = """
+
+
 def brevity(prompts, completions, completion_lengths, **columns):
     return [1.0 / n for n in completion_lengths]
+
 
 def off_by_one(prompts, completions, answer, **columns):
     return [float(c.strip() == str(int(a) + 1)) for c, a in zip(completions, answer)]
 
+
 def no_columns(prompts, completions):
     return [0.0] * len(completions)
 
+
 def returns_text(prompts, completions, **columns):
     return ["high"] * len(completions)
+
 
 NOT_A_FUNCTION = 3
 """
@@ -516,7 +274,9 @@ def user_rewards(tmp_path, monkeypatch):
 
 def test_import_path_rewards_combine_with_built_ins(user_rewards):
     fns, weights = build_reward_functions(
-        ["correctness", "my_rewards:brevity", "my_rewards:off_by_one"], [1.0, 0.5, 2.0]
+        ["correctness", "my_rewards:brevity", "my_rewards:off_by_one"],
+        [1.0, 0.5, 2.0],
+        arithmetic.REWARDS,
     )
     total, per = combine_rewards(
         fns, weights, ["2+2="] * 3, ["4", "5", "44"], answer=["4"] * 3, completion_lengths=[2, 4, 8]
@@ -525,7 +285,7 @@ def test_import_path_rewards_combine_with_built_ins(user_rewards):
     assert per["my_rewards:off_by_one"].tolist() == [0.0, 1.0, 0.0]
     assert total.tolist() == [1.25, 2.125, 0.0625]
     cfg = GRPOConfig(reward_funcs=["correctness", "my_rewards:brevity"], reward_weights=[1, 0.1])
-    assert cfg.validate() is cfg
+    assert check_run(cfg) is cfg
 
 
 def test_import_path_rewards_get_the_built_ins_output_checks(user_rewards):
@@ -544,12 +304,12 @@ def test_import_path_rewards_get_the_built_ins_output_checks(user_rewards):
         ("my_rewards:missing", "module 'my_rewards' has no attribute 'missing'"),
         ("my_rewards:NOT_A_FUNCTION", "is a int, not a function"),
         ("my_rewards:no_columns", r"cannot be called as fn\(prompts, completions, \*\*columns\)"),
-        ("my_rewards:", "is unknown; choose from correctness, format, digits, overlong"),
+        ("my_rewards:", "is unknown; choose from correctness, digits, overlong"),
     ],
 )
 def test_bad_import_paths_are_one_line_config_errors(user_rewards, name, message):
     with pytest.raises(ConfigError, match=message) as err:
-        GRPOConfig(reward_funcs=["correctness", name], reward_weights=[1, 1]).validate()
+        check_run(GRPOConfig(reward_funcs=["correctness", name], reward_weights=[1, 1]))
     assert str(err.value).startswith("reward_funcs=") and "\n" not in str(err.value)
 
 

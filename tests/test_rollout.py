@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from grpo.loss import selective_log_softmax
-from grpo.model import load_model
+from grpo.policy import load_model
 from grpo.rollout import (
     completion_logps,
     completion_mask_from_ids,

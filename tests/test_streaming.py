@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from app.streaming import PairGenerator, Sampling, Side
-from grpo.tiny import build_tiny_phi
+from grpo.tiny.build import build_tiny_phi
 from qlora import LoRALinear, adapters_disabled, merge_adapters, prepare_qlora
 
 PROMPTS = ["47+05=", "Hello, tiny Phi!", "3-99="]
@@ -157,11 +157,11 @@ def test_steps_run_on_the_model_thread_and_give_the_same_tokens(adapted):
 
 
 def test_float32_kv_cache_gives_the_16_bit_cache_s_logits_bit_for_bit(monkeypatch):
-    """A bf16 model decoding with grpo.cpu_attention keeps its cache in float32 (the same 16-bit
+    """A bf16 model decoding with app.cpu_attention keeps its cache in float32 (the same 16-bit
     values, never widened again per step): prefill and every decode step give the same logits
     as a bf16 cache, bit for bit; past the size budget the cache stays in the model's dtype."""
     from app import streaming
-    from grpo.cpu_attention import use_cpu_decode_attention
+    from app.cpu_attention import use_cpu_decode_attention
 
     model, tokenizer = build_tiny_phi(seed=0)
     model = model.to(torch.bfloat16).eval()

@@ -1,7 +1,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PhiForCausalLM
 
-from grpo.tiny import CHARACTERS, build_char_tokenizer, build_tiny_phi, save_tiny_phi
+from grpo.tiny.build import CHARACTERS, build_char_tokenizer, build_tiny_phi, save_tiny_phi
 
 PHI2_LINEARS = {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", "lm_head"}
 

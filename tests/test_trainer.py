@@ -18,8 +18,7 @@ from safetensors.torch import load_file
 from grpo.checkpoint import latest_checkpoint
 from grpo.config import GRPOConfig
 from grpo.schedule import learning_rate
-from grpo.train import run
-from grpo.trainer import GRPOTrainer
+from grpo.train import build_trainer, run
 
 FAST = dict(
     model="tiny",
@@ -47,7 +46,7 @@ def fast_cfg(out, **kw) -> GRPOConfig:
 def shared_base(tmp_path_factory):
     """Build the warmed-up tiny base once; runs copy it into their own output_dir."""
     out = tmp_path_factory.mktemp("base-run")
-    GRPOTrainer(fast_cfg(out))
+    build_trainer(fast_cfg(out))
     return out / "base"
 
 
@@ -107,7 +106,7 @@ def test_run_writes_every_artifact_with_finite_metrics(tmp_path, shared_base):
 
 def test_reference_is_the_policy_until_the_first_update(tmp_path, shared_base):
     out = with_base(tmp_path / "run", shared_base)
-    trainer = GRPOTrainer(fast_cfg(out, beta=0.04))
+    trainer = build_trainer(fast_cfg(out, beta=0.04))
     ro = trainer.make_batch().rollout
     ref = trainer.reference_logps(ro)  # adapters disabled
     policy = trainer.policy_logps_nograd(ro)  # adapters on, B = 0
@@ -118,7 +117,7 @@ def test_reference_is_the_policy_until_the_first_update(tmp_path, shared_base):
 
 def test_only_lora_moves_and_nf4_bytes_stay(tmp_path, shared_base):
     out = with_base(tmp_path / "run", shared_base)
-    trainer = GRPOTrainer(fast_cfg(out, max_steps=2, learning_rate=0.05))
+    trainer = build_trainer(fast_cfg(out, max_steps=2, learning_rate=0.05))
     before = {n: t.clone() for n, t in trainer.model.state_dict().items()}
     qbytes = [m.qweight.packed.clone() for m in trainer.model.modules() if hasattr(m, "qweight")]
     for _ in range(2):
@@ -216,7 +215,7 @@ def test_killed_twice_at_random_moments_then_resumed_is_bit_identical(
 @pytest.mark.parametrize("num_iterations", [1, 2])
 def test_hooks_see_every_phase_in_order_and_the_metrics(tmp_path, shared_base, num_iterations):
     out = with_base(tmp_path / "run", shared_base)
-    trainer = GRPOTrainer(fast_cfg(out, num_iterations=num_iterations))
+    trainer = build_trainer(fast_cfg(out, num_iterations=num_iterations))
     seen, ends = [], []
     trainer.add_callback("step_start", lambda t, info: seen.append(("step_start", info["step"])))
     trainer.add_callback("phase_end", lambda t, info: seen.append((info["phase"], info["seconds"])))
@@ -242,7 +241,7 @@ def test_min_new_tokens_forces_every_completion_to_full_length(tmp_path, shared_
     """The warmed-up tiny model ends its answers with EOS after ~5 tokens; with min_new_tokens =
     max_new_tokens = 9 every completion of the step has all 9 tokens."""
     out = with_base(tmp_path / "run", shared_base)
-    trainer = GRPOTrainer(fast_cfg(out, max_new_tokens=9, min_new_tokens=9))
+    trainer = build_trainer(fast_cfg(out, max_new_tokens=9, min_new_tokens=9))
     metrics, batch = trainer.train_step()
     assert batch.rollout.completion_mask.sum(dim=1).tolist() == [9] * 16
     assert metrics["generated_tokens"] == 16 * 9
@@ -261,7 +260,7 @@ def test_constant_rewards_warn_and_give_zero_advantages(tmp_path, shared_base, c
     # One group per step: torch's std of eight equal floats is then 1.6e-8 (0.2) or 6.4e-8 (2/3),
     # not 0 (with several groups per reduction it happens to be 0): rounding, not signal.
     cfg = fast_cfg(out, no_signal_patience=2, prompts_per_step=1, num_generations=8)
-    trainer = GRPOTrainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.reward_fns, trainer.reward_weights = {"constant": constant_reward(value)}, [1.0]
     for _ in range(2):
         metrics, batch = trainer.train_step()
@@ -275,7 +274,7 @@ def test_constant_rewards_warn_and_give_zero_advantages(tmp_path, shared_base, c
 
 def test_no_signal_warning_is_loud(tmp_path, shared_base, capsys):
     out = with_base(tmp_path / "run", shared_base)
-    trainer = GRPOTrainer(fast_cfg(out, no_signal_patience=2))
+    trainer = build_trainer(fast_cfg(out, no_signal_patience=2))
     out.mkdir(exist_ok=True)
     for _ in range(2):
         trainer.check_signal(1.0)
@@ -286,7 +285,7 @@ def test_no_signal_warning_is_loud(tmp_path, shared_base, capsys):
 
 
 def test_full_fine_tuning_option_saves_a_loadable_model(tmp_path, shared_base):
-    from grpo.model import load_model
+    from grpo.policy import load_model
 
     out = with_base(tmp_path / "run", shared_base)
     summary = run(
@@ -305,17 +304,17 @@ def test_full_fine_tuning_option_saves_a_loadable_model(tmp_path, shared_base):
 
 
 def test_cached_base_is_reused_only_with_the_same_warmup_settings(tmp_path):
-    from grpo.data import load_task
-    from grpo.warmup import ensure_tiny_base
+    from grpo.tasks import load_task
+    from grpo.tiny.warmup import ensure_tiny_base
 
-    task = load_task("arithmetic", n_eval=16)
+    task = load_task(GRPOConfig(n_eval=16))
     logs: list[str] = []
     cfg = fast_cfg(tmp_path, warmup_sft_steps=2, warmup_sft_batch_size=4)
     base = ensure_tiny_base(cfg, task, log=logs.append)
     assert json.loads((base / "warmup.json").read_text())["settings"]["warmup_sft_steps"] == 2
     ensure_tiny_base(cfg, task, log=logs.append)
     assert logs[-1] == f"warm-up: reusing {base} (delete it to rebuild)"
-    plain = load_task("arithmetic", n_eval=16, arithmetic_format="plain")
+    plain = load_task(GRPOConfig(n_eval=16, arithmetic_format="plain"))
     cfg.arithmetic_format = "plain"  # a base taught "+042" must not serve a "42" run
     ensure_tiny_base(cfg, plain, log=logs.append)
     assert any("arithmetic_format: 'fixed' -> 'plain'" in m and "rebuilding" in m for m in logs)

@@ -1,8 +1,8 @@
 import torch
 
-from grpo.data import arithmetic_task
-from grpo.tiny import build_tiny_phi
-from grpo.warmup import (
+from grpo.tasks.arithmetic import arithmetic_task
+from grpo.tiny.build import build_tiny_phi
+from grpo.tiny.warmup import (
     PROBE_EVERY,
     PROBE_SIZE,
     RAMP_STEPS,
@@ -56,7 +56,7 @@ def test_warmup_schedule_is_a_ramp_then_constant():
 
 
 def test_k_steps_of_a_longer_warmup_are_a_k_step_warmup():
-    """What makes `grpo.warmup_curve` honest: its snapshot at step k is the k-step base model."""
+    """What makes `grpo.tiny.warmup_curve` honest: its snapshot at step k is the k-step base model."""
     records = arithmetic_task(seed=0, n_eval=100).train[:256]
     kw = dict(batch_size=8, learning_rate=1e-3, seed=3, log=lambda m: None)
     snapshots = {}

@@ -3,14 +3,15 @@ import json
 import pytest
 from conftest import run_cli_bad_input
 
+from grpo.cli import check_run
 from grpo.config import GRPOConfig
-from grpo.warmup_curve import main, warmup_curve
+from grpo.tiny.warmup_curve import main, warmup_curve
 
 
 def test_curve_rows_every_k_steps_and_the_last(tmp_path):
-    cfg = GRPOConfig(
-        output_dir=str(tmp_path), n_eval=16, warmup_sft_batch_size=4, torch_threads=1
-    ).validate()
+    cfg = check_run(
+        GRPOConfig(output_dir=str(tmp_path), n_eval=16, warmup_sft_batch_size=4, torch_threads=1)
+    )
     rows = warmup_curve(cfg, steps=5, every=2, log=lambda m: None)
     assert [r["step"] for r in rows] == [2, 4, 5]
     for r in rows:
@@ -39,5 +40,5 @@ def test_main_writes_the_jsonl_atomically(tmp_path, capsys):
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     out = tmp_path / "curve"
-    assert message in run_cli_bad_input("grpo.warmup_curve", "--output_dir", str(out), *args)
+    assert message in run_cli_bad_input("grpo.tiny.warmup_curve", "--output_dir", str(out), *args)
     assert not out.exists()

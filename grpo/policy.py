@@ -1,9 +1,11 @@
-"""The one model loader: every entry point (trainer, demo, benchmarks) gets its model here."""
+"""The one model loader: every entry point (trainer, demo, benchmarks) gets its model here, and
+`build_policy` turns it into what GRPO trains (NF4 base + LoRA, or the whole model)."""
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -11,8 +13,11 @@ from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from grpo.choices import DTYPES
+from grpo.config import is_local_name
 from qlora import prepare_qlora, return_large_frees_to_os, trainable_parameters
+from qlora.atomic import atomic_dir
 from qlora.loading import CheckpointError, load_quantized, stored_parameters
+from qlora.model import matches_target
 
 TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
@@ -48,9 +53,8 @@ def fold_output_head_input(model) -> None:
     With `logits_to_keep`, transformers hands lm_head a slice hidden[:, -k:] of the hidden
     states, which is not contiguous; torch.matmul cannot fold such a [B, k, d] tensor into one
     [B k, d] x [d, V] product and instead runs a batched matmul against the weight expanded and
-    copied B times. For Phi-2 (V = 51,200) and 2 rows that is a 524 MB copy and 1.15 s instead
-    of 9 ms (measured in bf16 on this project's CPU), in every prefill and every training
-    forward. A copy of the few kept hidden rows costs nothing in comparison.
+    copied B times: for Phi-2 (V = 51,200) and 2 rows, a 524 MB copy in every prefill and every
+    training forward. A copy of the few kept hidden rows costs nothing in comparison.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and not getattr(head, "_folds_input", False):
@@ -58,41 +62,51 @@ def fold_output_head_input(model) -> None:
         head._folds_input = True
 
 
-def is_local_name(name: str) -> bool:
-    """Whether `name` means a directory (it exists, or starts with ".", "/" or "~", or has more
-    than one "/") rather than a hub id such as microsoft/phi-2."""
-    return (
-        Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
-    )
-
-
 def linear_module_paths(name: str) -> list[str] | None:
     """Module paths of every nn.Linear in the model `name` names, read from its config alone: the
-    model is built on the meta device (no weights; milliseconds even for Phi-2). `name` is "tiny"
-    (the embedded tiny Phi), a local directory, or a hub id whose config.json is in the Hugging
-    Face cache. None when the architecture cannot be known before loading (a hub id not cached
-    yet, an architecture transformers cannot build); `prepare_qlora` checks the names after the
-    load then, which for such a model comes before anything is written.
-
-    >>> sorted({p.rsplit(".", 1)[-1] for p in linear_module_paths("tiny")})
-    ['dense', 'fc1', 'fc2', 'k_proj', 'lm_head', 'q_proj', 'v_proj']
-    """
-    if name == "tiny":
-        from grpo.tiny import tiny_phi_config
-
-        config = tiny_phi_config(vocab_size=32)  # module names do not depend on the vocabulary
-    else:
-        source = str(Path(name).expanduser()) if is_local_name(name) else name
-        try:
-            config = AutoConfig.from_pretrained(source, local_files_only=True)
-        except (OSError, ValueError):  # not cached / not a model directory / unknown model_type
-            return None
+    model is built on the meta device (no weights; milliseconds even for Phi-2). `name` is a
+    local directory or a hub id whose config.json is in the Hugging Face cache. None when the
+    architecture cannot be known before loading (a hub id not cached yet, an architecture
+    transformers cannot build); `prepare_qlora` checks the names after the load then, which for
+    such a model comes before anything is written."""
+    source = str(Path(name).expanduser()) if is_local_name(name) else name
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):  # not cached / not a model directory / unknown model_type
+        return None
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except (ValueError, ImportError):  # a config transformers has no causal-LM class for
         return None
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "microsoft/phi-2", "gpt2"
+
+
+def check_model_name(name: str) -> str | None:
+    """Why `name` cannot name a model (None when it can): a local directory needs config.json,
+    anything else must look like a hub id. Nothing is downloaded."""
+    if is_local_name(name):
+        if not (Path(name).expanduser() / "config.json").is_file():
+            return "no config.json in that directory; pass a save_pretrained directory"
+    elif not _HUB_ID.fullmatch(name):
+        return "is neither tiny, a local directory nor a hub id such as microsoft/phi-2"
+    return None
+
+
+def check_lora_targets(targets: list[str], paths: list[str], model: str) -> str | None:
+    """Why `targets` do not fit a model with linear layers `paths` (None when every target names
+    one of them)."""
+    for target in targets:
+        if not any(matches_target(p, target) for p in paths):
+            names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+            return (
+                f"{target!r} names no linear layer of {model}; its linear layers are "
+                f"{', '.join(names)}"
+            )
+    return None
 
 
 def load_model(
@@ -151,9 +165,17 @@ def load_model(
     return model, tokenizer
 
 
+def save_model_dir(model, tokenizer, directory: str | os.PathLike) -> Path:
+    """`save_pretrained` both into `directory`, atomically (temp dir in the same parent, rename)."""
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(directory)
+
+
 def base_path(cfg) -> str:
     """Where a run's base model is: <output_dir>/base for the tiny default (built by
-    `grpo.warmup.ensure_tiny_base`), else cfg.model (a hub id or a directory)."""
+    `grpo.tiny.warmup.ensure_tiny_base`), else cfg.model (a hub id or a directory)."""
     return str(Path(cfg.output_dir) / "base") if cfg.model == "tiny" else cfg.model
 
 
@@ -168,9 +190,9 @@ def resolve_device(device: str) -> torch.device:
 
 def release_memory_each_step(model, device: torch.device) -> bool:
     """Whether training steps hand their freed memory back to the OS (glibc set up for it when
-    True): on CPU, for a model of at least SMALL_MODEL_PARAMS parameters. Measured: Phi-2
-    (2.8 B) on CPU peaked at 2.7 GB resident instead of 6.0 GB; the tiny default (0.8 M) would
-    take 1.01 s a step instead of 0.55 s, re-faulting its activations' pages, to save 170 MB."""
+    True): on CPU, for a model of at least SMALL_MODEL_PARAMS parameters. A large model's peak
+    resident memory then stays near one step's activations; a small one would only re-fault its
+    activations' pages every step for a few megabytes."""
     if device.type != "cpu" or trainable_parameters(model)[1] < SMALL_MODEL_PARAMS:
         return False
     return_large_frees_to_os()
@@ -181,8 +203,7 @@ def use_fused_gelu(model) -> int:
     """Swap every NewGELUActivation (Phi's "gelu_new") for transformers' GELUTanh: the same
     formula, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as one torch kernel forward and
     one backward instead of eight elementwise ops and their gradients (equal up to float32
-    rounding). In the tiny default's GRPO step those ops were a quarter of the time. Returns
-    how many were swapped."""
+    rounding). Returns how many were swapped."""
     from transformers.activations import GELUTanh, NewGELUActivation
 
     names = [n for n, m in model.named_modules() if isinstance(m, NewGELUActivation)]

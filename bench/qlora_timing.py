@@ -10,7 +10,7 @@ load from other processes hits all three alike), median of --repeats. Also print
 saves for backward (ours saves no weight-sized tensor), and dequantization alone, ours against
 bitsandbytes' `dequantize_4bit`.
 
-    python -m qlora.bench [--tokens 512] [--repeats 7] [--device cpu|cuda] [--dtype bfloat16]
+    python -m bench.qlora_timing [--tokens 512] [--repeats 7] [--device cpu|cuda] [--dtype bfloat16]
 
 `bench/run.py` (`make bench`) calls `time_layers` and `time_dequantize` and publishes the ratios.
 """
@@ -24,8 +24,8 @@ import time
 import torch
 from torch import nn
 
-from .layers import LoRALinear, NF4Linear
-from .nf4 import dequantize_into, dequantize_nf4, quantize_nf4
+from qlora.layers import LoRALinear, NF4Linear
+from qlora.nf4 import dequantize_into, dequantize_nf4, quantize_nf4
 
 PHI2_SHAPES = ((2560, 2560), (2560, 10240), (10240, 2560))  # (in, out): attention, fc1, fc2
 LAYER_NAMES = ("ours", "bnb", "fp32")

@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
 
-from grpo.atomic import atomic_dir
+from grpo.policy import save_model_dir
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
@@ -88,15 +88,14 @@ def build_tiny_phi(
     return model, tokenizer
 
 
-def save_model_dir(model, tokenizer, directory: str | os.PathLike) -> Path:
-    """`save_pretrained` both into `directory`, atomically (temp dir in the same parent, rename)."""
-    with atomic_dir(directory) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return Path(directory)
-
-
 def save_tiny_phi(directory: str | os.PathLike, seed: int = 0, **config_overrides) -> Path:
     """Build the tiny Phi and save it so `from_pretrained(directory)` loads it like Phi-2."""
     model, tokenizer = build_tiny_phi(seed=seed, **config_overrides)
     return save_model_dir(model, tokenizer, directory)
+
+
+def tiny_linear_paths() -> list[str]:
+    """Module paths of every nn.Linear of the tiny Phi (built on the meta device, no weights)."""
+    with torch.device("meta"):
+        model = PhiForCausalLM(tiny_phi_config(vocab_size=32))  # names do not depend on vocab
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

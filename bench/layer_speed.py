@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from qlora.bench import time_dequantize, time_layers
+from bench.qlora_timing import time_dequantize, time_layers
 
 from .measure import exact, figure, paired_ratio
 

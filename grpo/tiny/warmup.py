@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from grpo.atomic import atomic_write_text
 from grpo.evaluate import evaluate
-from grpo.tiny import build_tiny_phi, save_model_dir
+from grpo.policy import save_model_dir
+from grpo.tiny.build import build_tiny_phi
+from qlora.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from grpo.config import GRPOConfig
-    from grpo.data import Task
+    from grpo.tasks import Task
 
 
 def tokenize_records(tokenizer, records: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -61,7 +62,7 @@ def warmup_lr_factor(step: int) -> float:
 
     No decay and no dependence on the total, on purpose: the model after k steps of a longer
     warm-up is exactly the model of a k-step warm-up, so one curve of accuracy against steps
-    (`python -m grpo.warmup_curve`, in the README) shows what any warm-up length gives."""
+    (`python -m grpo.tiny.warmup_curve`, in the README) shows what any warm-up length gives."""
     return min(1.0, (step + 1) / RAMP_STEPS)
 
 
@@ -191,7 +192,7 @@ def ensure_tiny_base(cfg: GRPOConfig, task: Task, log=print) -> Path:
     stop = None
     if cfg.warmup_target_accuracy > 0:
         stop = accuracy_target(
-            tokenizer, task.train, cfg.warmup_target_accuracy, cfg.max_new_tokens, log=log
+            tokenizer, task, cfg.warmup_target_accuracy, cfg.max_new_tokens, log=log
         )
     info = supervised_warmup(
         model,

@@ -1,12 +1,12 @@
-"""`python -m grpo.warmup_curve --config examples/tiny.yaml [--steps N] [--every K]`
+"""`python -m grpo.tiny.warmup_curve --config examples/tiny.yaml [--steps N] [--every K]`
 
 The tiny model's supervised warm-up, measured as it goes: every K steps, greedy accuracy on the
 train probe that `warmup_target_accuracy` watches, and held-out accuracy of the unquantized model
-and of its NF4 copy (what GRPO would start from). The warm-up's
-learning rate is constant after its ramp (`grpo.warmup.warmup_lr_factor`), so the model at step k
-here is exactly the model a `warmup_sft_steps: k` run builds: this one curve is how the default's
-warm-up length was chosen. Writes `<output_dir>/warmup_curve.jsonl` (atomically) and prints a
-table. Other `--key value` pairs override the config as in `grpo.train`.
+and of its NF4 copy (what GRPO would start from). The warm-up's learning rate is constant after
+its ramp (`grpo.tiny.warmup.warmup_lr_factor`), so the model at step k here is exactly the model
+a `warmup_sft_steps: k` run builds: this one curve shows what any warm-up length gives.
+Writes `<output_dir>/warmup_curve.jsonl` (atomically) and prints a table. Other `--field value`
+pairs override the config as in `grpo.train`.
 """
 
 from __future__ import annotations
@@ -18,22 +18,24 @@ import sys
 import time
 from pathlib import Path
 
-from grpo.atomic import atomic_write_text
-from grpo.config import ConfigError, exit_on_error, parse_cli
+from grpo.cli import check_run, exit_on_error, parse_cli
+from grpo.config import ConfigError
+from grpo.tasks import load_task
+from qlora.atomic import atomic_write_text
 
 
 def warmup_curve(cfg, steps: int, every: int, log=print) -> list[dict]:
     import torch
 
     from grpo.evaluate import evaluate
-    from grpo.tiny import build_tiny_phi
-    from grpo.warmup import PROBE_SIZE, supervised_warmup
+    from grpo.tiny.build import build_tiny_phi
+    from grpo.tiny.warmup import PROBE_SIZE, supervised_warmup
     from qlora import prepare_qlora
 
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
-    task = cfg.load_task()
-    torch.manual_seed(cfg.seed)  # as grpo.warmup.ensure_tiny_base
+    task = load_task(cfg)
+    torch.manual_seed(cfg.seed)  # as grpo.tiny.warmup.ensure_tiny_base
     model, tokenizer = build_tiny_phi(seed=cfg.seed)
     rows: list[dict] = []
     t0 = time.time()
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=50, help="measure every K steps")
     args, rest = parser.parse_known_args(argv)
     try:
-        cfg = parse_cli(rest).validate()
+        cfg = check_run(parse_cli(rest))
         if cfg.model != "tiny":
             raise ConfigError(f"model={cfg.model!r}: the warm-up curve is for model: tiny only")
         if args.steps < 1 or args.every < 1:

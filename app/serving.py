@@ -3,14 +3,14 @@ adapter, the task's examples and gold answers. No Gradio here."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 
 from grpo.config import GRPOConfig
-from grpo.cpu_attention import use_cpu_decode_attention
-from grpo.data import Task
-from grpo.model import ModelLoadError, load_model
-from grpo.rewards import RewardError, combine_rewards, format_reward
+from grpo.policy import ModelLoadError, load_model
+from grpo.rewards import RewardError, build_rewards, combine_rewards
+from grpo.tasks import Task, load_task
 from qlora import (
     AdapterError,
     footprint,
@@ -22,6 +22,7 @@ from qlora import (
     trainable_parameters,
 )
 
+from .cpu_attention import use_cpu_decode_attention
 from .spec import DemoError, DemoSpec
 from .streaming import PairGenerator
 
@@ -85,7 +86,7 @@ def load_demo(spec: DemoSpec, runner=None) -> Demo:
 
     task = demo_task(spec)
     examples, answers = task_examples(spec, task)
-    reward_fns, reward_weights = run_rewards(spec.config)
+    reward_fns, reward_weights = run_rewards(spec.config, task)
     return Demo(generator, spec, info, examples, answers, reward_fns, reward_weights, task)
 
 
@@ -100,7 +101,7 @@ def demo_task(spec: DemoSpec) -> Task | None:
         return None
     cfg = spec.config or GRPOConfig(task=spec.task)
     try:
-        return cfg.load_task(spec.task)
+        return load_task(dataclasses.replace(cfg, task=spec.task))
     except (OSError, ValueError, ImportError) as err:
         print(
             f"demo: warning: task {spec.task!r} could not be loaded ({err}); no examples",
@@ -109,14 +110,14 @@ def demo_task(spec: DemoSpec) -> Task | None:
         return None
 
 
-def run_rewards(cfg: GRPOConfig | None) -> tuple[dict, list[float]]:
+def run_rewards(cfg: GRPOConfig | None, task: Task | None) -> tuple[dict, list[float]]:
     """Every reward function the run used, built-in or by import path, with its weight, built as
     the trainer builds them; none without a run config, or when one does not resolve in this
     process (a warning: the demo still judges correctness)."""
-    if cfg is None:
+    if cfg is None or task is None:
         return {}, []
     try:
-        return cfg.build_rewards()
+        return build_rewards(cfg, task)
     except RewardError as err:
         print(f"demo: warning: the run's rewards cannot be built here ({err})", file=sys.stderr)
         return {}, []
@@ -142,8 +143,8 @@ def reward_breakdown(demo: Demo, prompt: str, completion: str) -> str:
     parts = [
         f"correct: **{'yes' if demo.task.is_correct(completion, gold) else 'no'}** (gold {gold})"
     ]
-    if demo.task.answer_tags:
-        formatted = format_reward([prompt], [completion])[0] == 1.0
+    if "format" in demo.task.rewards:  # a task whose prompts ask for <answer> tags
+        formatted = demo.task.rewards["format"]([prompt], [completion])[0] == 1.0
         parts.append(f"format: **{'yes' if formatted else 'no'}**")
     if demo.reward_fns:
         tokens = demo.generator.tokenizer(completion, add_special_tokens=False)["input_ids"]

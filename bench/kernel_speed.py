@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bench.qlora_timing import bnb_linear4bit
 from qlora import kernel
-from qlora.bench import bnb_linear4bit
 from qlora.nf4 import NF4Weight, dequantize_into, quantize_nf4
 
 from .measure import MIN_REPEATS, exact, figure, paired_ratio, ratio_of

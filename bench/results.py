@@ -1,4 +1,4 @@
-"""`python -m grpo.results runs/tiny`: the README's results table, rendered from the run directory.
+"""`python -m bench.results runs/tiny`: the README's results table, rendered from the run directory.
 
 Every figure in the README's results section comes from a run directory written by `make train`
 (summary.json, config.yaml, eval.jsonl, base/warmup.json); this rewrites the block between
@@ -13,12 +13,12 @@ else, atomically (temp file, then rename).
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
 import yaml
+
+from qlora.atomic import atomic_write_text
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 # config fields the results line names: the ones that make the run what it is
@@ -84,42 +84,12 @@ def rewrite_block(path: Path, start: str, end: str, body: str) -> None:
     """Replace the block of `path` between its markers with `body`, atomically."""
     path = Path(path)
     text = replace_block(read_checked(path, start, end), start, end, body, str(path))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 # ---------------------------------------------------------------------------------------------
 # The machine a run was measured on
 # ---------------------------------------------------------------------------------------------
-
-
-def cpu_model(cpuinfo: str | None = None) -> str:
-    r"""The CPU's model name from /proc/cpuinfo (platform.processor() where there is none), with
-    its x86 family and model numbers where the name alone does not tell generations apart.
-
-    >>> cpu_model("model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\n")
-    'AMD EPYC (family 25, model 17)'
-    """
-    try:
-        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
-    except OSError:
-        text = ""
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-        if not line.strip() and fields:
-            break  # the first processor's lines are enough
-    name = fields.get("model name") or platform.processor() or "unknown CPU"
-    if fields.get("cpu family") and fields.get("model"):
-        name += f" (family {fields['cpu family']}, model {fields['model']})"
-    return name
-
-
-def machine(torch_threads: int) -> dict:
-    """What a run records about where it ran: {"cpu_model", "cpu_count", "torch_threads"}."""
-    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch_threads}
 
 
 def machine_text(m: dict) -> str:
@@ -172,7 +142,7 @@ def render(run_dir: Path) -> str:
     lines = [
         f"Measured by the run in `{run_dir}` (its whole config: `{run_dir}/config.yaml`) on "
         f"{where}; figures from `{run_dir}/summary.json`, rendered by "
-        f"`python -m grpo.results {run_dir}`.",
+        f"`python -m bench.results {run_dir}`.",
         "",
         "| held-out greedy accuracy (n = {}) | value |".format(s["n_eval"]),
         "|---|---|",

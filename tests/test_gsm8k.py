@@ -1,43 +1,62 @@
+"""Tests for grpo/tasks/gsm8k.py: prompts, local and hub loading, gold checks, the format reward."""
+
 import json
 
 import pytest
 
-from grpo.data import (
-    DatasetLoadError,
-    arithmetic_answer,
-    arithmetic_prompt,
-    arithmetic_task,
-    gsm8k_prompt,
-    gsm8k_task,
-    load_task,
+from grpo.config import GRPOConfig
+from grpo.tasks import load_task
+from grpo.tasks.answers import correctness_reward
+from grpo.tasks.gsm8k import DatasetLoadError, format_reward, gsm8k_prompt, gsm8k_task
+
+MULTILINE = (
+    "<think>\nFirst, 6 * 7.\nThat is 40 + 2.\n\nSo the result is 42.\n</think>\n"
+    "<answer>\n42\n</answer>"
 )
-from grpo.rewards import correctness_reward
 
 
-def test_arithmetic_split_is_disjoint_seeded_and_correct():
-    task = arithmetic_task(seed=0, n_eval=500)
-    assert len(task.eval) == 500 and len(task.train) == 20_000 - 500
-    assert not {r["prompt"] for r in task.eval} & {r["prompt"] for r in task.train}
-    assert arithmetic_task(seed=0).eval == task.eval
-    assert arithmetic_task(seed=1).eval != task.eval
-    for r in task.eval[:50] + task.train[:50]:
-        a, op, b = int(r["prompt"][:2]), r["prompt"][2], int(r["prompt"][3:5])
-        assert int(r["answer"]) == (a + b if op == "+" else a - b)
-        assert len(r["prompt"]) == 6 and len(r["answer"]) == 4 and r["answer"][0] in "+-"
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "<answer>42</answer>",
+        MULTILINE,
+        "Let me think.\nStep 1: 6 * 7.\nStep 2: done.\n<answer>42</answer>",
+        "<think>short</think><answer>not a number, still formatted</answer>",
+        "<answer>\nmulti\nline\n</answer>",
+        "<answer>42</answer>\nExercise 2: ...",  # trailing text is allowed
+    ],
+)
+def test_format_good(completion):
+    assert format_reward(["Q"], [completion]) == [1.0]
 
 
-def test_arithmetic_fixed_width_format():
-    assert arithmetic_prompt(47, "+", 5) == "47+05=" and arithmetic_prompt(0, "-", 99) == "00-99="
-    assert [arithmetic_answer(v) for v in (52, -7, 0, 198, -99)] == [
-        "+052",
-        "-007",
-        "+000",
-        "+198",
-        "-099",
-    ]
-    small = arithmetic_task(seed=0, n_eval=10, max_operand=9)  # one-digit operands: "7+5=" "+12"
-    assert len(small.train) + len(small.eval) == 200
-    assert all(len(r["prompt"]) == 4 and len(r["answer"]) == 3 for r in small.train)
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "42",
+        "",
+        "<answer>42",  # unclosed
+        "42</answer>",  # unopened
+        "</answer>42<answer>",  # closed before opened
+        "<answer></answer>",  # empty
+        "<answer> \n\t </answer>",  # whitespace only
+        "<answer>4</answer><answer>2</answer>",  # duplicated
+        "<answer><answer>42</answer></answer>",  # nested
+        "<answer>1 <answer>42</answer>",  # stray opening tag
+        "<think>\nreasoning\n<answer>42</answer>",  # think unclosed
+        "reasoning</think>\n<answer>42</answer>",  # think unopened
+        "<answer>42</answer><think>late</think>",  # think after the answer
+        "<think>a</think><think>b</think><answer>42</answer>",  # two think blocks
+        "<think>a <answer>42</answer></think>",  # answer inside think
+        "<ANSWER>42</ANSWER>",  # tags are case-sensitive
+        "< answer >42</ answer >",
+    ],
+)
+def test_format_bad(completion):
+    assert format_reward(["Q"], [completion]) == [0.0]
+
+
+# --- overlong penalty --------------------------------------------------------------------------
 
 
 def test_gsm8k_prompt():
@@ -53,7 +72,8 @@ def test_gsm8k_local_jsonl(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     task = gsm8k_task(str(path), n_eval=2)
     assert len(task.train) == 8 and [r["answer"] for r in task.eval] == ["9", "10"]
-    assert load_task("gsm8k", dataset_path=str(path), n_eval=3).eval[0]["answer"] == "8"
+    cfg = GRPOConfig(task="gsm8k", model="microsoft/phi-2", dataset_path=str(path), n_eval=3)
+    assert load_task(cfg).eval[0]["answer"] == "8"
 
 
 def test_gsm8k_unreachable_hub_dataset_is_one_clear_error(monkeypatch):
@@ -77,7 +97,7 @@ def test_gsm8k_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="need 'question' and 'answer'"):
         gsm8k_task(str(bad))
     with pytest.raises(ValueError, match="task='chess'"):
-        load_task("chess")
+        load_task(GRPOConfig(task="chess"))
 
 
 @pytest.mark.parametrize(
@@ -113,4 +133,4 @@ def test_the_task_scores_with_the_gold_parser_the_reward_uses(tmp_path):
     assert correctness_reward(
         ["q"] * 2, ["<answer>1234</answer>", "<answer>-8</answer>"], answer=["1,234", "-8"]
     ) == [1.0, 1.0]
-    assert not arithmetic_task(n_eval=5).answer_tags
+    assert not load_task(GRPOConfig(n_eval=5)).answer_tags

@@ -1,0 +1,97 @@
+"""The command line of a run: `--config FILE.yaml` plus one `--field value` per GRPOConfig field,
+generated from the dataclass, and the checks of a config against its task, rewards and model.
+
+    python -m grpo.train --config examples/tiny.yaml --learning_rate 3e-4 --beta 0.04
+
+Values are strings parsed by the field's type (bool: true/false; lists: a,b,c); `--resume` alone
+is a switch. `check_run` runs before any model is loaded; a bad value is one line on stderr and
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from grpo.config import ConfigError, GRPOConfig
+from grpo.policy import check_lora_targets, check_model_name, linear_module_paths
+from grpo.rewards import RewardError, check_reward_names
+from grpo.tasks import check_task, task_module
+
+SWITCHES = ("resume",)  # fields that may be given without a value, meaning true
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as ConfigError (one line, exit 2 by the caller) instead of usage text."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{message}; `python -m grpo.train --help` lists the fields")
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def build_parser(prog: str = "python -m grpo.train") -> argparse.ArgumentParser:
+    """One option per GRPOConfig field (`--name`, also `--name-with-dashes`), help from its
+    metadata."""
+    parser = _Parser(
+        prog=prog,
+        description="GRPO with a hand-written loss on an NF4 + LoRA (QLoRA) base. Fields are set "
+        "in --config YAML or overridden with --name value (lists: a,b,c).",
+        argument_default=argparse.SUPPRESS,  # only the fields given appear in the namespace
+    )
+    parser.add_argument("--config", help="YAML file of field: value")
+    for f in dataclasses.fields(GRPOConfig):
+        names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"}, key=len, reverse=True)
+        switch = {"nargs": "?", "const": "true"} if f.name in SWITCHES else {}
+        parser.add_argument(
+            *names, dest=f.name, metavar="VALUE", help=f"{f.metadata['help']} (default: "
+            f"{_default(f)!r})".replace("%", "%%"), **switch
+        )  # fmt: skip
+    return parser
+
+
+def parse_cli(argv: list[str] | None = None) -> GRPOConfig:
+    """--config FILE.yaml then --field value overrides (bool: --quantize false; list: a,b,c)."""
+    args = vars(build_parser().parse_args(argv))
+    path = args.pop("config", None)
+    cfg = GRPOConfig.from_yaml(path) if path else GRPOConfig()
+    parsed = GRPOConfig.from_dict(args, source="command line")
+    for key in args:
+        setattr(cfg, key, getattr(parsed, key))
+    return cfg
+
+
+def check_run(cfg: GRPOConfig) -> GRPOConfig:
+    """Every check of `cfg` before any work: its values (`GRPOConfig.validate`), then its task's
+    own checks, its reward names against the task's rewards, and its model and LoRA targets
+    against the model's config (read on the meta device; nothing is loaded or written)."""
+    cfg.validate()
+    check_task(cfg)
+    try:
+        check_reward_names(cfg.reward_funcs, task_module(cfg.task).REWARDS)
+    except RewardError as err:
+        raise ConfigError(f"reward_funcs={cfg.reward_funcs!r}: {err}") from None
+    if cfg.model != "tiny" and (why := check_model_name(cfg.model)):
+        raise ConfigError(f"model={cfg.model!r}: {why}")
+    if cfg.use_lora:
+        if cfg.model == "tiny":
+            from grpo.tiny.build import tiny_linear_paths
+
+            paths = tiny_linear_paths()
+        else:
+            paths = linear_module_paths(cfg.model)
+        if paths is not None and (why := check_lora_targets(cfg.lora_targets, paths, cfg.model)):
+            raise ConfigError(f"lora_targets={cfg.lora_targets!r}: {why}")
+    return cfg
+
+
+def exit_on_error(err: Exception) -> typing.NoReturn:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+__all__ = ["build_parser", "check_run", "exit_on_error", "parse_cli"]
