@@ -14,11 +14,12 @@ PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help install test train demo bench phi2-scale lint format clean
+.PHONY: help install browser test test-fast train demo bench phi2-scale lint format clean
 
 help:
 	@echo "make install   create $(VENV) and install the project with its test extras"
-	@echo "make test      run the unit tests (the README's test command)"
+	@echo "make test      the whole test suite, browser test included (the README's test command)"
+	@echo "make test-fast the quick tier for the inner loop: every test not marked slow"
 	@echo "make train     the embedded default GRPO run on CPU (CONFIG=$(CONFIG))"
 	@echo "make demo      serve the base-vs-tuned Gradio demo on 127.0.0.1:$(PORT)"
 	@echo "make bench     speed/memory/footprint against the peers -> bench/results.{json,md}"
@@ -36,8 +37,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $@
 
-test: install
+# The browser test drives Debian's Chromium (never a downloaded browser build): installed here
+# when it is missing, with apt-get (as root, or through sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "make: installing Debian's chromium for the browser test"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 train: install
 	$(PY) -m grpo.train --config $(CONFIG)

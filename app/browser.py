@@ -102,8 +102,8 @@ def chromium_path() -> str:
     path = shutil.which("chromium")
     if path is None:
         raise BrowserMissing(
-            "no `chromium` on PATH; fix: `apt-get install -y chromium` (Debian's package; .ci/run "
-            "installs it). A browser is never downloaded."
+            "no `chromium` on PATH; fix: `make browser` (or `apt-get install -y chromium`: "
+            "Debian's package; `make test` installs it). A browser is never downloaded."
         )
     return path
 

@@ -30,7 +30,7 @@ def main(run_dir: str, loss_type: str, out: str) -> None:
             beta=0.04,
             learning_rate=1e-2,
             n_eval=16,
-            warmup_sft_steps=150,  # the base the test copied in was built with these (else: rebuilt)
+            warmup_sft_steps=150,  # the copied base was built with these (else: rebuilt)
             warmup_sft_batch_size=64,
             reward_funcs=["correctness", "digits"],
             reward_weights=[1.0, 1.0],

@@ -11,6 +11,8 @@ import qlora.adapter
 from grpo.policy import load_model
 from qlora import AdapterError, LoRALinear, NF4Linear, load_adapter, prepare_qlora, save_adapter
 
+pytestmark = pytest.mark.slow  # trains, spawns processes, builds the kernel or drives a browser
+
 peft = pytest.importorskip("peft")
 
 

@@ -29,6 +29,8 @@ from grpo.tasks.arithmetic import arithmetic_task
 from grpo.tiny.build import build_tiny_phi, save_tiny_phi
 from qlora import LoRALinear, adapters_disabled, load_adapter, prepare_qlora, save_adapter
 
+pytestmark = pytest.mark.slow  # trains, spawns processes, builds the kernel or drives a browser
+
 MAX_NEW = 8  # tokens per answer in these tests
 N_EVAL = 50
 
@@ -158,7 +160,7 @@ def test_bad_input_is_answered_not_raised(client, direct):
 
 
 def require_chromium() -> None:
-    """Fail, never skip: the browser test is part of `make test` (.ci/run installs chromium)."""
+    """Fail, never skip: the browser test is part of `make test` (`make browser` installs chromium)."""
     try:
         chromium_path()
     except BrowserMissing as err:

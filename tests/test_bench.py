@@ -26,6 +26,8 @@ from bench.report import (
 )
 from bench.run import PARTS, main, merge_into
 
+pytestmark = pytest.mark.slow  # trains, spawns processes, builds the kernel or drives a browser
+
 TRAINING_PARTS = "layers,quality,grpo_step,logprob_memory"
 
 FIGURE_KEYS = {"unit", "median", "min", "max", "repeats"}

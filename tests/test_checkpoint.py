@@ -14,6 +14,8 @@ from grpo.checkpoint import (
     step_dir,
 )
 
+pytestmark = pytest.mark.slow  # trains, spawns processes, builds the kernel or drives a browser
+
 
 def model_and_optimizer(seed: int = 0):
     torch.manual_seed(seed)

@@ -114,6 +114,7 @@ def test_validation_names_field_and_value(override, message):
         check_run(GRPOConfig.from_dict(override))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args",
     [["--num_generations", "1"], ["--loss_type", "ppo"], ["--no_such_key", "3"], ["--beta", "-1"]],
@@ -125,6 +126,7 @@ def test_cli_bad_value_one_line_exit_2_nothing_written(tmp_path, args):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_help_lists_every_field_with_default():
     proc = subprocess.run(
         [sys.executable, "-m", "grpo.train", "--help"], capture_output=True, text=True, timeout=120
@@ -253,6 +255,7 @@ def test_lora_targets_checked_against_a_local_model_dir(tiny_model_dir):
         check_run(GRPOConfig(model=str(tiny_model_dir), lora_targets=["gate_proj"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, names",
     [

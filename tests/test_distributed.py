@@ -15,6 +15,8 @@ from grpo.cli import check_run
 from grpo.config import GRPOConfig
 from grpo.train import build_trainer
 
+pytestmark = pytest.mark.slow  # trains, spawns processes, builds the kernel or drives a browser
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 

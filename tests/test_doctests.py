@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains, spawns processes, builds the kernel or drives a browser
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

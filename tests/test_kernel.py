@@ -24,6 +24,8 @@ from torch.nn import functional as F
 from qlora import NF4Linear, kernel
 from qlora.nf4 import BLOCKSIZES, dequantize_nf4, quantize_nf4
 
+pytestmark = pytest.mark.slow  # trains, spawns processes, builds the kernel or drives a browser
+
 U = 2.0**-24
 TOL_U = 16
 PHI2_SHAPES = [(2560, 2560), (10240, 2560), (2560, 10240)]  # (out, in)

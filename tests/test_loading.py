@@ -172,6 +172,7 @@ print((current_rss_bytes() - base) / 1e6)
 """
 
 
+@pytest.mark.slow
 def test_large_frees_go_back_to_the_os(tmp_path):
     """With the fixed mmap threshold, memory freed by large tensors leaves the resident set;
     glibc's default keeps it as free heap (the control run shows the probe can see that)."""

@@ -37,6 +37,7 @@ def test_bad_dtype():
         resolve_dtype("int8")
 
 
+@pytest.mark.slow
 def test_cli_turns_missing_model_into_one_line_and_exit_2(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(

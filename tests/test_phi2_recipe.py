@@ -4,8 +4,12 @@ few steps with the model swapped to a tiny Phi in a local dir and GSM8K to a sma
 import json
 import math
 
+import pytest
+
 from grpo.cli import check_run, parse_cli
 from grpo.train import run
+
+pytestmark = pytest.mark.slow  # trains, spawns processes, builds the kernel or drives a browser
 
 RECIPE = "examples/phi2_gsm8k.yaml"
 

@@ -11,6 +11,8 @@ import pytest
 
 from bench.phi2_scale import synthetic_gsm8k
 
+pytestmark = pytest.mark.slow  # trains, spawns processes, builds the kernel or drives a browser
+
 PROMPTS, GENERATIONS, NEW_TOKENS = 2, 2, 8
 
 

@@ -313,6 +313,7 @@ def test_bad_import_paths_are_one_line_config_errors(user_rewards, name, message
     assert str(err.value).startswith("reward_funcs=") and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_cli_bad_import_path_exits_2_before_any_work(user_rewards):
     out = user_rewards / "run"
     env_path = f"{user_rewards}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"

@@ -9,6 +9,8 @@ from app.streaming import PairGenerator, Sampling, Side
 from grpo.tiny.build import build_tiny_phi
 from qlora import LoRALinear, adapters_disabled, merge_adapters, prepare_qlora
 
+pytestmark = pytest.mark.slow  # trains, spawns processes, builds the kernel or drives a browser
+
 PROMPTS = ["47+05=", "Hello, tiny Phi!", "3-99="]
 
 

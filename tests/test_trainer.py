@@ -20,6 +20,8 @@ from grpo.config import GRPOConfig
 from grpo.schedule import learning_rate
 from grpo.train import build_trainer, run
 
+pytestmark = pytest.mark.slow  # trains, spawns processes, builds the kernel or drives a browser
+
 FAST = dict(
     model="tiny",
     warmup_sft_steps=150,

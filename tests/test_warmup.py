@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from grpo.tasks.arithmetic import arithmetic_task
@@ -12,6 +13,8 @@ from grpo.tiny.warmup import (
     tokenize_records,
     warmup_lr_factor,
 )
+
+pytestmark = pytest.mark.slow  # trains, spawns processes, builds the kernel or drives a browser
 
 
 def test_sft_batch_masks_prompt_and_padding():
@@ -56,7 +59,7 @@ def test_warmup_schedule_is_a_ramp_then_constant():
 
 
 def test_k_steps_of_a_longer_warmup_are_a_k_step_warmup():
-    """What makes `grpo.tiny.warmup_curve` honest: its snapshot at step k is the k-step base model."""
+    """What makes `grpo.tiny.warmup_curve` honest: its snapshot at step k is the k-step base."""
     records = arithmetic_task(seed=0, n_eval=100).train[:256]
     kw = dict(batch_size=8, learning_rate=1e-3, seed=3, log=lambda m: None)
     snapshots = {}

@@ -7,6 +7,8 @@ from grpo.cli import check_run
 from grpo.config import GRPOConfig
 from grpo.tiny.warmup_curve import main, warmup_curve
 
+pytestmark = pytest.mark.slow  # trains, spawns processes, builds the kernel or drives a browser
+
 
 def test_curve_rows_every_k_steps_and_the_last(tmp_path):
     cfg = check_run(
