@@ -25,6 +25,7 @@ from qlora.model import find_target_linears
 from qlora.nf4 import ABSMAX_BLOCKSIZE
 
 from .measure import exact, figure, paired_ratio
+from .phi2 import PHI2_CONFIG
 
 BLOCKSIZE = 64
 METHOD_LABELS = {
@@ -33,17 +34,6 @@ METHOD_LABELS = {
     "ours_no_dq": "NF4, no double quant (ours)",
     "int4_absmax": "int4 absmax (baseline)",
 }
-# Phi-2 (microsoft/phi-2 config.json); everything not listed is PhiConfig's default, which only
-# changes non-parameter settings (dropout, rope), never a parameter shape.
-PHI2_CONFIG = dict(
-    vocab_size=51200,
-    hidden_size=2560,
-    intermediate_size=10240,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    partial_rotary_factor=0.4,
-    tie_word_embeddings=False,
-)
 
 
 def int4_absmax_roundtrip(weight: torch.Tensor, blocksize: int = BLOCKSIZE) -> torch.Tensor:

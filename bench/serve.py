@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from qlora.model import PHI_TARGETS
+
 from .measure import (
     child_main,
     current_rss_bytes,
@@ -52,7 +54,6 @@ from .measure import (
 from .phi2 import cache_root, phi2_config, phi2_dir
 
 LORA_R, LORA_ALPHA = 16, 32
-TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 CONFIGS = ("ours", "server", "bitsandbytes", "dense_bf16")
 LABELS = {
     "ours": "ours: NF4Linear + LoRA",
@@ -91,7 +92,7 @@ def random_adapter(num_layers: int = 32, seed: int = 0) -> Path:
         "r": LORA_R,
         "lora_alpha": LORA_ALPHA,
         "lora_dropout": 0.0,
-        "target_modules": list(TARGETS),
+        "target_modules": list(PHI_TARGETS),
         "bias": "none",
         "base_model_name_or_path": str(phi2_dir(num_layers)),
     }

@@ -47,9 +47,9 @@ def matches_target(name: str, target: str) -> bool:
 
 def find_target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear | NF4Linear]:
     """{module path: layer} for every module the targets name: an nn.Linear, or an NF4Linear that
-    `load_quantized` already made; ValueError naming the first target that matches nothing (the
-    seed demo asked Phi-2 for Llama names and silently trained q/k/v only) or a match that is
-    neither."""
+    `load_quantized` already made; ValueError naming the first target that matches nothing (a
+    target list with another architecture's names must not silently adapt fewer layers) or a
+    match that is neither."""
     targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
     if not targets:
         raise ValueError(f"target_modules is empty; for Phi-2 pass {PHI_TARGETS}")

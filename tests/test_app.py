@@ -160,7 +160,7 @@ def test_bad_input_is_answered_not_raised(client, direct):
 
 
 def require_chromium() -> None:
-    """Fail, never skip: the browser test is part of `make test` (`make browser` installs chromium)."""
+    """Fail, never skip: the browser test is part of `make test`, which installs chromium."""
     try:
         chromium_path()
     except BrowserMissing as err:
