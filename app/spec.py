@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpo.cli import load_config
 from grpo.config import ConfigError, GRPOConfig, is_local_name
 
 
@@ -57,7 +58,7 @@ def resolve_spec(
                 "(`make train` writes runs/tiny) or pass --model MODEL --adapter DIR"
             )
         try:
-            cfg = GRPOConfig.from_yaml(config_path)
+            cfg = load_config(config_path)
         except ConfigError as err:
             raise DemoError(f"{err}; fix: repair the file or re-run `make train`") from err
         # A tiny run's base lives inside the run directory, wherever that has been moved.

@@ -54,9 +54,9 @@ def config_label(name: str) -> str:
 
 
 def make_config(output_dir: str, overrides: dict):
-    from grpo.config import GRPOConfig
+    from grpo.cli import load_config
 
-    cfg = GRPOConfig.from_yaml(TINY_CONFIG)
+    cfg = load_config(TINY_CONFIG)
     for key, value in {"output_dir": str(output_dir), "device": "cpu", **overrides}.items():
         setattr(cfg, key, value)
     return cfg.validate()

@@ -84,8 +84,7 @@ def synthetic_gsm8k(n: int, seed: int = 0) -> list[dict]:
 
 def recipe_config(model_dir: Path, data: Path, out_dir: Path, args: argparse.Namespace, device):
     """examples/phi2_gsm8k.yaml with the model, data and batch of this run."""
-    from grpo.cli import check_run
-    from grpo.config import GRPOConfig
+    from grpo.cli import check_run, config_from_dict
 
     values = yaml.safe_load(RECIPE.read_text())
     values.update(
@@ -105,7 +104,7 @@ def recipe_config(model_dir: Path, data: Path, out_dir: Path, args: argparse.Nam
         torch_threads=args.threads,
         save_every=0,
     )
-    return check_run(GRPOConfig.from_dict(values, source=f"{RECIPE.name} + bench.phi2_scale"))
+    return check_run(config_from_dict(values, source=f"{RECIPE.name} + bench.phi2_scale"))
 
 
 def tensor_bytes(tensors) -> int:

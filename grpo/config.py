@@ -184,32 +184,6 @@ class GRPOConfig:
     def save_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
-    @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> GRPOConfig:
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        cfg = cls()
-        for key, value in values.items():
-            if key not in known:
-                raise ConfigError(
-                    f"{source}: unknown key {key!r}; `python -m grpo.train --help` lists the fields"
-                )
-            setattr(cfg, key, _coerce(key, value, _field_type(known[key]), source))
-        return cfg
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> GRPOConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass --config FILE.yaml")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            first = str(err).splitlines()[0]
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from err
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of field: value")
-        return cls.from_dict(values, source=str(path))
-
 
 def is_local_name(name: str) -> bool:
     """Whether `name` means a directory (it exists, or starts with ".", "/" or "~", or has more
@@ -361,43 +335,4 @@ def _type_name(hint) -> str:
     return hint.__name__
 
 
-def _field_type(f: dataclasses.Field) -> tuple[type, type | None]:
-    """(type, element type for lists) of a GRPOConfig field."""
-    t = typing.get_type_hints(GRPOConfig)[f.name]
-    if typing.get_origin(t) is list:
-        return list, typing.get_args(t)[0]
-    return t, None
-
-
-def _coerce(key: str, value, kind: tuple[type, type | None], source: str):
-    """Check a YAML value or parse a CLI string; never mixes bools, ints and strings quietly."""
-    kind, elem = kind
-
-    def wrong():
-        return ConfigError(f"{source}: {key}={value!r} should be of type {kind.__name__}")
-
-    if kind is list:
-        if isinstance(value, str):  # CLI: comma-separated
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise wrong()
-        return [_coerce(f"{key}[{i}]", v, (elem, None), source) for i, v in enumerate(value)]
-    if isinstance(value, str) and kind in (int, float):
-        try:  # float("1e-3") where YAML 1.1 would read the string "1e-3"
-            return kind(value)
-        except ValueError as err:
-            raise wrong() from err
-    if isinstance(value, str) and kind is bool:
-        value = {"true": True, "false": False}.get(value.strip().lower(), value)
-    if kind is bool and isinstance(value, bool):
-        return value
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if kind is str and isinstance(value, str):
-        return value
-    raise wrong()
-
-
-__all__ = ["ConfigError", "GRPOConfig"]
+__all__ = ["ConfigError", "GRPOConfig", "is_local_name"]

@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import run_cli_bad_input
 
-from grpo.cli import check_run, parse_cli
+from grpo.cli import check_run, config_from_dict, load_config, parse_cli
 from grpo.config import ConfigError, GRPOConfig
 from grpo.tasks import load_task
 
@@ -47,12 +47,12 @@ PHI2_RUN = {
 
 def test_defaults_are_the_default_run():
     assert GRPOConfig().to_dict() == DEFAULT_RUN
-    assert GRPOConfig.from_yaml("examples/tiny.yaml") == GRPOConfig()
+    assert load_config("examples/tiny.yaml") == GRPOConfig()
     assert parse_cli(["--config", "examples/tiny.yaml"]) == GRPOConfig()
 
 
 def test_phi2_recipe_is_unchanged_by_the_new_defaults():
-    phi2 = GRPOConfig.from_yaml("examples/phi2_gsm8k.yaml")
+    phi2 = load_config("examples/phi2_gsm8k.yaml")
     for name, value in PHI2_RUN.items():
         assert getattr(phi2, name) == value, name
     assert "learning_rate" in open("examples/phi2_gsm8k.yaml").read()  # the recipe names it
@@ -65,7 +65,7 @@ def test_no_default_is_the_learning_rate_that_collapsed_the_policy():
 def test_defaults_validate_and_yaml_round_trip(tmp_path):
     cfg = check_run(GRPOConfig())
     cfg.save_yaml(tmp_path / "c.yaml")
-    assert GRPOConfig.from_yaml(tmp_path / "c.yaml") == cfg
+    assert load_config(tmp_path / "c.yaml") == cfg
 
 
 def test_yaml_then_cli_overrides(tmp_path):
@@ -111,7 +111,7 @@ def test_yaml_then_cli_overrides(tmp_path):
 )
 def test_validation_names_field_and_value(override, message):
     with pytest.raises(ConfigError, match=message):
-        check_run(GRPOConfig.from_dict(override))
+        check_run(config_from_dict(override))
 
 
 @pytest.mark.slow
