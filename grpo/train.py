@@ -13,11 +13,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
+from grpo import checkpoint
+from grpo import distributed as dist
 from grpo.cli import check_run, exit_on_error, parse_cli
 from grpo.config import ConfigError, GRPOConfig
-from grpo.policy import ModelLoadError
+from grpo.evaluate import evaluate_distributed
+from grpo.policy import ModelLoadError, base_path, build_policy, resolve_device
 from grpo.summary import machine, print_report, write_plots
+from grpo.tasks import load_task
 from grpo.tasks.gsm8k import DatasetLoadError
+from grpo.trainer import GRPOTrainer
+from qlora import footprint, trainable_parameters
 from qlora.atomic import atomic_write_text
 
 
@@ -36,13 +45,6 @@ def write_samples(trainer, batch) -> None:
 def build_trainer(cfg: GRPOConfig, log=None):
     """The trainer of a run of `cfg`, with everything it is handed: the process group and device,
     the task, the tiny default's warm-up base (built once, cached), and the policy."""
-    import torch
-
-    from grpo import distributed as dist
-    from grpo.policy import build_policy, resolve_device
-    from grpo.tasks import load_task
-    from grpo.trainer import GRPOTrainer
-
     log = log or (lambda msg: print(msg, flush=True))
     device = dist.setup(resolve_device(cfg.device), cfg.prompts_per_step)
     dist.set_torch_threads(device, cfg.torch_threads)  # on CPU, never over the cores
@@ -79,25 +81,8 @@ def truncate_logs(out: Path, step: int) -> None:
             atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
 
-def run(cfg: GRPOConfig) -> dict:
-    """The whole run; under torchrun every rank calls it, rank 0 alone writes and prints."""
-    import torch
-    from tqdm import tqdm
-
-    from grpo import checkpoint
-    from grpo import distributed as dist
-    from grpo.evaluate import evaluate_distributed
-    from grpo.policy import base_path
-    from qlora import footprint, trainable_parameters
-
-    t_start = time.time()
-    out = Path(cfg.output_dir)
-    trainer = build_trainer(cfg)  # loads the model first: a missing model leaves nothing written
-    main = dist.is_main()
-    say = print if main else (lambda *a, **k: None)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save_yaml(out / "config.yaml")
+def describe_model(trainer, say) -> dict:
+    """Parameter counts and stored size of the trainer's model, printed once and returned."""
     trainable, total = trainable_parameters(trainer.model)
     report = {"trainable_parameters": trainable, "total_parameters": total}
     report |= footprint(trainer.model)
@@ -108,37 +93,50 @@ def run(cfg: GRPOConfig) -> dict:
         f"{torch.get_num_threads()} torch thread(s)",
         flush=True,
     )
+    return report
 
-    resumed_from = None
-    if cfg.resume and (ckpt := checkpoint.latest_checkpoint(out)) is not None:
+
+def resume_or_start(trainer, out: Path, resume: bool, say) -> str | None:
+    """Continue from the newest complete checkpoint (with `resume`; its path is returned), or
+    start fresh logs."""
+    if resume and (ckpt := checkpoint.latest_checkpoint(out)) is not None:
         checkpoint.resume_trainer(trainer, ckpt)  # every rank loads the same checkpoint
-        resumed_from = str(ckpt)
-        if main:
+        if dist.is_main():
             truncate_logs(out, trainer.step)
         say(f"resumed from {ckpt} at step {trainer.step}", flush=True)
-    elif main:
+        return str(ckpt)
+    if dist.is_main():
         for name in LOGS:
             (out / name).unlink(missing_ok=True)
+    return None
+
+
+def heldout_evaluator(trainer, max_new_tokens: int):
+    """() -> (accuracy, completions) of the trainer's model on its task's held-out split."""
 
     def evaluate_heldout() -> tuple[float, list[str]]:
         model, tokenizer, records = trainer.model, trainer.tokenizer, trainer.task.eval
-        return evaluate_distributed(model, tokenizer, trainer.task, records, cfg.max_new_tokens)
+        return evaluate_distributed(model, tokenizer, trainer.task, records, max_new_tokens)
 
+    return evaluate_heldout
+
+
+def accuracy_before(out: Path, resumed: bool, evaluate_heldout) -> dict:
+    """The held-out accuracy of the base GRPO starts from: measured once, kept in
+    eval_before.json for a resumed run."""
     before_path = out / "eval_before.json"
-    if resumed_from and before_path.is_file():
-        before = json.loads(before_path.read_text())
-    else:
-        acc, comps = evaluate_heldout()
-        before = {"accuracy": acc, "completions": comps}
-        if main:
-            atomic_write_text(before_path, json.dumps(before))
-    say(
-        f"held-out greedy accuracy before GRPO: {before['accuracy']:.1%} "
-        f"(n={len(trainer.task.eval)})",
-        flush=True,
-    )
+    if resumed and before_path.is_file():
+        return json.loads(before_path.read_text())
+    acc, comps = evaluate_heldout()
+    before = {"accuracy": acc, "completions": comps}
+    if dist.is_main():
+        atomic_write_text(before_path, json.dumps(before))
+    return before
 
-    t_grpo = time.time()
+
+def grpo_loop(trainer, evaluate_heldout) -> None:
+    """GRPO steps up to max_steps, with their logs, samples, evaluations and checkpoints."""
+    cfg, main = trainer.cfg, dist.is_main()
     bar = tqdm(
         total=cfg.max_steps,
         initial=trainer.step,
@@ -168,17 +166,37 @@ def run(cfg: GRPOConfig) -> dict:
         if cfg.save_every and trainer.step % cfg.save_every == 0:
             checkpoint.save_trainer(trainer)
     bar.close()
-    grpo_seconds = time.time() - t_grpo
-    latest = checkpoint.latest_checkpoint(out)
+    latest = checkpoint.latest_checkpoint(trainer.out)
     if latest is None or latest.name != f"step-{trainer.step:06d}":
         checkpoint.save_trainer(trainer)
+
+
+def run(cfg: GRPOConfig) -> dict:
+    """The whole run; under torchrun every rank calls it, rank 0 alone writes and prints."""
+    t_start = time.time()
+    out = Path(cfg.output_dir)
+    trainer = build_trainer(cfg)  # loads the model first: a missing model leaves nothing written
+    main = dist.is_main()
+    say = print if main else (lambda *a, **k: None)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save_yaml(out / "config.yaml")
+    report = describe_model(trainer, say)
+    resumed_from = resume_or_start(trainer, out, cfg.resume, say)
+    evaluate_heldout = heldout_evaluator(trainer, cfg.max_new_tokens)
+    before = accuracy_before(out, resumed_from is not None, evaluate_heldout)
+    n_eval = len(trainer.task.eval)
+    say(f"held-out greedy accuracy before GRPO: {before['accuracy']:.1%} (n={n_eval})", flush=True)
+
+    t_grpo = time.time()
+    grpo_loop(trainer, evaluate_heldout)
+    grpo_seconds = time.time() - t_grpo
 
     acc_after, comps_after = evaluate_heldout()
     adapter_dir = out / ("adapter" if cfg.use_lora else "model")
     if main:
-        base = base_path(cfg)
         checkpoint.save_final(
-            out, trainer.model, trainer.tokenizer, use_lora=cfg.use_lora, base=base
+            out, trainer.model, trainer.tokenizer, use_lora=cfg.use_lora, base=base_path(cfg)
         )
     summary = {
         "model": cfg.model,
@@ -187,7 +205,7 @@ def run(cfg: GRPOConfig) -> dict:
         "use_lora": cfg.use_lora,
         "accuracy_before": before["accuracy"],
         "accuracy_after": acc_after,
-        "n_eval": len(trainer.task.eval),
+        "n_eval": n_eval,
         "grpo_steps": trainer.step,
         "grpo_seconds": round(grpo_seconds, 1),
         "total_seconds": round(time.time() - t_start, 1),
@@ -217,8 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg = check_run(parse_cli(argv))
     except ConfigError as err:
         exit_on_error(err)
-    from grpo import distributed as dist
-
     try:
         run(cfg)
     except (ModelLoadError, DatasetLoadError, ConfigError, FileNotFoundError) as err:
