@@ -46,7 +46,7 @@ def build_parser(prog: str = "python -m grpo.train") -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file of field: value")
     for f in dataclasses.fields(GRPOConfig):
-        names = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"}, key=len, reverse=True)
+        names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])  # in order
         switch = {"nargs": "?", "const": "true"} if f.name in SWITCHES else {}
         parser.add_argument(
             *names, dest=f.name, metavar="VALUE", help=f"{f.metadata['help']} (default: "

@@ -205,3 +205,13 @@ def test_shared_prompts_give_the_full_forward_s_logps_and_gradients(tiny, max_ne
     for a, b in zip(shared_grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert any(g.abs().max() > 1e-3 for g in full_grads)  # gradients that say something
+
+
+def test_nucleus_filter_matches_transformers():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for top_p in (0.1, 0.5, 0.9, 0.99):
+        ours = nucleus_filter(logits, top_p)
+        theirs = TopPLogitsWarper(top_p)(None, logits.clone())
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), top_p
