@@ -1,3 +1,5 @@
+"""Tests for bench/results.py: the README's results block, rendered from a run directory."""
+
 import json
 
 import pytest
@@ -7,8 +9,6 @@ from bench.results import (
     END,
     START,
     ReadmeError,
-    machine,
-    machine_text,
     main,
     render,
     replace_block,
@@ -72,12 +72,6 @@ def test_the_machine_and_the_method_come_from_the_run_not_from_constants(tmp_pat
     old = {k: v for k, v in SUMMARY.items() if k != "machine"}
     text = render(write_run(tmp_path / "old", summary=old))
     assert "on a machine the run did not record (2 torch thread(s));" in text
-
-
-def test_machine_reads_this_machine():
-    m = machine(3)
-    assert m["torch_threads"] == 3 and m["cpu_count"] >= 1 and m["cpu_model"]
-    assert machine_text(m).endswith(", 3 torch threads")
 
 
 def test_update_readme_replaces_only_the_marked_block(tmp_path):
