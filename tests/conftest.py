@@ -14,6 +14,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402  (after the environment above)
 from hypothesis import settings  # noqa: E402
+from torch import nn  # noqa: E402
+
+from qlora import LoRALinear  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # Property tests draw the same examples on every run: CI is reproducible, a failure replays.
@@ -38,3 +41,23 @@ def run_cli_bad_input(module: str, *args: str) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
     return lines[0]
+
+
+# --- small builders shared by the qlora layer and model tests -------------------------------------
+
+
+def linear(in_f=128, out_f=96, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f)
+
+
+def tokens(seed=0, shape=(2, 12)):
+    return torch.randint(4, 90, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_lora_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.copy_(0.1 * torch.randn(m.lora_B.weight.shape, generator=g))

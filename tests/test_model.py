@@ -1,154 +1,172 @@
-import os
-import subprocess
-import sys
+"""Tests for qlora/model.py: prepare_qlora on a tiny Phi, adapters_disabled (the exact base),
+merge_adapters, and that only LoRA trains."""
+
+import copy
 
 import pytest
 import torch
+from conftest import randomize_lora_b, tokens
+from torch import nn
 
-from grpo.cli import check_run
-from grpo.policy import ModelLoadError, load_model, resolve_dtype
-
-
-def test_load_local_dir_sets_pad_and_dtype(tiny_model_dir):
-    model, tok = load_model(tiny_model_dir, "bfloat16")
-    assert next(model.parameters()).dtype == torch.bfloat16
-    assert tok.pad_token is not None and tok.padding_side == "left"
-    assert model.generation_config.pad_token_id == tok.pad_token_id
-
-
-def test_missing_local_path_names_model_and_fix(tmp_path):
-    missing = tmp_path / "no-such-model"
-    with pytest.raises(ModelLoadError, match="no-such-model.*no config.json.*save_pretrained"):
-        load_model(missing)
+from grpo.tiny.build import build_tiny_phi
+from qlora import (
+    LoRALinear,
+    NF4Linear,
+    adapters_disabled,
+    footprint,
+    merge_adapters,
+    prepare_qlora,
+    trainable_parameters,
+)
 
 
-def test_unreachable_hub_id_names_model_and_fix(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError) as err:
-        load_model("nobody-here/not-a-model-xyz")
-    msg = str(err.value)
-    assert "nobody-here/not-a-model-xyz" in msg
-    assert "huggingface-cli download nobody-here/not-a-model-xyz" in msg
-    assert "\n" not in msg
+@pytest.fixture
+def tiny():
+    model, _ = build_tiny_phi(seed=0)
+    return model.eval()
 
 
-def test_bad_dtype():
-    with pytest.raises(ValueError, match="dtype='int8'"):
-        resolve_dtype("int8")
+# --- NF4Linear ----------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_cli_turns_missing_model_into_one_line_and_exit_2(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpo.train",
-            "--model",
-            "nobody-here/not-a-model-xyz",
-            "--task",
-            "arithmetic",
-            "--output_dir",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
+def test_prepare_qlora_wraps_every_phi_linear_and_freezes_the_rest(tiny):
+    n_params = sum(p.numel() for p in tiny.parameters())
+    model = prepare_qlora(tiny, r=16, alpha=32)
+    assert model is tiny
+    assert not any(m.training for m in model.modules())  # an eval model stays in eval mode
+    lora = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert len(lora) == 4 * 6  # q, k, v, dense, fc1, fc2 in each of 4 layers
+    assert all(isinstance(m.base, NF4Linear) for m in lora.values())
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert type(model.model.embed_tokens) is nn.Embedding
+    trainable, total = trainable_parameters(model)
+    # per layer: q, k, v, dense r*(128+128) each, fc1 and fc2 r*(128+512) each
+    assert trainable == 4 * (4 * 16 * 256 + 2 * 16 * 640) == 147456
+    assert total == n_params + trainable
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(n.endswith(("lora_A.weight", "lora_B.weight")) for n in names)
+    summary = model.qlora_summary
+    assert summary["trainable_params"] == trainable and summary["quantized_modules"] == 24
+    assert summary["stored_bytes"] == footprint(model)["bytes"] < 4 * total
+    assert model.qlora_config.r == 16 and model.qlora_config.target_modules[0] == "q_proj"
+
+
+def test_prepare_qlora_refuses_names_the_model_does_not_have(tiny):
+    with pytest.raises(ValueError, match=r"'gate_proj' matches no module of PhiForCausalLM.*'fc1'"):
+        prepare_qlora(tiny, target_modules=("q_proj", "gate_proj"))
+    assert not any(isinstance(m, LoRALinear) for m in tiny.modules())  # untouched
+    with pytest.raises(ValueError, match=r"matched model.layers.0.self_attn, a PhiAttention"):
+        prepare_qlora(tiny, target_modules=("self_attn",))
+    prepare_qlora(tiny, target_modules=("q_proj",))
+    with pytest.raises(ValueError, match=r"already has a LoRA adapter"):
+        prepare_qlora(tiny, target_modules=("q_proj",))
+
+
+def test_targeting_lm_head_adds_lora_but_never_quantizes_it(tiny):
+    prepare_qlora(tiny, target_modules=("lm_head", "fc1"))
+    assert type(tiny.lm_head.base) is nn.Linear
+    assert isinstance(tiny.model.layers[0].mlp.fc1.base, NF4Linear)
+
+
+def test_gradients_reach_only_lora_and_the_bytes_never_change(tiny):
+    model = prepare_qlora(tiny, dropout=0.0)
+    model.train()
+    frozen = {
+        n: m.qweight.packed.clone() for n, m in model.named_modules() if isinstance(m, NF4Linear)
+    }
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = tokens()
+    for _ in range(2):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+    for name, p in model.named_parameters():
+        is_lora = name.endswith(("lora_A.weight", "lora_B.weight"))
+        assert (p.grad is not None) == is_lora, name
+    assert all(
+        torch.count_nonzero(m.lora_B.weight) > 0
+        for m in model.modules()
+        if isinstance(m, LoRALinear)
     )
-    assert proc.returncode == 2
-    err_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(err_lines) == 1 and "huggingface-cli download" in err_lines[0]
-    assert "Traceback" not in proc.stderr
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            assert torch.equal(m.qweight.packed, frozen[name]), name
 
 
-def test_output_head_gets_a_contiguous_input(tiny_model_dir):
-    """logits_to_keep hands lm_head a strided slice; the loader's pre-hook makes it contiguous,
-    so torch folds it into one matmul instead of copying the weight once per row."""
-    model, _ = load_model(tiny_model_dir)
-    seen = []
-    model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+# --- adapters_disabled --------------------------------------------------------------------------
+
+
+def test_adapters_disabled_gives_the_quantized_base_exactly(tiny):
+    model = prepare_qlora(tiny)
+    randomize_lora_b(model)
+    reference = copy.deepcopy(model)
     with torch.no_grad():
-        model(torch.randint(4, 90, (3, 9)), logits_to_keep=2)
-    assert seen == [True]
-
-
-def policy(model_dir, tmp_path, **overrides):
-    from grpo.config import GRPOConfig
-    from grpo.policy import build_policy
-
-    cfg = GRPOConfig(
-        model=str(model_dir), output_dir=str(tmp_path), lora_r=4, lora_alpha=8.0, **overrides
-    )
-    torch.manual_seed(0)
-    return build_policy(check_run(cfg), torch.device("cpu"))
-
-
-def test_build_policy_quantizes_while_loading_exactly_as_after(tiny_model_dir, tmp_path):
-    from qlora import NF4Linear, prepare_qlora
-
-    model, _, reference = policy(tiny_model_dir, tmp_path)  # the streaming NF4 loader
-    targets = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
-    assert reference is None
-    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 4 * len(targets)
-    torch.manual_seed(0)
-    dense, _ = load_model(tiny_model_dir)  # the whole model in float32 first, then NF4
-    prepare_qlora(dense, target_modules=targets, r=4, alpha=8.0, dropout=0.0, quantize=True)
-    a, b = model.state_dict(), dense.state_dict()
-    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
-
-
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tmp_path):
-    from grpo.rollout import completion_logps, generate_rollouts
-
-    grads = []
-    for checkpointing in (False, True):
-        model, tokenizer, _ = policy(tiny_model_dir, tmp_path, gradient_checkpointing=checkpointing)
-        assert model.is_activation_checkpointing == checkpointing
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.fill_(0.01)  # B = 0 would leave every lora_A gradient 0
-        torch.manual_seed(1)
-        ro = generate_rollouts(model, tokenizer, ["12+34=", "56-78="] * 2, max_new_tokens=4)
-        model.train()
-        # the full forward both times (a checkpointed model never shares prompt passes)
-        completion_logps(model, ro, 1.0, share_prompts=False).sum().backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 48
-    for name in grads[0]:
-        assert grads[0][name].abs().max() > 0, name
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
-
-
-def test_only_a_large_model_on_cpu_hands_memory_back_each_step(monkeypatch):
-    import grpo.policy
-    from grpo.policy import release_memory_each_step
-
-    calls = []
-    monkeypatch.setattr(grpo.policy, "return_large_frees_to_os", lambda: calls.append(1) or True)
-    small = torch.nn.Linear(10, 10)  # 110 parameters
-    assert not release_memory_each_step(small, torch.device("cpu")) and calls == []
-    monkeypatch.setattr(grpo.policy, "SMALL_MODEL_PARAMS", 110)
-    assert release_memory_each_step(small, torch.device("cpu")) and calls == [1]
-    assert not release_memory_each_step(small, torch.device("cuda")) and calls == [1]
-
-
-def test_fused_gelu_is_phi_s_gelu_new_to_float32_rounding():
-    from transformers.activations import GELUTanh, NewGELUActivation
-
-    from grpo.policy import use_fused_gelu
-    from grpo.tiny.build import build_tiny_phi
-
-    model, tokenizer = build_tiny_phi(seed=0)
-    ids = tokenizer(["47+05=+052", "03-99=-096"], return_tensors="pt")["input_ids"]
+        for m in reference.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.zero_()
+    ids = tokens()
     with torch.no_grad():
-        before = model(input_ids=ids).logits
-        assert use_fused_gelu(model) == model.config.num_hidden_layers
-        after = model(input_ids=ids).logits
-    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
-    assert sum(isinstance(m, GELUTanh) for m in model.modules()) == model.config.num_hidden_layers
-    assert (after - before).abs().max() <= 1e-5 * before.abs().max()
-    x = torch.linspace(-6, 6, 10001, dtype=torch.float64)
-    assert (GELUTanh()(x) - NewGELUActivation()(x)).abs().max() < 1e-12  # one formula
+        policy = model(ids).logits
+        base = reference(ids).logits
+        with adapters_disabled(model) as same:
+            assert same is model
+            assert torch.equal(model(ids).logits, base)
+        assert torch.equal(model(ids).logits, policy)
+    assert not torch.allclose(policy, base, atol=1e-3)
+
+
+def test_adapters_disabled_nests_and_restores_on_exception(tiny):
+    model = prepare_qlora(tiny)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    layers[0].disabled = True  # a layer someone switched off before stays off
+    with pytest.raises(RuntimeError, match="boom"):
+        with adapters_disabled(model):
+            with adapters_disabled(model):
+                assert all(m.disabled for m in layers)
+            assert all(m.disabled for m in layers)
+            raise RuntimeError("boom")
+    assert layers[0].disabled and not any(m.disabled for m in layers[1:])
+
+
+def test_adapters_disabled_without_adapters_is_an_error(tiny):
+    with pytest.raises(ValueError, match=r"no LoRA layers.*call prepare_qlora"):
+        with adapters_disabled(tiny):
+            pass
+
+
+# --- merge_adapters -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_merge_adapters_returns_a_plain_model_with_the_same_logits(tiny, quantize):
+    model = prepare_qlora(tiny, quantize=quantize)
+    randomize_lora_b(model)
+    ids = tokens()
+    with torch.no_grad():
+        expected = model(ids).logits
+        merged = merge_adapters(model)
+        got = merged(ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not any(isinstance(m, (LoRALinear, NF4Linear)) for m in merged.modules())
+    q_proj = merged.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is nn.Linear and q_proj.weight.dtype == torch.float32
+    assert not hasattr(merged, "qlora_config")
+    # the input model is untouched and still an adapter model
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)
+
+
+def test_generate_under_inference_mode_then_train(tiny):
+    """Decode buffers first created under inference_mode must still be writable when training."""
+    model = prepare_qlora(tiny)
+    ids = tokens(shape=(1, 6))
+    with torch.inference_mode():
+        first = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.eval()
+    with torch.inference_mode():
+        again = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert first.shape == (1, 9) and torch.equal(first, again)
