@@ -5,7 +5,10 @@ loader, the reward registry, the task loader) import them from here, so a new ch
 in one place. Plain tuples: this module imports nothing.
 """
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # how per-token terms are averaged (grpo.loss)
+# The per-token objective and how its terms are averaged (grpo.loss; the first four clip like PPO).
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+# How several reward functions become one advantage (grpo.loss.reward_advantages).
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 SCALE_REWARDS = ("group", "batch", "none")  # the advantage divisor: group std, batch std, 1
 IS_LEVELS = ("token", "sequence")  # importance ratio per token (PPO/GRPO) or per sequence (GSPO)
 SCHEDULES = ("constant", "linear", "cosine")  # learning rate after the linear warm-up
@@ -17,6 +20,7 @@ ARITHMETIC_FORMATS = ("fixed", "plain")  # "07+35=" -> "+042", or "7+35=" -> "42
 REWARD_NAMES = ("correctness", "format", "digits", "overlong")
 
 __all__ = [
+    "AGGREGATIONS",
     "ARITHMETIC_FORMATS",
     "DEVICES",
     "DTYPES",
