@@ -51,8 +51,13 @@ def cispo_weight(ratio: torch.Tensor, epsilon_high: float) -> torch.Tensor:
     return torch.clamp(ratio, max=1 + epsilon_high).detach()
 
 
+def _by_sign(condition: torch.Tensor, if_true: float, if_false: float, like: torch.Tensor):
+    """if_true where condition else if_false, in like's dtype (a Python float kept exact)."""
+    return torch.full_like(like, if_false).masked_fill(condition, if_true)
+
+
 def _sapo_tau(advantages: torch.Tensor, tau_pos: float, tau_neg: float) -> torch.Tensor:
-    return torch.where(advantages > 0, tau_pos, tau_neg).to(advantages.dtype)[:, None]  # [B, 1]
+    return _by_sign(advantages > 0, tau_pos, tau_neg, advantages)[:, None]  # [B, 1]
 
 
 def sapo_surrogate(
@@ -116,8 +121,8 @@ def vespo_weight(
     per_token = torch.where(mask.bool(), torch.clamp(log_ratio, -20.0, 20.0), 0.0)  # [B, T]
     log_w = torch.clamp(per_token.sum(dim=-1), VESPO_LOG_W_MIN, 20.0)  # [B]
     nonneg = advantages >= 0
-    k = torch.where(nonneg, k_pos, k_neg).to(log_w.dtype)  # [B]
-    lam = torch.where(nonneg, lambda_pos, lambda_neg).to(log_w.dtype)  # [B]
+    k = _by_sign(nonneg, k_pos, k_neg, log_w)  # [B]
+    lam = _by_sign(nonneg, lambda_pos, lambda_neg, log_w)  # [B]
     return torch.exp(lam + k * log_w - lam * torch.exp(log_w))  # [B]
 
 
