@@ -623,3 +623,28 @@ def test_options_needing_entropies_say_so():
 def test_other_errors_name_argument_and_value(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ---------------------------------------------------------------------------------------------
+# The entropies the trainer computes: the same forward as the log-probs.
+# ---------------------------------------------------------------------------------------------
+def test_completion_entropies_are_those_of_a_plain_forward(tiny_model_dir):
+    from grpo.model import load_model
+    from grpo.rollout import completion_logps, completion_logps_and_entropies, generate_rollouts
+
+    model, tok = load_model(tiny_model_dir)
+    model.eval()
+    torch.manual_seed(0)
+    prompts = ["7+5=", "47+35=", "7+5=", "47+35="]  # shared prompts, unequal lengths
+    ro = generate_rollouts(model, tok, prompts, max_new_tokens=5, temperature=0.7)
+    with torch.no_grad():
+        logps, entropies = completion_logps_and_entropies(model, ro, 0.7)
+        assert torch.equal(logps, completion_logps(model, ro, 0.7))
+        for i in range(4):  # each row alone, no padding
+            p = ro.prompt_ids[i][ro.prompt_mask[i] == 1]
+            c = ro.completion_ids[i][ro.completion_mask[i] == 1]
+            logits = model(torch.cat([p, c])[None]).logits[0, len(p) - 1 : -1] / 0.7
+            logp = torch.log_softmax(logits, -1)
+            expected = -(logp.exp() * logp).sum(-1)
+            got = entropies[i][ro.completion_mask[i] == 1]
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
