@@ -27,15 +27,15 @@ The other objectives replace the clipped policy term P_it = -min(rho A, clip(rho
 (their formulas, papers and reasons: grpo/objectives.py; sg() is stop-gradient):
 
     loss_type   P_it                                                normalisation
-    "cispo"     -sg(min(rho_it, 1 + eps_high)) A_i logp_it            as "dapo"
-    "sapo"      -(4 / tau_i) sigmoid(tau_i (rho_it - 1)) A_i          as "grpo"
+    "cispo"     -sg(min(rho_it, 1 + eps_high)) A_i logp_it          as "dapo"
+    "sapo"      -(4 / tau_i) sigmoid(tau_i (rho_it - 1)) A_i        as "grpo"
                 tau_i = sapo_temperature_pos if A_i > 0 else sapo_temperature_neg
     "luspo"     the clipped term with GSPO's s_i                    (1/B) sum_i sum_t m_it L_it
                 (= (1/B) sum_i |o_i| L_i: each sequence weighs by its length; needs
                 importance_sampling_level="sequence")
-    "vespo"     -sg(phi_i) A_i logp_it,  phi_i = exp(lambda + k log w_i - lambda w_i),
-                w_i = prod_t rho_it; (k, lambda) = vespo_k/lambda_pos if A_i >= 0, else _neg
-                                                                    as "dapo"
+    "vespo"     -sg(phi_i) A_i logp_it                              as "dapo"
+                phi_i = exp(lambda + k log w_i - lambda w_i), w_i = prod_t rho_it (log-clamped,
+                vespo_weight); (k, lambda) = vespo_k/lambda_pos if A_i >= 0, else vespo_k/lambda_neg
     delta > 0   (the clipped losses) the first term of the min uses min(rho_it, delta): a token
                 with A < 0 and rho > delta gets no gradient (two-sided clipping, INTELLECT-2)
 
