@@ -6,11 +6,22 @@ imports nothing. Tasks and rewards are registered where they live (`grpo.tasks.T
 each task's `REWARDS`, `grpo.rewards.GENERIC_REWARDS`).
 """
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # how per-token terms are averaged (grpo.loss)
+# The per-token objective and how its terms are averaged (grpo.loss; the first four clip like PPO).
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+# How several reward functions become one advantage (grpo.loss.reward_advantages).
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 SCALE_REWARDS = ("group", "batch", "none")  # the advantage divisor: group std, batch std, 1
 IS_LEVELS = ("token", "sequence")  # importance ratio per token (PPO/GRPO) or per sequence (GSPO)
 SCHEDULES = ("constant", "linear", "cosine")  # learning rate after the linear warm-up
 DTYPES = ("float32", "bfloat16", "float16")  # weights and LoRA compute
 DEVICES = ("auto", "cpu", "cuda")
 
-__all__ = ["DEVICES", "DTYPES", "IS_LEVELS", "LOSS_TYPES", "SCALE_REWARDS", "SCHEDULES"]
+__all__ = [
+    "AGGREGATIONS",
+    "DEVICES",
+    "DTYPES",
+    "IS_LEVELS",
+    "LOSS_TYPES",
+    "SCALE_REWARDS",
+    "SCHEDULES",
+]

@@ -137,11 +137,16 @@ def check_run(cfg: GRPOConfig) -> GRPOConfig:
     """Every check of `cfg` before any work: its values (`GRPOConfig.validate`), then its task's
     own checks, its reward names against the task's rewards, and its model and LoRA targets
     against the model's config (read on the meta device; nothing is loaded or written)."""
+    from grpo.loss import LOSS_OPTION_FIELDS, check_loss_options
     from grpo.policy import check_lora_targets, check_model_name, linear_module_paths
     from grpo.rewards import RewardError, check_reward_names
     from grpo.tasks import check_task, task_module
 
     cfg.validate()
+    try:  # the objective's options: one check, shared with the loss
+        check_loss_options(**{name: getattr(cfg, name) for name in LOSS_OPTION_FIELDS})
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     check_task(cfg)
     try:
         check_reward_names(cfg.reward_funcs, task_module(cfg.task).REWARDS)

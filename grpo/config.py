@@ -126,7 +126,11 @@ class GRPOConfig:
     )
     epsilon_low: float = _f(0.2, "clip range below 1 for the importance ratio")
     epsilon_high: float = _f(0.2, "clip range above 1 (DAPO clip-higher: 0.28)")
-    loss_type: str = _f("grpo", "'grpo' (DeepSeekMath), 'bnpo', 'dr_grpo' or 'dapo'")
+    loss_type: str = _f(
+        "grpo",
+        "'grpo' (DeepSeekMath), 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'luspo' (needs "
+        "importance_sampling_level: sequence) or 'vespo'; the README's loss table says which when",
+    )
     scale_rewards: str = _f(
         "group", "advantage divisor: 'group' std, 'batch' std, 'none' (Dr. GRPO)"
     )
@@ -142,6 +146,39 @@ class GRPOConfig:
     )
     reward_weights: list[float] = _f([1.0, 1.0], "one weight per reward function")
     overlong_cache: int = _f(0, "'overlong' reward: soft-penalty window in tokens before the limit")
+    # --- objective variants (grpo/objectives.py; checked by grpo.loss.check_loss_options) ----
+    delta: float = _f(
+        0.0,
+        "two-sided clipping (INTELLECT-2): ratio cap for negative-advantage tokens of the clipped "
+        "losses, > 1 + epsilon_high (0: off)",
+    )
+    sapo_temperature_pos: float = _f(1.0, "'sapo': gate temperature for A > 0")
+    sapo_temperature_neg: float = _f(
+        1.05,
+        "'sapo': gate temperature for A <= 0 (higher: off-policy negative updates fade sooner)",
+    )
+    vespo_k_pos: float = _f(2.0, "'vespo', A >= 0: power k of phi(w) = e^lambda w^k e^(-lambda w)")
+    vespo_lambda_pos: float = _f(3.0, "'vespo', A >= 0: decay lambda of phi(w)")
+    vespo_k_neg: float = _f(3.0, "'vespo', A < 0: power k of phi(w)")
+    vespo_lambda_neg: float = _f(2.0, "'vespo', A < 0: decay lambda of phi(w)")
+    top_entropy_quantile: float = _f(
+        1.0,
+        "only this fraction of real tokens, those of highest entropy, carry the policy gradient "
+        "(Beyond the 80/20 Rule: 0.2; 1: all tokens, entropies not computed)",
+    )
+    entropy_coef: float = _f(
+        0.0, "entropy bonus: loss -= entropy_coef * mean token entropy (0: off, not computed)"
+    )
+    off_policy_mask_threshold: float = _f(
+        0.0,
+        "DeepSeek-V3.2: drop negative-advantage sequences whose mean log(pi_old / pi) exceeds "
+        "this (0: off; acts only when num_iterations > 1)",
+    )
+    multi_objective_aggregation: str = _f(
+        "sum_then_normalize",
+        "several rewards: 'sum_then_normalize' (advantage of the weighted sum) or "
+        "'normalize_then_sum' (GDPO: each reward normalised in its group, then summed)",
+    )
     # --- QLoRA -----------------------------------------------------------------------------
     quantize: bool = _f(True, "NF4-quantize the frozen base (QLoRA); false keeps it in dtype")
     use_lora: bool = _f(True, "train LoRA adapters; false = full fine-tuning (tiny model only)")

@@ -23,6 +23,34 @@ token and 0 on padding. This is exactly what the code below computes:
 
 (every token-count denominator is clamped at 1, so an all-padding sequence adds 0, never NaN).
 
+The other objectives replace the clipped policy term P_it = -min(rho A, clip(rho) A) of L_it
+(their formulas, papers and reasons: grpo/objectives.py; sg() is stop-gradient):
+
+    loss_type   P_it                                                normalisation
+    "cispo"     -sg(min(rho_it, 1 + eps_high)) A_i logp_it          as "dapo"
+    "sapo"      -(4 / tau_i) sigmoid(tau_i (rho_it - 1)) A_i        as "grpo"
+                tau_i = sapo_temperature_pos if A_i > 0 else sapo_temperature_neg
+    "luspo"     the clipped term with GSPO's s_i                    (1/B) sum_i sum_t m_it L_it
+                (= (1/B) sum_i |o_i| L_i: each sequence weighs by its length; needs
+                importance_sampling_level="sequence")
+    "vespo"     -sg(phi_i) A_i logp_it                              as "dapo"
+                phi_i = exp(lambda + k log w_i - lambda w_i), w_i = prod_t rho_it (log-clamped,
+                vespo_weight); (k, lambda) = vespo_k/lambda_pos if A_i >= 0, else vespo_k/lambda_neg
+    delta > 0   (the clipped losses) the first term of the min uses min(rho_it, delta): a token
+                with A < 0 and rho > delta gets no gradient (two-sided clipping, INTELLECT-2)
+
+and on top of any of them, each off by default:
+
+    off_policy_mask_threshold > 0   P_it = 0 for the sequences off_policy_keep drops
+                                    (A_i < 0 and mean_t (logp_old - logp) > threshold)
+    top_entropy_quantile < 1        P_it = 0 unless H_it is in the top quantile of this batch's
+                                    real tokens (high_entropy_mask); the KL stays on every token
+    entropy_coef > 0                loss -= entropy_coef * sum_it k_it H_it / n, k the tokens
+                                    kept by the entropy mask (all real ones without it), n =
+                                    num_items_in_batch for "dapo", "cispo", "vespo" (the mean
+                                    over the generation batch), else sum_it k_it
+    H_it = -sum_v p_itv log p_itv, the entropy of the policy at position t (token_entropy).
+
 At token level, an unclipped token's gradient is -A_i rho_it grad(logp_it) / normaliser. Where
 the clip is active, rho < 1 - eps_low with A < 0 or rho > 1 + eps_high with A > 0, the min selects
 the clipped, constant term and the token's gradient is exactly zero: the update stops once the
@@ -60,22 +88,69 @@ sequence, so the importance ratio does too: s_i is the length-normalised sequenc
 s_i stays close to 1, so the clip range is tiny (3e-4 below, 4e-4 above in the paper). With
 loss_type="grpo" the loss is GSPO's -(1/B) sum_i min(s_i A_i, clip(s_i) A_i). Here:
 importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4.
+
+Several reward functions (reward_advantages): "sum_then_normalize" takes the group advantage of
+the weighted sum (above); "normalize_then_sum" (GDPO, 2026) normalises each reward within its
+group first, so a reward with a small spread is not drowned by one with a large spread.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from grpo.choices import IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from grpo.choices import AGGREGATIONS, IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from grpo.objectives import (
+    cispo_weight,
+    high_entropy_mask,
+    off_policy_keep,
+    sapo_gate,
+    sapo_surrogate,
+    vespo_weight,
+)
 
 __all__ = [
     "constant_groups",
     "group_advantages",
+    "reward_advantages",
     "selective_log_softmax",
+    "token_entropy",
     "kl_k3",
     "masked_mean",
     "grpo_loss",
+    "check_loss_options",
+    "CLIPPED_LOSS_TYPES",
+    "GLOBAL_TOKEN_LOSSES",
+    "LOSS_VARIANT_OPTIONS",
+    "LOSS_OPTION_FIELDS",
 ]
+
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # PPO's clipped surrogate
+GLOBAL_TOKEN_LOSSES = ("dapo", "cispo", "vespo")  # divided by num_items_in_batch
+# grpo_loss's keyword options beyond the clip, each a GRPOConfig field of the same name.
+LOSS_VARIANT_OPTIONS = (
+    "delta",
+    "sapo_temperature_pos",
+    "sapo_temperature_neg",
+    "vespo_k_pos",
+    "vespo_lambda_pos",
+    "vespo_k_neg",
+    "vespo_lambda_neg",
+    "top_entropy_quantile",
+    "entropy_coef",
+    "off_policy_mask_threshold",
+)
+# The GRPOConfig fields check_loss_options reads.
+LOSS_OPTION_FIELDS = (
+    "loss_type",
+    "importance_sampling_level",
+    "epsilon_low",
+    "epsilon_high",
+    *LOSS_VARIANT_OPTIONS,
+    "multi_objective_aggregation",
+    "scale_rewards",
+)
 
 
 CONSTANT_RTOL = 1e-6
@@ -154,6 +229,66 @@ def group_advantages(
     return torch.where(constant, 0.0, centred).view(-1)  # [N]
 
 
+def reward_advantages(
+    parts: torch.Tensor,
+    weights,
+    group_size: int,
+    *,
+    aggregation: str = "sum_then_normalize",
+    scale: str = "group",
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """Advantages [N] from K reward functions: parts [N, K] (unweighted), weights [K].
+
+        "sum_then_normalize"  A = group_advantages(r, scale),  r_i = sum_k w_k parts_ik
+        "normalize_then_sum"  z_.k = group_advantages(parts_.k, "group")   for each reward k
+                              q_i = sum_k w_k z_ik,   A_i = q_i / (std_batch(q) + eps)
+
+    The weighted sums are accumulated k by k in float32 as `grpo.rewards.combine_rewards` does,
+    so "sum_then_normalize" is bit for bit group_advantages of combine_rewards' total.
+    GDPO (2026, "GDPO: Group reward-Decoupled Normalization Policy Optimization for Multi-reward
+    RL Optimization"): normalising the sum maps distinct reward combinations to one advantage
+    ((1, 0) and (0, 1) on two rewards sum alike) and rescales whichever reward varies in a group
+    to the same size, whatever its weight; normalising each reward in its group first keeps each
+    reward's own signal, and the weights set their importance. Each z_.k sums to 0 within every
+    group, so mean_batch(q) = 0 and only the batch std is divided out (Bessel-corrected; no
+    division for N = 1); scale must be "group".
+
+    Two prompts, two completions each: correctness differs in group 0, format (weight 0.1) only
+    in group 1. Summed then normalised, group 1's 0.1 difference weighs as much as group 0's
+    correctness; normalised then summed, it weighs 0.1 of it.
+    >>> parts = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 0.0]])  # [N, K]
+    >>> reward_advantages(parts, [1.0, 0.1], 2)
+    tensor([ 0.7070, -0.7070,  0.7061, -0.7061])
+    >>> reward_advantages(parts, [1.0, 0.1], 2, aggregation="normalize_then_sum")
+    tensor([ 1.2185, -1.2185,  0.1218, -0.1218])
+    """
+    if parts.dim() != 2 or parts.shape[1] != len(weights):
+        raise ValueError(
+            f"reward parts have shape {tuple(parts.shape)} for {len(weights)} weights; expected "
+            "[N, K] with one column per reward function"
+        )
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}")
+    if aggregation == "normalize_then_sum" and scale != "group":
+        raise ValueError(
+            f"scale={scale!r} with aggregation='normalize_then_sum': each reward is normalised "
+            "by its group std; use scale='group'"
+        )
+    parts = parts.float()
+    if aggregation == "sum_then_normalize":
+        total = torch.zeros(parts.shape[0], dtype=torch.float32)  # [N]
+        for k, weight in enumerate(weights):
+            total += float(weight) * parts[:, k]
+        return group_advantages(total, group_size, scale=scale, eps=eps)
+    summed = torch.zeros(parts.shape[0], dtype=torch.float32)  # [N], q
+    for k, weight in enumerate(weights):
+        summed += float(weight) * group_advantages(parts[:, k], group_size, "group", eps)
+    if summed.numel() < 2:
+        return summed
+    return summed / (summed.std() + eps)  # [N]
+
+
 class _SelectiveLogSoftmax(torch.autograd.Function):
     """log softmax(logits)[index], chunk by chunk, with the gradient written by hand.
 
@@ -230,6 +365,54 @@ def selective_log_softmax(
     return _SelectiveLogSoftmax.apply(logits, index.long(), chunk_size)
 
 
+class _TokenEntropy(torch.autograd.Function):
+    """H = -sum_v p_v log p_v over the last axis of logits, chunk by chunk, gradient by hand:
+
+        dH / dz_v = -p_v (log p_v + H)
+
+    backward recomputes each chunk's softmax, so no fp32 [B, T, V] is kept for it."""
+
+    @staticmethod
+    def forward(ctx, logits, chunk_size):  # logits [B, T, V]
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        entropy = torch.empty(logits.shape[:2], dtype=dtype, device=logits.device)  # [B, T]
+        for block in _chunks(logits, chunk_size):
+            logp = torch.log_softmax(logits[block].to(dtype), dim=-1)  # [b, t, V]
+            entropy[block] = -torch.xlogy(logp.exp(), logp.exp()).sum(dim=-1)  # 0 log 0 = 0
+        ctx.save_for_backward(logits, entropy)
+        ctx.chunk_size = chunk_size
+        return entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_entropy):  # grad_entropy [B, T]
+        logits, entropy = ctx.saved_tensors
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for block in _chunks(logits, ctx.chunk_size):
+            logp = torch.log_softmax(logits[block].to(entropy.dtype), dim=-1)  # [b, t, V]
+            p = logp.exp()
+            inner = torch.where(p > 0, logp + entropy[block].unsqueeze(-1), 0.0)
+            grad_logits[block] = -p * inner * grad_entropy[block].unsqueeze(-1).to(p.dtype)
+        return grad_logits, None
+
+
+def token_entropy(logits: torch.Tensor, *, chunk_size: int = 512) -> torch.Tensor:
+    """H_t = -sum_v p_tv log p_tv, p = softmax(logits): logits [B, T, V] -> [B, T], differentiable.
+
+    The entropy of the policy at each position (in nats), for the entropy mask and bonus of
+    grpo_loss. fp32 (fp64 for fp64 logits) whatever the logits' dtype; like
+    selective_log_softmax, at most chunk_size rows are upcast at once, forward and backward.
+
+    >>> token_entropy(torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, -float("inf"), 0.0, 0.0]]]))
+    tensor([[1.3863, 1.0986]])
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits has shape {tuple(logits.shape)}; expected [B, T, V]")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    return _TokenEntropy.apply(logits, chunk_size)
+
+
 def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """k3 estimate of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1, [B, T].
 
@@ -274,18 +457,36 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
+    entropies: torch.Tensor | None = None,
+    delta: float = 0.0,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    top_entropy_quantile: float = 1.0,
+    entropy_coef: float = 0.0,
+    off_policy_mask_threshold: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped GRPO loss (module docstring) and its statistics, for one (micro-)batch.
+    """The GRPO loss (module docstring) and its statistics, for one (micro-)batch.
 
     logps, old_logps, ref_logps, mask: [B, T], completion tokens only. old_logps=None means
     on-policy (old = logps.detach()); ref_logps may be None when beta == 0. advantages: [B].
     epsilon_high=None means epsilon_low (symmetric clip). max_completion_length is used by
-    "dr_grpo" only, num_items_in_batch by "dapo" only (None: the real tokens of this batch).
+    "dr_grpo" only, num_items_in_batch by "dapo", "cispo" and "vespo" (None: the real tokens of
+    this batch). entropies [B, T] (token_entropy of the policy's logits) are needed only by
+    top_entropy_quantile < 1 and entropy_coef > 0. delta = 0 and off_policy_mask_threshold = 0
+    switch those options off.
 
-    stats: "clip_low" / "clip_high" / "clip_region" are the fractions of real tokens where the clip
-    changed the objective: ratio < 1 - eps_low with A < 0 / ratio > 1 + eps_high with A > 0 /
-    either. "ratio_mean" is the token mean of the ratio, "kl" the token mean of k3 (when ref_logps
-    is given).
+    stats: "ratio_mean", the token mean of the ratio; for the clipped losses "clip_low" /
+    "clip_high" / "clip_region", the fractions of real tokens where the clip changed the
+    objective: ratio < 1 - eps_low with A < 0 / ratio > 1 + eps_high with A > 0 / either, and
+    with delta "clip_delta" (ratio > delta with A < 0); "cispo_capped" (ratio > 1 + eps_high),
+    "sapo_gate_mean" (token mean of sapo_gate), "vespo_weight_mean" (mean phi_i of the non-empty
+    sequences); "off_policy_masked" (fraction of non-empty sequences dropped), "entropy" (token
+    mean of H, when entropies are given), "entropy_masked" (fraction of real tokens the entropy
+    mask drops); "kl", the token mean of k3 (when ref_logps is given).
 
     Worked example: sequence 0 has A = +1 and three tokens with ratios 1.0, 1.1, 1.5 (the last one
     is clipped to 1.2); sequence 1 has A = -1 and one token with ratio 0.5 (clipped to 0.8).
@@ -297,9 +498,19 @@ def grpo_loss(
     >>> round(loss.item(), 4), stats["clip_low"], stats["clip_high"], stats["clip_region"]
     (-0.15, 0.25, 0.25, 0.5)
     """
+    options = {
+        "loss_type": loss_type, "importance_sampling_level": importance_sampling_level,
+        "epsilon_low": epsilon_low, "epsilon_high": epsilon_high, "delta": delta,
+        "sapo_temperature_pos": sapo_temperature_pos,
+        "sapo_temperature_neg": sapo_temperature_neg, "vespo_k_pos": vespo_k_pos,
+        "vespo_lambda_pos": vespo_lambda_pos, "vespo_k_neg": vespo_k_neg,
+        "vespo_lambda_neg": vespo_lambda_neg, "top_entropy_quantile": top_entropy_quantile,
+        "entropy_coef": entropy_coef, "off_policy_mask_threshold": off_policy_mask_threshold,
+    }  # fmt: skip
+    check_loss_options(**options)
     _check_arguments(
         logps, old_logps, ref_logps, advantages, mask, loss_type, epsilon_low, epsilon_high, beta,
-        importance_sampling_level, max_completion_length, num_items_in_batch,
+        max_completion_length, num_items_in_batch, entropies, top_entropy_quantile, entropy_coef,
     )  # fmt: skip
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     batch = logps.shape[0]
@@ -308,64 +519,201 @@ def grpo_loss(
     # the mask afterwards would still let 0 * inf = NaN into the loss or its gradient.
     old_logps = logps.detach() if old_logps is None else old_logps
     log_ratio = torch.where(real, logps - old_logps, 0.0)  # [B, T], log(pi / pi_old)
+    real_logps = torch.where(real, logps, 0.0)  # [B, T]
 
     if importance_sampling_level == "token":
         ratio = torch.exp(log_ratio)  # [B, T]
     else:  # GSPO: s_i = exp(mean_t log ratio), shared by the tokens of sequence i
         ratio = torch.exp(masked_mean(log_ratio, real, dim=-1))[:, None].expand_as(logps)  # [B, T]
     adv = advantages[:, None]  # [B, 1]
-    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + eps_high)
-    per_token = -torch.min(ratio * adv, clipped_ratio * adv)  # [B, T]
+    if loss_type in CLIPPED_LOSS_TYPES:
+        clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + eps_high)
+        unclipped = torch.clamp(ratio, max=delta) if delta > 0 else ratio  # two-sided clip
+        policy = -torch.min(unclipped * adv, clipped_ratio * adv)  # [B, T]
+    elif loss_type == "cispo":
+        policy = -cispo_weight(ratio, eps_high) * adv * real_logps  # [B, T]
+    elif loss_type == "sapo":
+        policy = -sapo_surrogate(ratio, advantages, sapo_temperature_pos, sapo_temperature_neg)
+        policy = policy * adv  # [B, T]
+    else:  # "vespo"
+        phi = vespo_weight(
+            log_ratio, advantages, real, vespo_k_pos, vespo_lambda_pos, vespo_k_neg,
+            vespo_lambda_neg,
+        )  # fmt: skip  # [B]
+        policy = -phi[:, None] * adv * real_logps  # [B, T]
+
+    keep = real  # [B, T], the tokens whose policy term counts
+    if off_policy_mask_threshold > 0:
+        keep_seq = off_policy_keep(
+            real_logps, torch.where(real, old_logps, 0.0), advantages, real,
+            off_policy_mask_threshold,
+        )  # fmt: skip  # [B]
+        keep = keep & keep_seq[:, None]
+    if top_entropy_quantile < 1:
+        entropy_keep = high_entropy_mask(entropies.detach(), real, top_entropy_quantile)  # [B, T]
+        keep = keep & entropy_keep
+    per_token = torch.where(keep, policy, 0.0)  # [B, T]
     if ref_logps is not None:
-        kl = kl_k3(torch.where(real, logps, 0.0), torch.where(real, ref_logps, 0.0))  # [B, T]
+        kl = kl_k3(real_logps, torch.where(real, ref_logps, 0.0))  # [B, T]
         if beta > 0:
             per_token = per_token + beta * kl
     per_token = torch.where(real, per_token, 0.0)  # [B, T], m * L
 
-    if loss_type == "grpo":
+    num_items = None
+    if loss_type in GLOBAL_TOKEN_LOSSES:
+        num_items = real.sum() if num_items_in_batch is None else num_items_in_batch
+        num_items = torch.as_tensor(num_items, dtype=per_token.dtype, device=per_token.device)
+        num_items = num_items.clamp(min=1)
+    if loss_type in ("grpo", "sapo"):
         loss = masked_mean(per_token, real, dim=-1).mean()
     elif loss_type == "bnpo":
         loss = per_token.sum() / real.sum().clamp(min=1)
     elif loss_type == "dr_grpo":
         loss = per_token.sum() / (batch * max_completion_length)
-    else:  # "dapo"
-        num_items = real.sum() if num_items_in_batch is None else num_items_in_batch
-        num_items = torch.as_tensor(num_items, dtype=per_token.dtype, device=per_token.device)
-        loss = per_token.sum() / num_items.clamp(min=1)
+    elif loss_type == "luspo":
+        loss = per_token.sum(dim=-1).mean()  # (1/B) sum_i sum_t m L: weighted by length
+    else:  # "dapo", "cispo", "vespo"
+        loss = per_token.sum() / num_items
+
+    if entropy_coef > 0:  # the bonus: minus the mean entropy of the kept tokens
+        bonus = real if top_entropy_quantile == 1 else real & entropy_keep  # [B, T]
+        denominator = num_items if num_items is not None else bonus.sum().clamp(min=1)
+        loss = loss - entropy_coef * torch.where(bonus, entropies, 0.0).sum() / denominator
 
     with torch.no_grad():
-        clip_low = real & (ratio < 1 - epsilon_low) & (adv < 0)  # [B, T]
-        clip_high = real & (ratio > 1 + eps_high) & (adv > 0)  # [B, T]
         tokens = real.sum().clamp(min=1)
-        stats = {
-            "clip_low": (clip_low.sum() / tokens).item(),
-            "clip_high": (clip_high.sum() / tokens).item(),
-            "clip_region": ((clip_low | clip_high).sum() / tokens).item(),
-            "ratio_mean": masked_mean(ratio, real).item(),
-        }
+
+        def fraction(selected):  # of the real tokens
+            return ((real & selected).sum() / tokens).item()
+
+        stats = {"ratio_mean": masked_mean(ratio, real).item()}
+        if loss_type in CLIPPED_LOSS_TYPES:
+            clip_low = (ratio < 1 - epsilon_low) & (adv < 0)  # [B, T]
+            clip_high = (ratio > 1 + eps_high) & (adv > 0)  # [B, T]
+            stats["clip_low"] = fraction(clip_low)
+            stats["clip_high"] = fraction(clip_high)
+            stats["clip_region"] = fraction(clip_low | clip_high)
+            if delta > 0:
+                stats["clip_delta"] = fraction((ratio > delta) & (adv < 0))
+        elif loss_type == "cispo":
+            stats["cispo_capped"] = fraction(ratio > 1 + eps_high)
+        elif loss_type == "sapo":
+            gate = sapo_gate(ratio, advantages, sapo_temperature_pos, sapo_temperature_neg)
+            stats["sapo_gate_mean"] = masked_mean(gate, real).item()
+        else:
+            stats["vespo_weight_mean"] = masked_mean(phi, real.any(dim=-1)).item()
+        if off_policy_mask_threshold > 0:
+            nonempty = real.any(dim=-1)  # [B]
+            stats["off_policy_masked"] = masked_mean((~keep_seq).float(), nonempty).item()
+        if entropies is not None:
+            stats["entropy"] = masked_mean(entropies.detach(), real).item()
+        if top_entropy_quantile < 1:
+            stats["entropy_masked"] = fraction(~entropy_keep)
         if ref_logps is not None:
             stats["kl"] = masked_mean(kl, real).item()
     return loss, stats
 
 
+def check_loss_options(
+    *,
+    loss_type: str = "grpo",
+    importance_sampling_level: str = "token",
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float = 0.0,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    top_entropy_quantile: float = 1.0,
+    entropy_coef: float = 0.0,
+    off_policy_mask_threshold: float = 0.0,
+    multi_objective_aggregation: str = "sum_then_normalize",
+    scale_rewards: str = "group",
+) -> None:
+    """Raise ValueError, one line `name=value: why, and the fix`, for an objective option that
+    cannot work. GRPOConfig.validate calls it before any work (every name is a config field, see
+    LOSS_OPTION_FIELDS), grpo_loss on every call."""
+
+    def bad(name, value, why):
+        raise ValueError(f"{name}={value!r}: {why}")
+
+    if loss_type not in LOSS_TYPES:
+        bad("loss_type", loss_type, f"must be one of {', '.join(LOSS_TYPES)}")
+    if importance_sampling_level not in IS_LEVELS:
+        bad("importance_sampling_level", importance_sampling_level, f"must be one of {IS_LEVELS}")
+    if loss_type == "luspo" and importance_sampling_level != "sequence":
+        bad(
+            "loss_type", loss_type, "LUSPO weighs GSPO's one-ratio-per-sequence term by length; "
+            "set importance_sampling_level: sequence",
+        )  # fmt: skip
+    if loss_type == "vespo" and importance_sampling_level != "token":
+        bad(
+            "loss_type", loss_type, "VESPO builds its sequence weight prod_t rho_t from the token "
+            "ratios itself; set importance_sampling_level: token",
+        )  # fmt: skip
+    for name, value in [
+        ("sapo_temperature_pos", sapo_temperature_pos),
+        ("sapo_temperature_neg", sapo_temperature_neg),
+        ("vespo_lambda_pos", vespo_lambda_pos),
+        ("vespo_lambda_neg", vespo_lambda_neg),
+    ]:
+        if not 0 < value < math.inf:
+            bad(name, value, "must be a finite number > 0")
+    for name, value in [
+        ("vespo_k_pos", vespo_k_pos),
+        ("vespo_k_neg", vespo_k_neg),
+        ("entropy_coef", entropy_coef),
+        ("off_policy_mask_threshold", off_policy_mask_threshold),
+    ]:
+        if not 0 <= value < math.inf:
+            bad(name, value, "must be a finite number >= 0 (0: off)" if "k_" not in name
+                else "must be a finite number >= 0")  # fmt: skip
+    if not 0 <= top_entropy_quantile <= 1:
+        bad(
+            "top_entropy_quantile", top_entropy_quantile,
+            "must be in [0, 1]: the fraction of highest-entropy tokens kept (1: all)",
+        )  # fmt: skip
+    if delta != 0:
+        eps_high = epsilon_low if epsilon_high is None else epsilon_high
+        if loss_type not in CLIPPED_LOSS_TYPES:
+            bad(
+                "delta", delta, f"two-sided clipping bounds the clipped losses "
+                f"({', '.join(CLIPPED_LOSS_TYPES)}), not {loss_type!r}; set delta: 0",
+            )  # fmt: skip
+        if not 1 + eps_high < delta < math.inf:
+            bad("delta", delta, f"must be 0 (off) or a finite number > 1 + epsilon_high "
+                f"= {1 + eps_high:g}")  # fmt: skip
+    if multi_objective_aggregation not in AGGREGATIONS:
+        bad(
+            "multi_objective_aggregation", multi_objective_aggregation,
+            f"must be one of {', '.join(AGGREGATIONS)}",
+        )  # fmt: skip
+    if multi_objective_aggregation == "normalize_then_sum" and scale_rewards != "group":
+        bad(
+            "multi_objective_aggregation", multi_objective_aggregation,
+            f"normalises each reward by its group std, not scale_rewards={scale_rewards!r}; set "
+            "scale_rewards: group",
+        )  # fmt: skip
+
+
 def _check_arguments(
     logps, old_logps, ref_logps, advantages, mask, loss_type, epsilon_low, epsilon_high, beta,
-    importance_sampling_level, max_completion_length, num_items_in_batch,
+    max_completion_length, num_items_in_batch, entropies, top_entropy_quantile, entropy_coef,
 ):  # fmt: skip
     """Raise ValueError naming the argument and its value for every input grpo_loss cannot use."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
-    if importance_sampling_level not in IS_LEVELS:
-        raise ValueError(
-            f"importance_sampling_level={importance_sampling_level!r} is not one of {IS_LEVELS}"
-        )
     nonnegative = {"epsilon_low": epsilon_low, "epsilon_high": epsilon_high, "beta": beta}
     for name, value in nonnegative.items():
         if value is not None and value < 0:
             raise ValueError(f"{name}={value} must be >= 0")
     if logps.dim() != 2:
         raise ValueError(f"logps has shape {tuple(logps.shape)}; expected [B, T]")
-    for name, value in [("old_logps", old_logps), ("ref_logps", ref_logps), ("mask", mask)]:
+    for name, value in [
+        ("old_logps", old_logps), ("ref_logps", ref_logps), ("mask", mask),
+        ("entropies", entropies),
+    ]:  # fmt: skip
         if value is not None and value.shape != logps.shape:
             raise ValueError(
                 f"{name} has shape {tuple(value.shape)}, logps {tuple(logps.shape)}; must match"
@@ -376,6 +724,11 @@ def _check_arguments(
         )
     if ref_logps is None and beta > 0:
         raise ValueError(f"ref_logps=None with beta={beta}: the KL term needs reference log-probs")
+    if entropies is None and (top_entropy_quantile < 1 or entropy_coef > 0):
+        raise ValueError(
+            f"entropies=None with top_entropy_quantile={top_entropy_quantile} and "
+            f"entropy_coef={entropy_coef}: pass the token entropies (grpo.loss.token_entropy)"
+        )
     if loss_type == "dr_grpo":
         if max_completion_length is None or max_completion_length < 1:
             raise ValueError(
@@ -387,5 +740,6 @@ def _check_arguments(
                 f"max_completion_length={max_completion_length} is below the {logps.shape[1]} "
                 "positions of logps: pass completion tokens only, or the real generation limit"
             )
-    if loss_type == "dapo" and num_items_in_batch is not None and num_items_in_batch < 0:
-        raise ValueError(f"num_items_in_batch={num_items_in_batch} must be >= 0")
+    if loss_type in GLOBAL_TOKEN_LOSSES and num_items_in_batch is not None:
+        if num_items_in_batch < 0:
+            raise ValueError(f"num_items_in_batch={num_items_in_batch} must be >= 0")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo.loss import selective_log_softmax
+from grpo.loss import selective_log_softmax, token_entropy
 
 
 @dataclass
@@ -253,6 +253,27 @@ def completion_logps(
     model that cannot keep a cache while training (gradient checkpointing) and under DDP
     (whose reducer expects one forward per backward).
     """
+    logits = completion_logits(model, rollout, temperature, share_prompts)  # [N, C, V]
+    return selective_log_softmax(logits, rollout.completion_ids)  # [N, C]
+
+
+def completion_logps_and_entropies(
+    model, rollout: Rollout, temperature: float = 1.0, share_prompts: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """completion_logps and, from the same logits, the policy's entropy at every completion
+    position, H_t = -sum_v p_tv log p_tv (`token_entropy`, differentiable): two [N, C].
+
+    Only the entropy mask and bonus of the loss need H; without them the trainer calls
+    completion_logps, and no entropy is computed."""
+    logits = completion_logits(model, rollout, temperature, share_prompts)  # [N, C, V]
+    return selective_log_softmax(logits, rollout.completion_ids), token_entropy(logits)
+
+
+def completion_logits(
+    model, rollout: Rollout, temperature: float = 1.0, share_prompts: bool = True
+) -> torch.Tensor:
+    """The [N, C, V] logits (divided by temperature) that predict the completion tokens: the
+    forward of completion_logps."""
     logits = _shared_prompt_logits(model, rollout) if share_prompts else None
     if logits is None:
         input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)  # [N, P+C]
@@ -269,7 +290,7 @@ def completion_logps(
         logits = logits[:, :-1]  # [N, C, V]: the logit at P-1+t predicts completion token t
     if temperature != 1.0:
         logits = logits / temperature
-    return selective_log_softmax(logits, rollout.completion_ids)  # [N, C]
+    return logits  # [N, C, V]
 
 
 def _shared_prompt_logits(model, rollout: Rollout) -> torch.Tensor | None:

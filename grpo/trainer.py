@@ -4,7 +4,7 @@ One step, for a generation batch of `prompts_per_step` prompts and G = `num_gene
 
     1. rollouts     G completions per prompt, sampled with the current policy   [N = prompts * G]
     2. rewards      r = sum_k w_k * reward_k(prompt, completion)                 [N]
-    3. advantages   A = group_advantages(r, G)                                   [N]
+    3. advantages   A = reward_advantages(r_k, w_k, G) (group_advantages of r)   [N]
     4. reference    logp_ref with the adapters disabled (only when beta > 0)     [N, C]
     5. old policy   logp_old before any update (only when num_iterations > 1)    [N, C]
     6. for each of num_iterations passes, for each micro-batch:
@@ -46,11 +46,22 @@ from torch.optim import AdamW
 
 from grpo import distributed as dist
 from grpo.config import GRPOConfig
-from grpo.loss import constant_groups, group_advantages, grpo_loss
+from grpo.loss import (
+    GLOBAL_TOKEN_LOSSES,
+    LOSS_VARIANT_OPTIONS,
+    constant_groups,
+    grpo_loss,
+    reward_advantages,
+)
 from grpo.metrics import no_signal_warning, step_metrics
 from grpo.policy import release_memory_each_step
 from grpo.rewards import build_rewards, combine_rewards
-from grpo.rollout import Rollout, completion_logps, generate_rollouts
+from grpo.rollout import (
+    Rollout,
+    completion_logps,
+    completion_logps_and_entropies,
+    generate_rollouts,
+)
 from grpo.schedule import learning_rate
 from qlora import adapters_disabled, release_freed_memory
 
@@ -71,7 +82,7 @@ class Batch:
     rewards: torch.Tensor  # [N] weighted reward sum
     reward_parts: dict[str, torch.Tensor]  # reward name -> [N] its unweighted values
     step_rewards: torch.Tensor  # [N * world] every process's rewards, in rank order
-    advantages: torch.Tensor  # [N] group_advantages(step_rewards, G), this process's rows
+    advantages: torch.Tensor  # [N] reward_advantages of every rank's rewards, this rank's rows
     no_signal: torch.Tensor  # [N * world / G] bool: constant_groups(step_rewards, G)
     generation_seconds: float = 0.0
 
@@ -105,7 +116,9 @@ class GRPOTrainer:
         self.opt = AdamW(self.params, lr=learning_rate(cfg, 0), weight_decay=cfg.weight_decay)
         self.sampling = {k: getattr(cfg, k) for k in SAMPLING}
         names = ("loss_type", "epsilon_low", "epsilon_high", "beta", "importance_sampling_level")
-        self.loss_options = {k: getattr(cfg, k) for k in names}
+        self.loss_options = {k: getattr(cfg, k) for k in (*names, *LOSS_VARIANT_OPTIONS)}
+        # Token entropies only for the options that read them (otherwise never computed).
+        self.with_entropy = cfg.top_entropy_quantile < 1 or cfg.entropy_coef > 0
         self.loss_options["max_completion_length"] = cfg.max_new_tokens  # used by "dr_grpo"
         self.reward_fns, self.reward_weights = build_rewards(cfg, task)  # the task's, by name
         self.step = 0  # completed optimizer steps
@@ -174,7 +187,12 @@ class GRPOTrainer:
             completion_lengths=ro.completion_mask.sum(dim=1).tolist(),
         )
         step_rewards = dist.all_gather_cat(rewards.float().to(self.device)).cpu()  # [N * world]
-        advantages = group_advantages(step_rewards, G, scale=self.cfg.scale_rewards)
+        step_parts = torch.stack(list(parts.values()), dim=1).float().to(self.device)  # [N, K]
+        step_parts = dist.all_gather_cat(step_parts).cpu()  # [N * world, K]
+        advantages = reward_advantages(
+            step_parts, self.reward_weights, G, scale=self.cfg.scale_rewards,
+            aggregation=self.cfg.multi_objective_aggregation,
+        )  # fmt: skip
         mine = advantages[dist.rank() * N : (dist.rank() + 1) * N].to(self.device)  # [N]
         no_signal = constant_groups(step_rewards, G)
         return Batch(
@@ -204,15 +222,25 @@ class GRPOTrainer:
                 # DDP all-reduces on the last micro-batch only (gradient accumulation).
                 sync = self.forward_model is self.model or start == starts[-1]
                 with contextlib.nullcontext() if sync else self.forward_model.no_sync():
-                    logps = completion_logps(self.forward_model, part, cfg.temperature)  # [n, C]
+                    if self.with_entropy:  # [n, C] each
+                        logps, entropies = completion_logps_and_entropies(
+                            self.forward_model, part, cfg.temperature
+                        )
+                    else:
+                        logps = completion_logps(self.forward_model, part, cfg.temperature)
+                        entropies = None
                     old = None if old_logps is None else old_logps[rows]
                     ref = None if ref_logps is None else ref_logps[rows]
                     adv, mask = batch.advantages[rows], loss_mask[rows]
-                    loss, stats = grpo_loss(logps, old, ref, adv, mask, **options)
+                    loss, stats = grpo_loss(
+                        logps, old, ref, adv, mask, entropies=entropies, **options
+                    )
                     # Per-sequence and per-micro-batch means weigh in by their share of the
                     # rank's batch, so the accumulated gradient is the full-batch one; "dapo"
-                    # already divides by the global token count, so it undoes DDP's average.
-                    share = dist.world_size() if cfg.loss_type == "dapo" else len(part) / N
+                    # (and "cispo", "vespo") already divide by the global token count, so they
+                    # undo DDP's average.
+                    global_mean = cfg.loss_type in GLOBAL_TOKEN_LOSSES
+                    share = dist.world_size() if global_mean else len(part) / N
                     (loss * share).backward()
                 for k, v in {**stats, "loss": loss.item()}.items():
                     stats_acc[k] += v * len(part) / (N * cfg.num_iterations)

@@ -29,6 +29,10 @@ DEFAULT_RUN = {
     "eval_every": 50, "no_signal_patience": 5, "resume": False,
     # fields added since, at their no-op values
     "gradient_checkpointing": False, "min_new_tokens": 0,
+    "delta": 0.0, "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05, "vespo_k_pos": 2.0,
+    "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0,
+    "top_entropy_quantile": 1.0, "entropy_coef": 0.0, "off_policy_mask_threshold": 0.0,
+    "multi_objective_aggregation": "sum_then_normalize",
 }  # fmt: skip
 # examples/phi2_gsm8k.yaml as it resolved under the older defaults (the warm-up fields, used by
 # the tiny model alone, left out).
@@ -192,6 +196,20 @@ BAD_VALUES = {
     "reward_funcs": ({"reward_funcs": ["correctness", "nope"]}, "'nope' is unknown"),
     "reward_weights": ({"reward_weights": [1.0, math.nan]}, "finite number"),
     "overlong_cache": ({"overlong_cache": 7}, r"must be <= max_new_tokens \(6\)"),
+    "delta": ({"delta": 1.1}, r"must be 0 \(off\) or a finite number > 1 \+ epsilon_high = 1.2"),
+    "sapo_temperature_pos": ({"sapo_temperature_pos": -1.0}, "finite number > 0"),
+    "sapo_temperature_neg": ({"sapo_temperature_neg": 0.0}, "finite number > 0"),
+    "vespo_k_pos": ({"vespo_k_pos": -2.0}, "finite number >= 0"),
+    "vespo_lambda_pos": ({"vespo_lambda_pos": 0.0}, "finite number > 0"),
+    "vespo_k_neg": ({"vespo_k_neg": math.inf}, "finite number >= 0"),
+    "vespo_lambda_neg": ({"vespo_lambda_neg": -2.0}, "finite number > 0"),
+    "top_entropy_quantile": ({"top_entropy_quantile": 1.2}, r"must be in \[0, 1\]"),
+    "entropy_coef": ({"entropy_coef": -0.01}, r"finite number >= 0 \(0: off\)"),
+    "off_policy_mask_threshold": ({"off_policy_mask_threshold": -0.5}, "finite number >= 0"),
+    "multi_objective_aggregation": (
+        {"multi_objective_aggregation": "mean"},
+        "must be one of sum_then_normalize, normalize_then_sum",
+    ),
     "quantize": ({"quantize": "nf4"}, "should be of type bool"),
     "use_lora": ({"use_lora": "no"}, "should be of type bool"),
     "lora_r": ({"lora_r": -16}, "must be >= 1"),
@@ -236,6 +254,16 @@ def test_every_field_rejects_a_bad_value_naming_it(name):
         ),
         ({"lora_targets": []}, r"lora_targets=\[\]: name the linear modules"),
         ({"output_dir": "pyproject.toml"}, "output_dir='pyproject.toml': is a file"),
+        ({"loss_type": "luspo"}, "loss_type='luspo': .* set importance_sampling_level: sequence"),
+        (
+            {"loss_type": "vespo", "importance_sampling_level": "sequence"},
+            "loss_type='vespo': .* set importance_sampling_level: token",
+        ),
+        ({"loss_type": "cispo", "delta": 2.0}, "delta=2.0: two-sided clipping .* set delta: 0"),
+        (
+            {"multi_objective_aggregation": "normalize_then_sum", "scale_rewards": "none"},
+            "multi_objective_aggregation='normalize_then_sum': .* set scale_rewards: group",
+        ),
     ],
 )
 def test_more_bad_values(override, message):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
 import grpo.loss
-from grpo.choices import IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from grpo.choices import IS_LEVELS, SCALE_REWARDS
 from grpo.loss import (
     constant_groups,
     group_advantages,
@@ -21,6 +21,8 @@ from grpo.loss import (
 )
 
 K = 1 - math.log(2)  # k3 when ref - logp = ln 2
+# The clipped objective's four normalisations; the other objectives: tests/test_loss_variants.py.
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def test_docstring_worked_examples_are_true():
