@@ -38,7 +38,13 @@ def init_from_env(device_type: str) -> bool:
         return dist.is_initialized()
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank}: this node sees {visible} CUDA device(s), one per process"
+                f" is needed; start torchrun with --nproc-per-node={visible}, or pass --device cpu"
+            )
+        torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
     return True
 

@@ -144,8 +144,10 @@ def load_model(
         if nf4_targets:
             model = load_quantized(source, dtype=torch_dtype, target_modules=tuple(nf4_targets))
         else:
+            # use_kernels=False: transformers would otherwise fetch layers from the hub at load
+            # time where the `kernels` package is installed (it fails offline, on CUDA).
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=torch_dtype, local_files_only=True
+                source, dtype=torch_dtype, local_files_only=True, use_kernels=False
             )
     except (CheckpointError, ValueError) as err:  # no safetensors, or a target it lacks
         raise ModelLoadError(f"model {name!r}: {err}") from err

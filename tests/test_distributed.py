@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1")
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks (gloo) on any machine, a GPU one included
     cmd = [
         sys.executable,
         "-m",
@@ -137,3 +138,14 @@ def test_torchrun_end_to_end_writes_one_checkpoint(tmp_path, base_dir):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # rank 0 alone logs
+
+
+def test_more_cuda_ranks_than_devices_is_one_line(monkeypatch):
+    """torchrun with 2 processes on a 1-GPU node: one line with the fix, not a CUDA error."""
+    from grpo.config import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=1: .* 1 CUDA device.*--nproc-per-node=1"):
+        dist.init_from_env("cuda")

@@ -16,6 +16,22 @@ def test_load_local_dir_sets_pad_and_dtype(tiny_model_dir):
     assert model.generation_config.pad_token_id == tok.pad_token_id
 
 
+def test_the_loader_never_asks_the_hub_for_kernels(tiny_model_dir, monkeypatch):
+    """An offline machine with the `kernels` package and a GPU failed inside from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    seen = {}
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    load_model(str(tiny_model_dir), "float32")
+    assert seen["use_kernels"] is False and seen["local_files_only"] is True
+
+
 def test_missing_local_path_names_model_and_fix(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(ModelLoadError, match="no-such-model.*no config.json.*save_pretrained"):

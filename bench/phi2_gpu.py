@@ -1,0 +1,342 @@
+"""The Phi-2 recipe on a CUDA GPU: our NF4 + LoRA against bitsandbytes + peft, and memory caps.
+
+    python -m bench.phi2_gpu --out bench/phi2_gpu.json          # on a machine with a CUDA GPU
+    python -m bench.phi2_gpu --device cpu --layers 2 --prompts 2 --generations 2 --new-tokens 8
+
+Both stacks run the same GRPO step (`GRPOTrainer.train_step`: generation, reference log-probs with
+the adapters off, forward-backward with gradient checkpointing, AdamW) on the same random-weight
+Phi-2 (bench/phi2.py), the same synthetic GSM8K-shaped prompts and the same batch. Only the
+quantized base and the adapters differ:
+
+    ours    qlora: NF4 + double quantization while loading, LoRA r=16 on the six linears
+    peer    transformers' BitsAndBytesConfig(nf4, double quant, bf16 compute) + peft LoraConfig
+            with the same rank, alpha, dropout and targets; the reference is peft's
+            `disable_adapter()`
+
+Then, for each memory cap (GB, emulated with torch.cuda.set_per_process_memory_fraction), the
+largest batch of a fixed ladder that completes one step of ours under it. Results are written
+to --out after every stage, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.measure import environment
+from bench.phi2_scale import PHASES, PhaseProbe, recipe_config, synthetic_gsm8k
+
+GB = 1e9
+# (prompts, generations, micro-batch), largest first: the ladder tried under each memory cap.
+LADDER = (
+    (16, 8, 16),
+    (16, 8, 8),
+    (16, 8, 4),
+    (8, 8, 8),
+    (8, 8, 4),
+    (4, 8, 4),
+    (4, 8, 2),
+    (2, 8, 2),
+    (2, 4, 1),
+)
+
+
+def bnb_peft_policy(cfg, device: torch.device):
+    """The peer's (model, tokenizer): bitsandbytes NF4 + peft LoRA, as TRL users build it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from grpo.policy import fold_output_head_input, use_fused_gelu
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model,
+        dtype=torch.bfloat16,
+        quantization_config=quant,
+        device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
+        use_kernels=False,  # hub kernels: not ours to measure, and unreachable offline
+    )
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    fold_output_head_input(model)
+    use_fused_gelu(model)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    model.config.use_cache = True
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def peft_reference():
+    """Within: the trainer's reference pass turns the adapters off with peft's own switch."""
+    import grpo.trainer as trainer_module
+
+    saved = trainer_module.adapters_disabled
+    trainer_module.adapters_disabled = lambda model: model.disable_adapter()
+    try:
+        yield
+    finally:
+        trainer_module.adapters_disabled = saved
+
+
+def build_peer(cfg, device: torch.device):
+    """GRPOTrainer handed the bitsandbytes + peft model (no reference copy: peft disables)."""
+    from grpo.tasks import load_task
+    from grpo.trainer import GRPOTrainer
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = bnb_peft_policy(cfg, device)
+    return GRPOTrainer(cfg, model, tokenizer, load_task(cfg), None, device=device, log=_quiet)
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def build_ours(cfg, device: torch.device):
+    from grpo.train import build_trainer
+
+    return build_trainer(cfg, log=_quiet)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def timed_steps(trainer, device: torch.device, steps: int, log) -> dict:
+    """Run `steps` GRPO steps; per-phase medians and the peak memory (allocator peak on CUDA)."""
+    probe = PhaseProbe(device)
+    for event in ("step_start", "phase_end", "step_end"):
+        trainer.callbacks[event] = [getattr(probe, event)]
+    for _ in range(steps):
+        trainer.train_step()
+        m = probe.steps[-1]["metrics"]
+        log(
+            f"phi2_gpu:   step {m['step_seconds']:.2f} s ("
+            + ", ".join(f"{p} {m.get(p + '_seconds', 0.0):.2f}" for p in PHASES)
+            + f"), peak {max(v['peak_memory_gb'] for v in probe.steps[-1]['phases'].values()):.2f}"
+        )
+    later = probe.steps[1:] or probe.steps  # the first step also warms up kernels and caches
+    return {
+        "steps": len(probe.steps),
+        "step_seconds": statistics.median(s["metrics"]["step_seconds"] for s in later),
+        "step_seconds_all": [s["metrics"]["step_seconds"] for s in probe.steps],
+        "phase_seconds": {
+            p: statistics.median(s["metrics"].get(p + "_seconds", 0.0) for s in later)
+            for p in PHASES
+        },
+        "peak_memory_gb": max(
+            v["peak_memory_gb"] for s in probe.steps for v in s["phases"].values()
+        ),
+        "generated_tokens_per_second": statistics.median(
+            s["metrics"].get("generated_tokens_per_second", 0.0) for s in later
+        ),
+    }
+
+
+def resize(trainer, prompts: int, generations: int, micro_batch: int) -> None:
+    trainer.cfg = dataclasses.replace(
+        trainer.cfg,
+        prompts_per_step=prompts,
+        num_generations=generations,
+        micro_batch_size=micro_batch,
+    )
+
+
+def cap_search(trainer, device: torch.device, caps: list[float], measured: dict, log) -> list:
+    """For each cap (GB, largest first): the first batch of LADDER whose step fits under it.
+
+    A cap above the recipe batch's measured peak (`measured`, with 5% to spare) fits that batch
+    without another step; below it, LADDER is walked from the last cap's fit down, one step each.
+    """
+    total = torch.cuda.get_device_properties(device).total_memory
+    b = trainer.cfg
+    recipe = (b.prompts_per_step, b.num_generations, b.micro_batch_size)
+    start = LADDER.index(recipe) if recipe in LADDER else 0
+    rows = []
+    for cap in sorted(caps, reverse=True):
+        row = {"cap_gb": cap, "fits": None, "tried": []}
+        rows.append(row)
+        if measured["peak_memory_gb"] * 1.05 <= cap:
+            row["fits"] = {
+                "prompts": recipe[0],
+                "generations": recipe[1],
+                "micro_batch": recipe[2],
+                "peak_memory_gb": measured["peak_memory_gb"],
+                "step_seconds": measured["step_seconds"],
+                "how": "the recipe batch's measured peak is under the cap",
+            }
+            log(f"phi2_gpu: cap {cap:g} GB: recipe batch fits ({measured['peak_memory_gb']:.1f})")
+            continue
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GB / total), device)
+        for index in range(start, len(LADDER)):
+            prompts, generations, micro = LADDER[index]
+            resize(trainer, prompts, generations, micro)
+            free(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            try:
+                t0 = time.perf_counter()
+                trainer.train_step()
+                torch.cuda.synchronize(device)
+            except torch.OutOfMemoryError:
+                row["tried"].append([prompts, generations, micro])
+                trainer.opt.zero_grad(set_to_none=True)
+                log(f"phi2_gpu: cap {cap:g} GB: {prompts}x{generations}/{micro}: out of memory")
+                continue
+            peak = torch.cuda.max_memory_allocated(device) / GB
+            row["fits"] = {
+                "prompts": prompts,
+                "generations": generations,
+                "micro_batch": micro,
+                "peak_memory_gb": peak,
+                "step_seconds": time.perf_counter() - t0,
+                "how": "one step ran under the cap",
+            }
+            log(f"phi2_gpu: cap {cap:g} GB: {prompts}x{generations}/{micro} fits, {peak:.1f} GB")
+            start = index
+            break
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
+    resize(trainer, *recipe)
+    return rows
+
+
+def run(args: argparse.Namespace, log) -> dict:
+    from bench.phi2 import phi2_dir
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    result: dict = {"environment": environment(device), "layers": args.layers}
+    result["batch"] = {
+        "prompts": args.prompts,
+        "generations": args.generations,
+        "new_tokens": args.new_tokens,
+        "micro_batch": args.micro_batch,
+    }
+
+    def save():
+        if args.out is not None:
+            tmp = args.out.with_name(args.out.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(args.out)
+
+    t0 = time.perf_counter()
+    model_dir = phi2_dir(args.layers, log=log)
+    result["build_seconds"] = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="phi2-gpu-") as tmp:
+        data = Path(tmp) / "gsm8k.jsonl"
+        rows = synthetic_gsm8k(256)
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cfg = recipe_config(model_dir, data, Path(tmp) / "run", args, device)
+        stacks = [
+            ("ours", build_ours, contextlib.nullcontext),
+            ("bitsandbytes+peft", build_peer, peft_reference),
+        ]
+        if args.peer_first:
+            stacks.reverse()
+        for name, build, stack in stacks:
+            log(f"phi2_gpu: {name}: loading")
+            free(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                with stack():
+                    t0 = time.perf_counter()
+                    trainer = build(cfg, device)
+                    load_seconds = time.perf_counter() - t0
+                    loaded = (
+                        torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else 0
+                    )
+                    log(f"phi2_gpu: {name}: loaded in {load_seconds:.1f} s, {loaded:.2f} GB")
+                    steps = args.ours_steps if name == "ours" and args.ours_steps else args.steps
+                    measured = timed_steps(trainer, device, steps, log)
+                    measured.update(load_seconds=load_seconds, loaded_memory_gb=loaded)
+                    result[name] = measured
+                    save()
+                    if name == "ours" and device.type == "cuda" and args.caps:
+                        trainer.callbacks.clear()  # the probe resets the peak at each phase
+                        result["caps"] = cap_search(trainer, device, args.caps, measured, log)
+                        save()
+            except Exception as err:  # record and go on: the other stack still runs
+                result.setdefault(name, {})["error"] = f"{type(err).__name__}: {err}"[:2000]
+                log(f"phi2_gpu: {name}: {type(err).__name__}: {err}")
+                save()
+            trainer = None
+            free(device)
+    if "step_seconds" in result.get("ours", {}) and "step_seconds" in result.get(
+        "bitsandbytes+peft", {}
+    ):
+        ours, peer = result["ours"], result["bitsandbytes+peft"]
+        result["ratios"] = {
+            "step_time": ours["step_seconds"] / peer["step_seconds"],
+            "peak_memory": ours["peak_memory_gb"] / peer["peak_memory_gb"],
+            **{
+                f"{p}_time": ours["phase_seconds"][p] / peer["phase_seconds"][p]
+                for p in PHASES
+                if peer["phase_seconds"][p] > 0
+            },
+        }
+    save()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.phi2_gpu", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3, help="steps per stack (the first is warm-up)")
+    p.add_argument("--ours-steps", type=int, default=0, help="steps for ours (0: --steps)")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--caps", default="80,40,24,16", help="memory caps in GB ('' for none)")
+    p.add_argument("--peer-first", action="store_true", help="run bitsandbytes + peft first")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(
+            "phi2_gpu: no CUDA device is visible; use --device cpu for a dry run", file=sys.stderr
+        )
+        return 2
+    args.caps = [float(c) for c in args.caps.split(",") if c.strip()]
+    result = run(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps({k: result[k] for k in ("ratios",) if k in result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
