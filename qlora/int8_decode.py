@@ -1,0 +1,426 @@
+"""Decoding with int8 dot products over NF4 weights (csrc/nf4_int8.cpp), and a bfloat16 GEMV.
+
+The exact path (kernel.py) computes y = x W^T in float32 from the NF4 weight itself. This path
+trades a bounded rounding for fewer instructions per weight, the design of llama.cpp's IQ4_NL
+dot products: the 16 NF4 levels become int8, the activations are quantized to int8 once per
+call, and the products are summed as integers.
+
+    T[q]        = round(127 NF4_CODE[q])                                    INT8_CODE, int8 [16]
+    scale[n, s] = fp16(absmax(row n, k in [64s, 64s+64)) 2^e / 127)         repack (once)
+    dx_j        = amax_j / 127,  xq_k = round_even(x_k 127 / amax_j)        per block j of 32 k
+    D[j]        = sum_{k in block j} T[q_nk] xq_k                           exact integers
+    y_n         = 2^-e sum_j scale[n, j/2] dx_j D[j]   (+ bias_n)            float32
+
+`reference_matmul` computes exactly the C++ kernel's float32 operations in its order (lanes,
+fused multiply-adds, the final sums), so the two agree bit for bit; `tests/test_int8_decode.py`
+checks it on every code path this CPU runs and bounds the error against the exact path.
+
+Error. T rounds each level by at most 0.5/127 of absmax, the float16 scale by a relative 2^-12,
+xq each activation by at most half a step dx_j. Per output the worst case is
+
+    |y - y_exact| <= (0.5/127 + 2^-11) sum_k |x_k| absmax_b(k) + (0.5/127) sum_k |W'_k| amax_j(k)
+
+(tests/test_int8_decode.py checks it at Phi-2's shapes); the roundings are independent across k,
+so the typical error is far below it: about 0.8% RMS relative to y for Gaussian x and W.
+
+Use. Off by default: training and every exactness test run the exact kernel. `set_enabled(True)`
+(the demo does, unless `--exact`) routes no-grad CPU calls of 1..INT8_MAX_ROWS float32/bfloat16
+rows through this path; any input the kernel does not take (shape not a multiple of 4 rows x 64,
+a blocksize that is not a multiple of 64, non-finite activations, CUDA, ...) takes the exact
+path instead. The repacked weight is built on first use and kept beside the NF4 bytes (which stay
+as they are, for saving, training and the exact path).
+
+    linear(x, q, bias)       the int8 path for one NF4 weight, or None (then: exact path)
+    gemv(x, w, bias)         y = x w^T for a bfloat16 weight and 1..GEMV_MAX_ROWS rows, or None
+    GemvLinear               an nn.Linear whose no-grad CPU calls use gemv (output layers)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from . import kernel as exact_kernel
+from .nf4 import NF4_CODE, NF4Weight, restore_absmax
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "nf4_int8.cpp"
+ISAS = {"vnni": 3, "avx2": 2, "scalar": 0}  # name -> QLORA_ISA in nf4_int8.cpp
+ENV = "QLORA_INT8"  # 0: never build (the exact path everywhere); vnni|avx2|scalar: force a path
+
+ROWS = 4  # output rows interleaved per group
+BLOCK = 32  # activations per int8 scale
+SUPER = 64  # weights per stored scale
+INT8_MAX_ROWS = 16  # input rows up to which the int8 path runs (above: prefill, exact path)
+GEMV_MAX_ROWS = 16
+
+# The 16 NF4 levels as int8: T[q] = round(127 NF4_CODE[q]), in [-127, 127].
+INT8_CODE = torch.round(127 * NF4_CODE).to(torch.int8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The switch
+# ---------------------------------------------------------------------------------------------
+
+_enabled = [False]
+
+
+def set_enabled(on: bool) -> None:
+    """Route no-grad CPU decoding through the int8 path (True) or keep the exact path (False)."""
+    _enabled[0] = bool(on)
+
+
+def enabled() -> bool:
+    return _enabled[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Repacking
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A repacked NF4 weight [N, K]: codes uint8 [N/4 * K/32 * 64] (see nf4_int8.cpp's layout),
+    scales float16 [N/4, S_pad, 4] (S = K/64 padded to a multiple of 4), out_scale = 2^-e."""
+
+    codes: Tensor
+    scales: Tensor
+    out_scale: float
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.scales.numel() * 2
+
+
+def repack_reason(q: NF4Weight) -> str | None:
+    """Why q cannot be repacked (None: it can)."""
+    if len(q.shape) != 2 or q.numel == 0:
+        return f"shape {tuple(q.shape)} is not a non-empty 2-D weight"
+    n, k = q.shape
+    if n % ROWS or k % SUPER:
+        return f"shape {(n, k)}: out_features must be a multiple of {ROWS}, in_features of {SUPER}"
+    if q.blocksize % SUPER:
+        return f"blocksize {q.blocksize} is not a multiple of {SUPER}"
+    if q.device.type != "cpu":
+        return f"the weight is on {q.device}"
+    return None
+
+
+def nibble_codes(q: NF4Weight) -> Tensor:
+    """uint8 [N, K]: the 4-bit code of every weight, in element order."""
+    packed = q.packed.view(-1)
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)  # [2 * bytes]
+    return codes[: q.numel].view(q.shape)
+
+
+def repack(q: NF4Weight) -> Int8Weight:
+    """The interleaved layout of nf4_int8.cpp: byte 16r + p of block (g, j) holds row 4g+r's
+    codes for k = 32j + p (low nibble) and 32j + 16 + p (high nibble)."""
+    reason = repack_reason(q)
+    if reason is not None:
+        raise ValueError(f"cannot repack this NF4 weight: {reason}")
+    n, k = q.shape
+    g, j, s = n // ROWS, k // BLOCK, k // SUPER
+    codes = nibble_codes(q).view(g, ROWS, j, 2, 16)  # [g, r, j, half, p]
+    byte = codes[:, :, :, 0, :] | (codes[:, :, :, 1, :] << 4)  # [g, r, j, p]
+    packed = byte.permute(0, 2, 1, 3).contiguous().view(-1)  # [g, j, r, p]
+    absmax = restore_absmax(q).double()  # [n_blocks]
+    first = torch.arange(n * s, dtype=torch.int64) * SUPER  # flat index of each 64-block
+    block_scale = absmax[first // q.blocksize].view(n, s)  # [N, S]
+    if not torch.isfinite(block_scale).all():
+        raise ValueError("cannot repack this NF4 weight: a block scale is not finite")
+    top = block_scale.max().item() / 127
+    # 2^e puts the largest scale in [2^14, 2^15) (float16 holds up to 65504)
+    e = 0 if top == 0 else 15 - int(torch.frexp(torch.tensor(top, dtype=torch.float64))[1])
+    scales = (block_scale * 2.0**e / 127).to(torch.float16)  # [N, S]
+    s_pad = -(-s // 4) * 4
+    scales = scales.view(g, ROWS, s).permute(0, 2, 1)  # [g, S, r]
+    scales = F.pad(scales, (0, 0, 0, s_pad - s)).contiguous()  # [g, S_pad, r]
+    return Int8Weight(packed, scales, 2.0**-e, (n, k))
+
+
+def unpack(w: Int8Weight) -> tuple[Tensor, Tensor]:
+    """(codes uint8 [N, K], scales float32 [N, K/64]) back from the repacked layout."""
+    n, k = w.shape
+    g, j, s = n // ROWS, k // BLOCK, k // SUPER
+    byte = w.codes.view(g, j, ROWS, 16).permute(0, 2, 1, 3)  # [g, r, j, p]
+    codes = torch.stack([byte & 0xF, byte >> 4], dim=3)  # [g, r, j, half, p]
+    scales = w.scales[:, :s, :].permute(0, 2, 1).reshape(n, s).float()
+    return codes.reshape(n, k), scales
+
+
+_repacked: dict[int, tuple[weakref.ref, Int8Weight | None]] = {}
+_repack_lock = threading.Lock()
+
+
+def repacked(q: NF4Weight) -> Int8Weight | None:
+    """q's repacked copy, built on first use and kept while q lives; None if q cannot be."""
+    key = id(q)
+    entry = _repacked.get(key)
+    if entry is not None and entry[0]() is q:
+        return entry[1]
+    with _repack_lock:
+        w = None if repack_reason(q) is not None else repack(q)
+        _repacked[key] = (weakref.ref(q, lambda _, key=key: _repacked.pop(key, None)), w)
+    return w
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: the kernel's arithmetic in PyTorch
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(xq int8 [M, K], dx float32 [M, K/32]) for x [M, K], K % 32 == 0:
+
+        amax_j = max_k |x_k|,  dx_j = amax_j / 127,  xq_k = round_even(x_k * (127 / amax_j))
+
+    (a zero block: xq = 0, dx = 0). None where the kernel declines: x not finite, or a block
+    with 0 < amax < 1e-30."""
+    m, k = x.shape
+    xb = x.float().view(m, k // BLOCK, BLOCK)  # [M, J, 32]
+    amax = xb.abs().amax(-1)  # [M, J]
+    if not torch.isfinite(amax).all() or ((amax > 0) & (amax < 1e-30)).any():
+        return None
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    xq = torch.round(xb * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return xq.view(m, k), amax / 127
+
+
+def _fma32(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """fl32(a b + c) with one rounding, for float32 a, b, c (a holds integers below 2^24, so
+    a b is exact in float64 and float64 -> float32 is the only rounding that matters)."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def reference_matmul(x: Tensor, w: Int8Weight, bias: Tensor | None = None) -> Tensor | None:
+    """y float32 [M, N] for x [M, K]: nf4_int8.cpp's int8_matmul, the same float32 operations
+    in the same order (see its header); None where it declines (quantize_activations)."""
+    quantized = quantize_activations(x)
+    if quantized is None:
+        return None
+    xq, dx = quantized
+    n, k = w.shape
+    m, j = x.shape[0], k // BLOCK
+    codes, scales = unpack(w)  # [N, K], [N, S]
+    t = INT8_CODE.double()[codes.long()].view(n, j, 2, 4, 4)  # [n, j, half, c, b]
+    xd = xq.double().view(m, j, 2, 4, 4)
+    lanes = torch.einsum("njhcb,mjhcb->mnjc", t, xd).float()  # [M, N, J, 4], exact integers
+    f = scales.repeat_interleave(2, dim=1)[None] * dx[:, None, :]  # [M, N, J] float32
+    acc = torch.zeros(2, m, n, 4)
+    for jj in range(j):
+        acc[jj & 1] = _fma32(lanes[:, :, jj], f[:, :, jj, None], acc[jj & 1])
+    lane = acc[0] + acc[1]  # [M, N, 4]
+    y = ((lane[..., 0] + lane[..., 1]) + (lane[..., 2] + lane[..., 3])) * w.out_scale
+    return y if bias is None else y + bias.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building and loading
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int8Kernel:
+    ops: object  # its torch.ops namespace: int8_matmul, quantize_activations, gemv_bf16, isa
+    isa: str  # "vnni", "avx2" or "scalar"
+    bf16_dot: bool  # the GEMV uses AVX-512 BF16's vdpbf16ps
+    load_seconds: float
+
+    def matmul(self, x: Tensor, w: Int8Weight, bias: Tensor | None, bf16_out: bool) -> Tensor:
+        """int8_matmul on contiguous float32/bfloat16 x [M, K]; 0 elements if it declines."""
+        n = w.shape[0]
+        return self.ops.int8_matmul(x, w.codes, w.scales, INT8_CODE, n, w.out_scale, bias, bf16_out)
+
+
+def extension_name(isa: str | None) -> str:
+    """qlora_int8_<native|vnni|avx2|scalar>_<the exact kernel's CPU signature>."""
+    return f"qlora_int8_{isa or 'native'}_{exact_kernel._cpu_signature()}"
+
+
+def _compile(isa: str | None):
+    from torch.utils import cpp_extension
+
+    name = extension_name(isa)
+    cflags = ["-O3", "-march=native", "-ffp-contract=off", f"-DQLORA_NAMESPACE={name}"]
+    if isa is not None:
+        cflags.append(f"-DQLORA_ISA={ISAS[isa]}")
+        if isa == "avx2":
+            cflags.append("-mno-avx512f")
+    openmp = [] if os.uname().sysname == "Darwin" else ["-fopenmp"]
+    exact_kernel._ninja_on_path()
+    hold = exact_kernel._HoldLogs()
+    cpp_logger = logging.getLogger(cpp_extension.__name__)
+    cpp_logger.addFilter(hold)
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=cflags + openmp,
+            extra_ldflags=openmp,
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        cpp_logger.removeFilter(hold)
+    return getattr(torch.ops, name)
+
+
+_loaded: dict[str | None, Int8Kernel | None] = {}
+_lock = threading.Lock()
+
+
+def load(isa: str | None = None) -> Int8Kernel | None:
+    """The int8 kernel built for `isa` (None: the best path this CPU has), built on first call
+    and kept; None, after one warning line, when it cannot be built."""
+    if isa is not None and isa not in ISAS:
+        raise ValueError(f"isa={isa!r} is not an int8 code path; use one of {sorted(ISAS)}")
+    with _lock:
+        if isa in _loaded:
+            return _loaded[isa]
+        start = time.perf_counter()
+        k = None
+        try:
+            ops = _compile(isa)
+            compiled = {v: name for name, v in ISAS.items()}[int(ops.isa())]
+            k = Int8Kernel(ops, compiled, bool(ops.bf16_dot()), time.perf_counter() - start)
+            log.info("int8 NF4 kernel (%s) ready in %.1f s", compiled, k.load_seconds)
+        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as err:
+            log.warning(
+                "qlora.int8_decode: the int8 kernel could not be built (%s); decoding uses the "
+                "exact kernel. Fix: install g++ and ninja, or set %s=0.",
+                exact_kernel._one_line(err),
+                ENV,
+            )
+        _loaded[isa] = k
+        return k
+
+
+_default: list[Int8Kernel | None] = []
+
+
+def default_kernel() -> Int8Kernel | None:
+    """This process's int8 kernel: None with QLORA_INT8=0 or when the build failed."""
+    if not _default:
+        choice = os.environ.get(ENV, "").strip().lower()
+        if choice in ("0", "off", "false", "no"):
+            k = None
+        elif choice in ("", "1", "on", "auto", "native"):
+            k = load(None)
+        elif choice in ISAS:
+            k = load(choice)
+        else:
+            raise ValueError(
+                f"{ENV}={choice!r} is not understood; use 0 (never), 1 (the best path for this "
+                f"CPU) or one of {sorted(ISAS)}"
+            )
+        _default.append(k)
+    return _default[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def applies(x: Tensor, q: NF4Weight) -> bool:
+    """Whether the int8 path may take nf4 calls on x: switched on, CPU, float32/bfloat16 x
+    without a gradient to carry, 1..INT8_MAX_ROWS rows."""
+    if not _enabled[0] or q.device.type != "cpu" or x.device.type != "cpu":
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != q.shape[-1]:
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    return 0 < x.numel() // max(x.shape[-1], 1) <= INT8_MAX_ROWS
+
+
+def linear(
+    x: Tensor, q: NF4Weight, bias: Tensor | None = None, kernel: Int8Kernel | None = None
+) -> Tensor | None:
+    """y = x W^T + b in float32 [..., out] by the int8 path, or None where it does not run (no
+    kernel, a weight it cannot repack, activations it declines): the caller takes the exact
+    path. `kernel`: a build from load(isa); None: the process's default."""
+    k = kernel if kernel is not None else default_kernel()
+    if k is None or x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != q.shape[1]:
+        return None
+    if x.numel() == 0 or x.device.type != "cpu":
+        return None
+    w = repacked(q)
+    if w is None:
+        return None
+    if bias is not None and (bias.dtype not in (torch.float32, torch.bfloat16)):
+        bias = bias.float()
+    x2 = x.reshape(-1, q.shape[1]).contiguous()  # [M, K]
+    y = k.matmul(x2, w, None if bias is None else bias.contiguous(), False)
+    if y.numel() != x2.shape[0] * q.shape[0]:
+        return None
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor | None:
+    """y = x weight^T (+ bias) in bfloat16 for bfloat16 x [..., K] with 1..GEMV_MAX_ROWS rows
+    and a bfloat16 weight [N, K] on CPU; None where it does not apply (then: F.linear)."""
+    k = default_kernel()
+    rows = x.numel() // max(x.shape[-1], 1)
+    if (
+        k is None
+        or not 0 < rows <= GEMV_MAX_ROWS
+        or x.dtype != torch.bfloat16
+        or weight.dtype != torch.bfloat16
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or not weight.is_contiguous()
+        or weight.dim() != 2
+        or x.shape[-1] != weight.shape[1]
+        or (bias is not None and bias.dtype not in (torch.float32, torch.bfloat16))
+    ):
+        return None
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = k.ops.gemv_bf16(x2, weight, None if bias is None else bias.contiguous(), True)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class GemvLinear(nn.Linear):
+    """nn.Linear whose no-grad CPU calls with a bfloat16 weight and 1..GEMV_MAX_ROWS rows run
+    `gemv` while the int8 path is switched on; F.linear otherwise. from_linear shares the
+    original's parameters (tied embeddings stay tied; state_dict keys are unchanged)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> GemvLinear:
+        layer = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _enabled[0] and not (
+            torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        ):
+            y = gemv(x, self.weight, self.bias)
+            if y is not None:
+                return y
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_gemv_head(model: nn.Module) -> bool:
+    """Replace model's output layer (get_output_embeddings) by a GemvLinear sharing its
+    parameters; False if it has none or it is not a plain nn.Linear."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        return isinstance(head, GemvLinear)
+    model.set_output_embeddings(GemvLinear.from_linear(head))
+    return True
