@@ -3,12 +3,15 @@
     machine   read bandwidth (sum of a 1 GiB float32 tensor) and GEMM peak (torch.mm, 3072^3,
               float32 and bfloat16), on the same threads
     decode    Phi-2's three shapes, 1 and 2 bfloat16 input rows: ours (kernel.nf4_linear: the
-              fused kernel) vs bitsandbytes Linear4bit (nf4, double quant, its fused AVX512-BF16
-              CPU gemv in eval/no_grad) vs our pure-PyTorch path (decode, cast, F.linear);
-              read bandwidth = bytes of codes and scales / time, and its fraction of the probe
-    lm_head   torch's own bfloat16 F.linear for a 51200 x 2560 weight with bias, 1 and 2 rows
-    prefill   300 rows: fused vs decode + torch GEMM, float32 and bfloat16; GFLOP/s and the
-              fraction of the GEMM peak
+              exact fused kernel), ours int8 (int8_decode: int8 activations and code table, the
+              repacked weight) vs bitsandbytes Linear4bit (nf4, double quant, its fused
+              AVX512-BF16 CPU gemv in eval/no_grad) vs our pure-PyTorch path (decode, cast,
+              F.linear); read bandwidth = bytes each reads (codes and scales) / time, and its
+              fraction of the probe
+    lm_head   a 51200 x 2560 bfloat16 weight with bias, 1 and 2 rows: torch's F.linear vs our
+              GEMV (int8_decode.gemv)
+    prefill   300 rows: fused vs decode + torch GEMM, float32 and bfloat16, and the int8 kernel;
+              GFLOP/s and the fraction of the GEMM peak
     switch    fused / (decode + GEMM) time for 2..64 bfloat16 rows: where nf4_linear switches
 
 Decode and switch calls rotate through copies of the layer (distinct memory, >= 96 MiB in all,
@@ -34,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.qlora_timing import bnb_linear4bit
-from qlora import kernel
+from qlora import int8_decode, kernel
 from qlora.nf4 import NF4Weight, dequantize_into, quantize_nf4
 
 from .measure import MIN_REPEATS, exact, figure, paired_ratio, ratio_of
@@ -133,6 +136,11 @@ def ours_linear(q: NF4Weight, x: torch.Tensor) -> torch.Tensor:
     return kernel.nf4_linear(x, q)
 
 
+def ours_int8(w: int8_decode.Int8Weight, x: torch.Tensor) -> torch.Tensor:
+    """The int8 kernel on a repacked weight, bfloat16 out (as nf4_linear for bfloat16 x)."""
+    return int8_decode.default_kernel().matmul(x, w, None, x.dtype == torch.bfloat16)
+
+
 def ours_fused(q: NF4Weight, x: torch.Tensor) -> torch.Tensor:
     return kernel.fused_matmul(x, q)
 
@@ -175,6 +183,7 @@ def machine(repeats: int, log) -> dict:
 
 
 def decode(repeats: int, probe: dict, log) -> dict:
+    int8 = int8_decode.default_kernel() is not None
     results = {}
     for out_f, in_f in PHI2_SHAPES:
         g = torch.Generator().manual_seed(out_f + in_f)
@@ -187,20 +196,21 @@ def decode(repeats: int, probe: dict, log) -> dict:
         with torch.no_grad():
             theirs(torch.zeros(1, in_f, dtype=torch.bfloat16))  # repacks for its CPU gemv
         ours_copies = [q] + [clone_weight(q) for _ in range(n_copies(q.nbytes) - 1)]
+        int8_copies = [int8_decode.repack(c) for c in ours_copies] if int8 else []
         bnb_copies = [theirs] + [copy.deepcopy(theirs) for _ in range(n_copies(q.nbytes) - 1)]
         pure = PureDecode(q)
         per_rows = {}
         for rows in DECODE_ROWS:
             x = torch.randn(rows, in_f, generator=g).bfloat16()
+            calls = {
+                "ours": Rotate(ours_linear, ours_copies, x),
+                "bnb": Rotate(call_layer, bnb_copies, x),
+                "pure": Rotate(pure, ours_copies, x),
+            }
+            if int8:
+                calls["int8"] = Rotate(ours_int8, int8_copies, x)
             with torch.no_grad():
-                s = interleaved(
-                    {
-                        "ours": Rotate(ours_linear, ours_copies, x),
-                        "bnb": Rotate(call_layer, bnb_copies, x),
-                        "pure": Rotate(pure, ours_copies, x),
-                    },
-                    repeats,
-                )
+                s = interleaved(calls, repeats)
             ours_bw = rate(s["ours"], q.nbytes, "GB/s", label="ours: codes + scales / time")
             per_rows[f"rows={rows}"] = {
                 "ms": {
@@ -221,16 +231,33 @@ def decode(repeats: int, probe: dict, log) -> dict:
                 },
             }
             r = per_rows[f"rows={rows}"]
+            if int8:
+                int8_bw = rate(s["int8"], int8_copies[0].nbytes, "GB/s", label="int8: its bytes")
+                r["ms"]["int8"] = ms(s["int8"], label="int8_decode kernel (repacked weight)")
+                r["read_GBps"]["int8"] = int8_bw
+                r["ratios"]["int8_vs_bnb"] = paired_ratio(s["int8"], s["bnb"], "int8", "bnb")
+                r["ratios"]["int8_vs_ours"] = paired_ratio(s["int8"], s["ours"], "int8", "exact")
+                r["ratios"]["int8_bandwidth_fraction"] = ratio_of(
+                    int8_bw, probe, "int8 GB/s", "read bandwidth probe"
+                )
             log(
                 f"  decode {shape_key(out_f, in_f):>10} rows={rows}: ours "
                 f"{r['ms']['ours']['median']:.3f} ms ({ours_bw['median']:.1f} GB/s, "
-                f"{r['ratios']['bandwidth_fraction']['median']:.2f} of the probe), bnb "
-                f"{r['ms']['bnb']['median']:.3f} ms, pure {r['ms']['pure']['median']:.1f} ms"
+                f"{r['ratios']['bandwidth_fraction']['median']:.2f} of the probe), "
+                + (
+                    f"int8 {r['ms']['int8']['median']:.3f} ms "
+                    f"({r['ratios']['int8_bandwidth_fraction']['median']:.2f}), "
+                    if int8
+                    else ""
+                )
+                + f"bnb {r['ms']['bnb']['median']:.3f} ms, pure {r['ms']['pure']['median']:.1f} ms"
             )
         results[shape_key(out_f, in_f)] = {
             "bytes": {"ours": exact(q.nbytes, "bytes"), "bnb": exact(bnb_bytes(theirs), "bytes")},
             **per_rows,
         }
+        if int8:
+            results[shape_key(out_f, in_f)]["bytes"]["int8"] = exact(int8_copies[0].nbytes, "bytes")
     return results
 
 
@@ -241,20 +268,35 @@ def lm_head(repeats: int, probe: dict, log) -> dict:
     bias = torch.randn(out_f, generator=g).bfloat16()
     nbytes = (weight.numel() + bias.numel()) * 2
     results = {"bytes": exact(nbytes, "bytes")}
+    gemv = int8_decode.default_kernel() is not None
     for rows in DECODE_ROWS:
         x = torch.randn(rows, in_f, generator=g).bfloat16()
+        calls = {"F.linear": partial(F.linear, x, weight, bias)}
+        if gemv:
+            calls["gemv"] = partial(int8_decode.gemv, x, weight, bias)
         with torch.no_grad():
-            s = interleaved({"F.linear": partial(F.linear, x, weight, bias)}, repeats)
+            s = interleaved(calls, repeats)
         bw = rate(s["F.linear"], nbytes, "GB/s", label="bf16 weight + bias / time")
-        results[f"rows={rows}"] = {
+        r = results[f"rows={rows}"] = {
             "ms": ms(s["F.linear"], label="torch bf16 F.linear 51200x2560 + bias"),
             "read_GBps": bw,
             "bandwidth_fraction": ratio_of(bw, probe, "F.linear GB/s", "read bandwidth probe"),
         }
-        log(
-            f"  lm_head bf16 F.linear rows={rows}: {results[f'rows={rows}']['ms']['median']:.2f} "
-            f"ms, {bw['median']:.1f} GB/s"
-        )
+        line = f"  lm_head bf16 rows={rows}: F.linear {r['ms']['median']:.2f} ms, "
+        line += f"{bw['median']:.1f} GB/s"
+        if gemv:
+            gbw = rate(s["gemv"], nbytes, "GB/s", label="bf16 weight + bias / time")
+            r["gemv"] = {
+                "ms": ms(s["gemv"], label="int8_decode.gemv (ours) 51200x2560 + bias"),
+                "read_GBps": gbw,
+                "bandwidth_fraction": ratio_of(gbw, probe, "gemv GB/s", "read bandwidth probe"),
+                "vs_F.linear": paired_ratio(s["gemv"], s["F.linear"], "gemv", "F.linear"),
+            }
+            line += (
+                f"; ours {r['gemv']['ms']['median']:.2f} ms, {gbw['median']:.1f} GB/s "
+                f"({r['gemv']['bandwidth_fraction']['median']:.2f} of the probe)"
+            )
+        log(line)
     return results
 
 
@@ -265,20 +307,22 @@ def prefill(repeats: int, peak: dict, log) -> dict:
         q = quantize_nf4(torch.randn(out_f, in_f, generator=g) * 0.02)
         x32 = torch.randn(PREFILL_ROWS, in_f, generator=g)
         x16 = x32.bfloat16()
+        calls = {
+            "fused_fp32": partial(kernel.fused_matmul, x32, q),
+            "decode_gemm_fp32": partial(decode_gemm, x32, q),
+            "decode_gemm_bf16": partial(decode_gemm, x16, q),
+            "decode_bf16": partial(kernel.decode, q, torch.bfloat16),
+        }
+        int8 = int8_decode.default_kernel() is not None
+        if int8:
+            calls["int8_bf16"] = partial(ours_int8, int8_decode.repack(q), x16)
         with torch.no_grad():
-            s = interleaved(
-                {
-                    "fused_fp32": partial(kernel.fused_matmul, x32, q),
-                    "decode_gemm_fp32": partial(decode_gemm, x32, q),
-                    "decode_gemm_bf16": partial(decode_gemm, x16, q),
-                    "decode_bf16": partial(kernel.decode, q, torch.bfloat16),
-                },
-                repeats,
-            )
+            s = interleaved(calls, repeats)
         flops = 2 * PREFILL_ROWS * out_f * in_f
         gflops = {
             name: rate(s[name], flops, "GFLOP/s")
-            for name in ("fused_fp32", "decode_gemm_fp32", "decode_gemm_bf16")
+            for name in ("fused_fp32", "decode_gemm_fp32", "decode_gemm_bf16", "int8_bf16")
+            if name in s
         }
         results[shape_key(out_f, in_f)] = {
             "ms": {name: ms(t) for name, t in s.items()},
@@ -296,6 +340,10 @@ def prefill(repeats: int, peak: dict, log) -> dict:
             },
         }
         r = results[shape_key(out_f, in_f)]
+        if int8:
+            r["ratios"]["int8_vs_decode_gemm_bf16"] = paired_ratio(
+                s["int8_bf16"], s["decode_gemm_bf16"], "int8", "decode + GEMM bf16"
+            )
         log(
             f"  prefill {shape_key(out_f, in_f):>10} rows={PREFILL_ROWS}: fused fp32 "
             f"{r['ms']['fused_fp32']['median']:.1f} ms, decode+GEMM fp32 "
@@ -304,6 +352,7 @@ def prefill(repeats: int, peak: dict, log) -> dict:
             f"({gflops['decode_gemm_bf16']['median']:.0f} GFLOP/s, "
             f"{r['ratios']['bf16_fraction_of_peak']['median']:.2f} of peak; decode alone "
             f"{r['ms']['decode_bf16']['median']:.1f} ms)"
+            + (f", int8 {r['ms']['int8_bf16']['median']:.1f} ms" if int8 else "")
         )
     return results
 
@@ -354,10 +403,12 @@ def run(threads: int, repeats: int, log=print, machine_probe: dict | None = None
     torch.set_num_threads(threads)
     try:
         start = time.perf_counter()
+        k8 = int8_decode.default_kernel()
         results = {
             "threads": threads,
             "isa": k.isa,
             "kernel_load_seconds": exact(k.load_seconds, "s"),
+            "int8_isa": None if k8 is None else k8.isa,
         }
         results["machine"] = machine_probe or machine(repeats, log)
         probe = results["machine"]["read_bandwidth"]

@@ -622,9 +622,22 @@ def kernel_decode_rows(k: dict) -> list[list[str]]:
                     f"({d['ratios']['bandwidth_fraction']['median']:.0%})",
                     ratio_cell(d["ratios"]["ours_vs_bnb"]),
                     ratio_cell(d["ratios"]["ours_vs_pure"]),
+                    *int8_cells(d),
                 ]
             )
     return rows
+
+
+def int8_cells(d: dict) -> list[str]:
+    """The int8 kernel's columns of a decode row ("—" in results measured without it)."""
+    if "int8" not in d["ms"]:
+        return ["—", "—", "—"]
+    return [
+        cell(d["ms"]["int8"]),
+        f"{num(d['read_GBps']['int8']['median'])} "
+        f"({d['ratios']['int8_bandwidth_fraction']['median']:.0%})",
+        ratio_cell(d["ratios"]["int8_vs_bnb"]),
+    ]
 
 
 KERNEL_HEADER = [
@@ -636,6 +649,9 @@ KERNEL_HEADER = [
     "ours GB/s (of the read probe)",
     "ours / bitsandbytes",
     "ours / pure PyTorch",
+    "ours, int8 ms",
+    "int8 GB/s (of the read probe)",
+    "int8 / bitsandbytes",
 ]
 
 
@@ -643,7 +659,9 @@ def kernel_setup(k: dict) -> str:
     m = k["machine"]
     return (
         f"`qlora/kernel.py` ({k['isa']} build, loaded in {num(k['kernel_load_seconds']['median'])}"
-        f" s), {k['threads']} torch thread{'s' if k['threads'] != 1 else ''}, bfloat16 inputs, "
+        f" s)"
+        + (f" and `qlora/int8_decode.py` ({k['int8_isa']} build)" if k.get("int8_isa") else "")
+        + f", {k['threads']} torch thread{'s' if k['threads'] != 1 else ''}, bfloat16 inputs, "
         f"Phi-2's shapes, each call reading its weight from memory (copies rotated past the "
         f"last-level cache). Machine probes on the same threads: read "
         f"{cell(m['read_bandwidth'])} GB/s ({m['read_bandwidth']['label']}), GEMM "
@@ -660,6 +678,12 @@ def kernel_prefill_line(k: dict) -> str:
             f"{num(p['GFLOPs']['decode_gemm_bf16']['median'])} GFLOP/s "
             f"({p['ratios']['bf16_fraction_of_peak']['median']:.0%} of the bf16 peak); fused / "
             f"(decode + GEMM) fp32 {ratio_cell(p['ratios']['fused_vs_decode_gemm_fp32'])}"
+            + (
+                f", int8 / (decode + GEMM) bf16 "
+                f"{ratio_cell(p['ratios']['int8_vs_decode_gemm_bf16'])}"
+                if "int8_vs_decode_gemm_bf16" in p["ratios"]
+                else ""
+            )
             for shape, p in k["prefill"].items()
         )
         + "."
@@ -681,10 +705,16 @@ def kernel_switch_line(k: dict) -> str:
 def kernel_lm_head_line(k: dict) -> str:
     h = k["lm_head"]
     return (
-        "- lm_head (51,200 × 2,560, bf16, torch's F.linear): "
+        "- lm_head (51,200 × 2,560, bf16), torch's F.linear vs our GEMV: "
         + "; ".join(
             f"{key.split('=')[1]} row{'s' if key != 'rows=1' else ''} {cell(v['ms'])} ms, "
             f"{num(v['read_GBps']['median'])} GB/s ({v['bandwidth_fraction']['median']:.0%})"
+            + (
+                f" vs {cell(v['gemv']['ms'])} ms, {num(v['gemv']['read_GBps']['median'])} GB/s "
+                f"({v['gemv']['bandwidth_fraction']['median']:.0%})"
+                if "gemv" in v
+                else ""
+            )
             for key, v in h.items()
             if key.startswith("rows=")
         )
@@ -730,6 +760,7 @@ def serve_section(r: dict) -> list[str]:
             "",
             *table(KERNEL_HEADER, kernel_decode_rows(k)),
             "",
+            kernel_lm_head_line(k),
             kernel_prefill_line(k),
         ]
     return lines

