@@ -444,7 +444,8 @@ void gemv_rows(const uint16_t* w, int64_t K, const uint16_t* const* x_rows, floa
     const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
     __m512i wv[R], xv[MT];
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + QLORA_PREFETCH, _MM_HINT_T0);
+      // the same columns of the next group of rows: one group ahead in the order we read
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * K + k), _MM_HINT_T0);
       wv[r] = _mm512_maskz_loadu_epi16(mask, w + r * K + k);
     }
     for (int m = 0; m < MT; ++m) xv[m] = _mm512_maskz_loadu_epi16(mask, x_rows[m] + k);
@@ -477,7 +478,7 @@ void gemv_rows(const uint16_t* w, int64_t K, const uint16_t* const* x_rows, floa
   for (; k + 16 <= K; k += 16) {
     __m256i wv[R];
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k) + QLORA_PREFETCH, _MM_HINT_T0);
+      if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * K + k), _MM_HINT_T0);
       wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
     }
     for (int m = 0; m < MT; ++m) {
