@@ -7,8 +7,9 @@ layer_speed.py     1. NF4 layer fwd+bwd vs bitsandbytes vs fp32 (timing in qlora
 quality.py         2. quantization error, bits/parameter, Phi-2's NF4 footprint
 grpo_step.py       3. GRPO step split by phase, NF4/fp32 base x beta 0/0.04
 logprob_memory.py  4. selective_log_softmax vs log_softmax().gather() peak memory
-kernel_speed.py    5. the fused NF4 CPU kernel against decode + GEMM and bitsandbytes
+kernel_speed.py    5. the NF4 CPU kernels (exact, int8) against decode + GEMM and bitsandbytes
 serve.py           6. the demo's decode speed and memory against transformers/peft
+int8_quality.py    `python -m bench.int8_quality`: the int8 decode path on SmolLM2-135M
 phi2_scale.py      `make phi2-scale`: GRPO steps of the Phi-2 recipe on a random-weight Phi-2
 phi2.py            the random-weight Phi-2 both build (Phi-2's config, the tiny tokenizer)
 measure.py         figures, ratios, peak memory, machine description, child processes

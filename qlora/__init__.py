@@ -1,13 +1,14 @@
 """QLoRA written by hand: NF4 4-bit weights with double quantization (byte-identical to
 bitsandbytes), LoRA adapters on top, adapters saved in peft's format.
 
-    nf4.py      NF4_CODE, quantize_nf4, dequantize_nf4 (pure tensor functions)
-    layers.py   NF4Linear (frozen 4-bit linear), LoRALinear (the adapter)
-    model.py    prepare_qlora, adapters_disabled, adapter_rows, merge_adapters, footprint
-    loading.py  load_quantized: a checkpoint read tensor by tensor straight into NF4
-    adapter.py  save_adapter / load_adapter (peft format, safetensors only)
-    kernel.py   the fused NF4 CPU kernel (C++, built on first use) and its dispatch
-    atomic.py   atomic_path / atomic_dir: a file or directory written whole or not at all
+    nf4.py          NF4_CODE, quantize_nf4, dequantize_nf4 (pure tensor functions)
+    layers.py       NF4Linear (frozen 4-bit linear), LoRALinear (the adapter)
+    model.py        prepare_qlora, adapters_disabled, adapter_rows, merge_adapters, footprint
+    loading.py      load_quantized: a checkpoint read tensor by tensor straight into NF4
+    adapter.py      save_adapter / load_adapter (peft format, safetensors only)
+    kernel.py       the fused NF4 CPU kernel (C++, built on first use) and its dispatch
+    int8_decode.py  the opt-in int8 NF4 decode kernel and bf16 GEMV output layer (C++)
+    atomic.py       atomic_path / atomic_dir: a file or directory written whole or not at all
 
 This package never imports grpo/.
 """

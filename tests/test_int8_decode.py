@@ -333,18 +333,3 @@ def test_gemv_head_shares_parameters_and_switches(int8_on):
         assert torch.equal(y, int8_decode.default_kernel().ops.gemv_bf16(x, original, None, True))
         int8_decode.set_enabled(False)
         assert torch.equal(model.lm_head(x), F.linear(x, original))
-
-
-def test_demo_decodes_exact_unless_int8_is_asked_for(tmp_path):
-    from test_app import make_run
-
-    from app.loading import load_demo
-    from app.spec import resolve_spec
-
-    run = make_run(tmp_path / "run")
-    demo = load_demo(resolve_spec(str(run), int8=True))
-    head = demo.generator.base_model.get_output_embeddings()
-    assert int8_decode.enabled() and demo.info["decode"].startswith("int8 (")
-    assert isinstance(head, int8_decode.GemvLinear)
-    demo = load_demo(resolve_spec(str(run)))
-    assert not int8_decode.enabled() and demo.info["decode"] == "exact"
