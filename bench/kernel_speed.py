@@ -20,7 +20,7 @@ DRAM, as a decode step through 32 layers does; prefill is compute-bound and reus
 The paths run interleaved (repeat i of each back to back) and ratios pair the samples, so load
 from other processes hits both sides alike.
 
-    python -m bench.kernel [--threads 2] [--repeats 7] [--json PATH]
+    python -m bench.kernel_speed [--threads 2] [--repeats 7] [--json PATH]
 """
 
 from __future__ import annotations

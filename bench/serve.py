@@ -17,7 +17,7 @@ resident, interpreter and libraries included) is its own:
 
 decode tokens/s per side = 1 / step time (2 rows: each step gives both sides a token); prefill =
 the first step (the whole prompt through the model, then the first token). Derived figures, against
-the machine probes of the same run (bench/kernel.py `machine`: a sum over a 1 GiB tensor, a
+the machine probes of the same run (bench/kernel_speed.py `machine`: a sum over a 1 GiB tensor, a
 3072^3 GEMM, on the same threads):
 
     read bandwidth used   step_bytes / median step time, as a fraction of the probe's GB/s, where
