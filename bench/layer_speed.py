@@ -1,7 +1,7 @@
 """Part 1: one LoRA layer, forward + backward, on three frozen bases, and dequantization alone.
 
-The timing itself lives in bench/qlora_timing.py (`python -m bench.qlora_timing` prints the same comparison);
-this turns its samples into figures and two paired ratios:
+The timing itself lives in bench/qlora_timing.py (`python -m bench.qlora_timing` prints the same
+comparison); this turns its samples into figures and two paired ratios:
 
     NF4Linear+LoRA (ours) / bitsandbytes Linear4bit+LoRA    the same job on the peer's NF4
     NF4Linear+LoRA (ours) / frozen fp32 nn.Linear+LoRA      what 4-bit storage costs in time
