@@ -172,6 +172,7 @@ class GRPOTrainer:
             ro.completions,
             answer=answers,
             completion_lengths=ro.completion_mask.sum(dim=1).tolist(),
+            truncated=ro.truncated.tolist(),
         )
         step_rewards = dist.all_gather_cat(rewards.float().to(self.device)).cpu()  # [N * world]
         advantages = group_advantages(step_rewards, G, scale=self.cfg.scale_rewards)
