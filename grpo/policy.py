@@ -14,10 +14,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from grpo.choices import DTYPES
 from grpo.config import is_local_name
+from grpo.pretrained import PretrainedError, config_source, gguf_path, is_pretrained_name, resolve
 from qlora import prepare_qlora, return_large_frees_to_os, trainable_parameters
 from qlora.atomic import atomic_dir
 from qlora.loading import CheckpointError, load_quantized, stored_parameters
 from qlora.model import matches_target
+from qlora.targets import KEYWORDS as TARGET_KEYWORDS
 
 TORCH_DTYPES = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
@@ -69,6 +71,8 @@ def linear_module_paths(name: str) -> list[str] | None:
     architecture cannot be known before loading (a hub id not cached yet, an architecture
     transformers cannot build); `prepare_qlora` checks the names after the load then, which for
     such a model comes before anything is written."""
+    if is_pretrained_name(name) and (name := config_source(name)) is None:
+        return None  # a named pretrained model not converted yet (grpo.pretrained)
     source = str(Path(name).expanduser()) if is_local_name(name) else name
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
@@ -86,9 +90,16 @@ _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "microsoft/phi-2", "gpt2"
 
 
 def check_model_name(name: str) -> str | None:
-    """Why `name` cannot name a model (None when it can): a local directory needs config.json,
-    anything else must look like a hub id. Nothing is downloaded."""
-    if is_local_name(name):
+    """Why `name` cannot name a model (None when it can): a named pretrained model needs its
+    package (unless it is converted already), a local directory needs config.json, anything else
+    must look like a hub id. Nothing is downloaded or converted."""
+    if is_pretrained_name(name):
+        if config_source(name) is None:
+            try:
+                gguf_path(name)
+            except PretrainedError as err:
+                return str(err)
+    elif is_local_name(name):
         if not (Path(name).expanduser() / "config.json").is_file():
             return "no config.json in that directory; pass a save_pretrained directory"
     elif not _HUB_ID.fullmatch(name):
@@ -98,8 +109,10 @@ def check_model_name(name: str) -> str | None:
 
 def check_lora_targets(targets: list[str], paths: list[str], model: str) -> str | None:
     """Why `targets` do not fit a model with linear layers `paths` (None when every target names
-    one of them)."""
+    one of them). The keywords all-linear and auto are expanded and checked at the load."""
     for target in targets:
+        if target in TARGET_KEYWORDS:
+            continue
         if not any(matches_target(p, target) for p in paths):
             names = sorted({p.rsplit(".", 1)[-1] for p in paths})
             return (
@@ -115,7 +128,8 @@ def load_model(
     *,
     nf4_targets: tuple[str, ...] | None = None,
 ):
-    """Load a causal LM and its tokenizer from a hub id (`microsoft/phi-2`) or a local directory.
+    """Load a causal LM and its tokenizer from a hub id (`microsoft/phi-2`), a local directory or
+    a named pretrained model (`grpo.pretrained`: its cached conversion, made on first use).
 
     dtype "auto" picks by size (`auto_dtype`). With `nf4_targets`, those linear layers are
     quantized to NF4 while the checkpoint is read, tensor by tensor (`qlora.load_quantized`): a
@@ -126,6 +140,11 @@ def load_model(
     nor reachable.
     """
     name = str(name_or_path)
+    if is_pretrained_name(name):  # a named model (grpo.pretrained): its cached local directory
+        try:
+            name = resolve(name)
+        except PretrainedError as err:
+            raise ModelLoadError(str(err)) from err
     local = Path(name).expanduser()
     looks_local = is_local_name(name)
     if looks_local and not (local / "config.json").is_file():

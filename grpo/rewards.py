@@ -10,6 +10,7 @@ knows about each completion:
 
     answer=["42", "42", ..., "#### 7", ...]      # gold answer, plain or GSM8K "#### n" style
     completion_lengths=[31, 64, ...]             # completion length in tokens (for "overlong")
+    truncated=[False, True, ...]                 # True when the length limit cut it before EOS
 
 A reward that returns 0 for every completion because a column never reached it trains on no signal
 at all, silently. So three rules hold throughout:
@@ -69,7 +70,7 @@ class MissingColumnError(RewardError):
 
 
 # The columns the trainer passes to every reward function, one entry per completion.
-COLUMNS = ("answer", "completion_lengths")
+COLUMNS = ("answer", "completion_lengths", "truncated")
 
 
 def column(columns: Mapping[str, Any], name: str, n: int, fn_name: str, what: str) -> Sequence:

@@ -185,6 +185,7 @@ class GRPOTrainer:
             ro.completions,
             answer=answers,
             completion_lengths=ro.completion_mask.sum(dim=1).tolist(),
+            truncated=ro.truncated.tolist(),
         )
         step_rewards = dist.all_gather_cat(rewards.float().to(self.device)).cpu()  # [N * world]
         step_parts = torch.stack(list(parts.values()), dim=1).float().to(self.device)  # [N, K]

@@ -4,6 +4,7 @@ bitsandbytes), LoRA adapters on top, adapters saved in peft's format.
     nf4.py          NF4_CODE, quantize_nf4, dequantize_nf4 (pure tensor functions)
     layers.py       NF4Linear (frozen 4-bit linear), LoRALinear (the adapter)
     model.py        prepare_qlora, adapters_disabled, adapter_rows, merge_adapters, footprint
+    targets.py      LoRA target names by architecture (PHI_TARGETS, LLAMA_TARGETS), all-linear, auto
     loading.py      load_quantized: a checkpoint read tensor by tensor straight into NF4
     adapter.py      save_adapter / load_adapter (peft format, safetensors only)
     kernel.py       the fused NF4 CPU kernel (C++, built on first use) and its dispatch

@@ -19,10 +19,9 @@ import torch
 from torch import nn
 
 from .layers import LoRALinear, NF4Linear
+from .targets import PHI_TARGETS, expand_targets, leaf_names, matches_target
 
 log = logging.getLogger(__name__)
-
-PHI_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")  # every linear in a Phi block
 
 
 @dataclass(frozen=True)
@@ -40,29 +39,23 @@ class QLoRAConfig:
     compute_dtype: str | None
 
 
-def matches_target(name: str, target: str) -> bool:
-    """peft's rule for a list of targets: the full module path or its dotted suffix."""
-    return name == target or name.endswith("." + target)
-
-
 def find_target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear | NF4Linear]:
     """{module path: layer} for every module the targets name: an nn.Linear, or an NF4Linear that
     `load_quantized` already made; ValueError naming the first target that matches nothing (a
     target list with another architecture's names must not silently adapt fewer layers) or a
     match that is neither."""
-    targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
-    if not targets:
-        raise ValueError(f"target_modules is empty; for Phi-2 pass {PHI_TARGETS}")
+    targets = resolve_targets(model, target_modules)
     found: dict[str, nn.Linear] = {}
     for target in targets:
         hits = {n: m for n, m in model.named_modules() if n and matches_target(n, target)}
         if not hits:
-            linear_names = sorted(
-                {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            linear_names = leaf_names(
+                n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))
             )
             raise ValueError(
                 f"target module {target!r} matches no module of {type(model).__name__}; "
-                f"its linear layers are named {linear_names}; fix: target some of those"
+                f"its linear layers are named {linear_names}; fix: target some of those, or "
+                "all-linear"
             )
         for name, module in hits.items():
             if isinstance(module, LoRALinear):
@@ -76,6 +69,18 @@ def find_target_linears(model: nn.Module, target_modules) -> dict[str, nn.Linear
                 )
             found[name] = module
     return found
+
+
+def resolve_targets(model: nn.Module, target_modules) -> tuple[str, ...]:
+    """The target names with "all-linear" and "auto" expanded for `model` (qlora.targets)."""
+    targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+    if not targets:
+        raise ValueError(f"target_modules is empty; for Phi-2 pass {PHI_TARGETS}, or all-linear")
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_path = next((n for n, m in model.named_modules() if head is not None and m is head), "")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return expand_targets(targets, linears, model_type, head_path)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -132,7 +137,8 @@ def prepare_qlora(
     quantized, as in QLoRA. compute_dtype None means each weight's own dtype. The settings are
     stored as `model.qlora_config` and the counts as `model.qlora_summary` (also logged).
     """
-    targets = find_target_linears(model, target_modules)  # raises before anything changes
+    names = resolve_targets(model, target_modules)  # the adapter config lists plain names
+    targets = find_target_linears(model, names)  # raises before anything changes
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     model.requires_grad_(False)
     for name, linear in targets.items():
@@ -141,7 +147,6 @@ def prepare_qlora(
             base = NF4Linear.from_linear(linear, blocksize, double_quant, compute_dtype)
         adapted = LoRALinear(base, r, alpha, dropout, use_rslora)
         _set_submodule(model, name, adapted.train(linear.training))  # an eval model stays eval
-    names = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
     dtype_name = None if compute_dtype is None else str(compute_dtype).removeprefix("torch.")
     model.qlora_config = QLoRAConfig(
         target_modules=names,

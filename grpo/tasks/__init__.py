@@ -25,6 +25,7 @@ from grpo.config import ConfigError, GRPOConfig
 TASK_MODULES = {
     "arithmetic": "grpo.tasks.arithmetic",
     "gsm8k": "grpo.tasks.gsm8k",
+    "word_problems": "grpo.tasks.word_problems",
 }
 TASKS = tuple(TASK_MODULES)
 
