@@ -64,6 +64,8 @@ importance_sampling_level="sequence", epsilon_low=3e-4, epsilon_high=4e-4.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from grpo.choices import IS_LEVELS, LOSS_TYPES, SCALE_REWARDS
@@ -75,6 +77,8 @@ __all__ = [
     "kl_k3",
     "masked_mean",
     "grpo_loss",
+    "grpo_loss_terms",
+    "LossTerms",
 ]
 
 
@@ -297,6 +301,46 @@ def grpo_loss(
     >>> round(loss.item(), 4), stats["clip_low"], stats["clip_high"], stats["clip_region"]
     (-0.15, 0.25, 0.25, 0.5)
     """
+    loss, stats, _ = grpo_loss_terms(
+        logps, old_logps, ref_logps, advantages, mask, loss_type=loss_type,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+        importance_sampling_level=importance_sampling_level,
+        max_completion_length=max_completion_length, num_items_in_batch=num_items_in_batch,
+    )  # fmt: skip
+    return loss, stats
+
+
+@dataclass
+class LossTerms:
+    """The per-token pieces of one grpo_loss call, [B, T] each (padding: 0 / False)."""
+
+    per_token: torch.Tensor  # m * L: the token's term before the loss_type's normalisation
+    ratio: torch.Tensor  # rho (token or sequence level)
+    clip_low: torch.Tensor  # bool: ratio < 1 - eps_low with A < 0 (no gradient)
+    clip_high: torch.Tensor  # bool: ratio > 1 + eps_high with A > 0 (no gradient)
+    kl: torch.Tensor | None  # k3 per token; None without ref_logps
+
+
+def grpo_loss_terms(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "grpo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float], LossTerms]:
+    """grpo_loss, and its per-token terms (LossTerms): the one implementation of the loss.
+
+    The loss is linear in `per_token` (each loss_type divides its sum by a normaliser), so
+    per_token * d loss / d per_token is each token's share, and the shares add up to the loss.
+    """
     _check_arguments(
         logps, old_logps, ref_logps, advantages, mask, loss_type, epsilon_low, epsilon_high, beta,
         importance_sampling_level, max_completion_length, num_items_in_batch,
@@ -345,7 +389,8 @@ def grpo_loss(
         }
         if ref_logps is not None:
             stats["kl"] = masked_mean(kl, real).item()
-    return loss, stats
+    terms = LossTerms(per_token, ratio, clip_low, clip_high, kl if ref_logps is not None else None)
+    return loss, stats, terms
 
 
 def _check_arguments(
