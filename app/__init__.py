@@ -6,6 +6,8 @@ python -m app.screenshot --run-dir runs/tiny --out docs/demo.png
 streaming.py  PairGenerator: base (adapters disabled) and tuned tokens, interleaved, streamed
 loading.py    resolve_spec / load_demo: run dir, the one model loader, adapter, examples, rewards
 ui.py         build_app(demo) -> gr.Blocks, with the `/compare` API endpoint and the queue
+explorer.py   one group through one GRPO step on the served model (the update on a scratch copy)
+explorer_ui.py  the "Inside one GRPO step" tab over explorer.py, with the `/explore` endpoint
 browser.py    serve (subprocess on a free port) and compare_in_browser (Playwright, Chromium)
 screenshot.py the README screenshot through browser.py, the browser test's code path
 """

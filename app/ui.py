@@ -1,4 +1,5 @@
-"""The Gradio Blocks app: one prompt, the base and the GRPO-tuned answer side by side.
+"""The Gradio Blocks app: one prompt, the base and the GRPO-tuned answer side by side; a second
+tab, "Inside one GRPO step", is app/explorer_ui.py.
 
 Clicking "Compare" runs three queued events in a chain:
 
