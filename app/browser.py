@@ -164,7 +164,7 @@ class DemoPage:
         """Open the "Inside one GRPO step" tab, type `prompt` (and `answer`; empty: the task's),
         set G, click "Run one step", wait for the chain to finish; return notice, summary,
         completions (the table's rows as text), tokens (the token spans' text per completion)
-        and downloads (the file list's text: names and sizes)."""
+        and downloads (the offered files' names)."""
         from .explorer_ui import TAB_TITLE
 
         page = self.page
@@ -188,7 +188,9 @@ class DemoPage:
                 token_rows.nth(i).locator(".xp-tok").all_inner_texts()
                 for i in range(token_rows.count())
             ],
-            "downloads": page.locator("#explorer-downloads").inner_text(),
+            "downloads": page.locator("#explorer-downloads a[href]").evaluate_all(
+                "links => links.map((a) => decodeURIComponent(a.href.split('/').pop()))"
+            ),
         }
 
     def screenshot(self, path: str | Path) -> Path:

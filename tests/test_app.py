@@ -201,8 +201,7 @@ def test_browser_explorer_tab_runs_one_step(server, tmp_path):
     assert all(shown["tokens"]) and all(len(t) <= MAX_NEW for t in shown["tokens"])
     for row in shown["completions"]:  # "#", text, correctness, digits, reward, A, change
         assert re.search(r"[+-]\d\.\d{3}\s+[+-]\d\.\d{3}$", row), row
-    assert "explorer-tokens.csv" in shown["downloads"]
-    assert "explorer-step.json" in shown["downloads"]
+    assert sorted(shown["downloads"]) == ["explorer-step.json", "explorer-tokens.csv"]
     assert "G = 20 is not a whole number in 2..16" in too_many["notice"]
     assert too_many["completions"] == [] and too_many["summary"] == ""
     assert empty["notice"].startswith("the prompt is empty")
