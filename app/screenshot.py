@@ -30,7 +30,8 @@ def gold_answer(app_args: list[str], prompt: str) -> str:
 
 
 def _examples(app_args: list[str]) -> tuple[list[str], dict[str, str]]:
-    from .loading import DemoError, resolve_spec, task_examples
+    from .loading import task_examples
+    from .spec import DemoError, resolve_spec
 
     args = app_parser().parse_args(app_args)
     try:
