@@ -132,6 +132,7 @@ class DemoPage:
         self.page = page
         self.page.set_default_timeout(timeout_s * 1000)
         self.done = 0
+        self.explored = 0  # explorer chains finished in this page
 
     def submit(self, prompt: str) -> dict[str, str]:
         """Type `prompt`, click Compare, wait until the whole chain (start, streaming compare,
@@ -157,8 +158,6 @@ class DemoPage:
     def markdown(self, elem_id: str) -> str:
         """The rendered text of a gr.Markdown (not its progress timer)."""
         return self.page.locator(f'#{elem_id} [data-testid="markdown"]').inner_text().strip()
-
-    explored = 0  # explorer chains finished in this page
 
     def explore(self, prompt: str, group_size: int = 8, answer: str = "") -> dict:
         """Open the "Inside one GRPO step" tab, type `prompt` (and `answer`; empty: the task's),

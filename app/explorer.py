@@ -216,6 +216,15 @@ def explore(
     loss_mask = ro.completion_mask.clone()  # [G, C]
     if cfg.mask_truncated_completions:
         loss_mask[ro.truncated] = 0
+    options = dict(  # grpo_loss's, as GRPOTrainer.update passes them, with the user's choices
+        loss_type=request.loss_type,
+        epsilon_low=request.epsilon_low,
+        epsilon_high=request.epsilon_high,
+        beta=request.beta,
+        importance_sampling_level=cfg.importance_sampling_level,
+        max_completion_length=cfg.max_new_tokens,
+        num_items_in_batch=int(loss_mask.sum()),
+    )
     was_training = model.training
     model.eval()
     try:
@@ -223,14 +232,14 @@ def explore(
         with torch.no_grad(), adapters_disabled(model):
             ref_logps = completion_logps(model, ro, request.temperature)  # [G, C]
         timings["reference"] = time.perf_counter() - t1
-        result, grad_norm, logps_after, terms = _loss_and_scratch_step(
-            model, ro, ref_logps, advantages, loss_mask, request, cfg, timings
+        step = scratch_step(
+            model, ro, ref_logps, advantages, loss_mask, options, request.temperature, cfg, timings
         )
     finally:
         model.train(was_training)
-    logps, loss, stats, share, kl = result
+    logps, logps_after = step.logps, step.logps_after
     # what a second pass over the group would see: ratio pi'/pi, and which tokens it would clip
-    _, _, after = grpo_loss_terms(logps_after, logps, ref_logps, advantages, loss_mask, **terms)
+    _, _, after = grpo_loss_terms(logps_after, logps, ref_logps, advantages, loss_mask, **options)
     real = ro.completion_mask  # [G, C]
     change = torch.where(real.bool(), logps_after - logps, 0.0).sum(dim=1)  # [G]
     per_token_ids = _rows(ro.completion_ids, real)
@@ -248,57 +257,64 @@ def explore(
         reward_std=rewards.std().item(),
         advantages=advantages.tolist(),
         no_signal=bool(constant_groups(rewards, G)[0]),
-        loss=loss,
-        stats=stats,
+        loss=step.loss,
+        stats=step.stats,
         logps=_rows(logps, real),
         ref_logps=_rows(ref_logps, real),
-        kl=_rows(kl, real),
-        share=_rows(share, real),
+        kl=_rows(step.kl, real),
+        share=_rows(step.share, real),
         in_loss=_rows(loss_mask.bool(), real),
         logps_after=_rows(logps_after, real),
         ratio_after=_rows(after.ratio, real),
         clipped_after=_rows(after.clip_low | after.clip_high, real),
         logp_change=change.tolist(),
-        grad_norm=grad_norm,
+        grad_norm=step.grad_norm,
         rollout=ro,
         seconds=time.perf_counter() - t0,
         timings=timings,
     )
 
 
-def _loss_and_scratch_step(
+@dataclass
+class ScratchStep:
+    """Steps 5-6 on one group: [G, C] tensors, padding included."""
+
+    logps: torch.Tensor  # the policy's, before the step
+    loss: float
+    stats: dict[str, float]
+    share: torch.Tensor  # each token's share of the loss
+    kl: torch.Tensor  # k3 to the reference
+    grad_norm: float  # before clipping
+    logps_after: torch.Tensor  # under the stepped scratch copy
+
+
+def scratch_step(
     model,
     ro: Rollout,
     ref_logps: torch.Tensor,
     advantages: torch.Tensor,
     loss_mask: torch.Tensor,
-    request: StepRequest,
+    options: dict,
+    temperature: float,
     cfg: GRPOConfig,
     timings: dict,
-):
-    """Steps 5-6: the loss and each token's share on the policy, then one optimizer step on
-    scratch copies of the LoRA matrices and the log-probs under them."""
+) -> ScratchStep:
+    """The loss (grpo_loss_terms with `options`) and each token's share on the policy, one
+    optimizer step on scratch copies of the LoRA matrices, and the log-probs under the copies.
+    `model` runs through WithWeights, so its own weights are never written."""
     t0 = time.perf_counter()
     scratch = {
         name: w.detach().clone().requires_grad_(True) for name, w in lora_weights(model).items()
     }
     policy = WithWeights(model, scratch)
-    terms = dict(
-        loss_type=request.loss_type,
-        epsilon_low=request.epsilon_low,
-        epsilon_high=request.epsilon_high,
-        beta=request.beta,
-        importance_sampling_level=cfg.importance_sampling_level,
-        max_completion_length=cfg.max_new_tokens,
-        num_items_in_batch=int(loss_mask.sum()),
-    )
     with torch.enable_grad():
-        logps = completion_logps(policy, ro, request.temperature)  # [G, C]
+        logps = completion_logps(policy, ro, temperature)  # [G, C]
         # on-policy (old = logps): the first pass of a step, as GRPOTrainer.update's
-        loss, stats, first = grpo_loss_terms(logps, None, ref_logps, advantages, loss_mask, **terms)
-        (d_per_token,) = torch.autograd.grad(loss, first.per_token, retain_graph=True)
-        share = (first.per_token * d_per_token).detach()  # [G, C], sums to the loss
-        kl = first.kl.detach()  # [G, C] k3
+        loss, stats, terms = grpo_loss_terms(
+            logps, None, ref_logps, advantages, loss_mask, **options
+        )
+        (d_per_token,) = torch.autograd.grad(loss, terms.per_token, retain_graph=True)
+        share = (terms.per_token * d_per_token).detach()  # [G, C], sums to the loss
         loss.backward()
     params = list(scratch.values())
     grad_norm = float(clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
@@ -308,10 +324,11 @@ def _loss_and_scratch_step(
     # with gradients on, as the first forward: the same kernels, so an unmoved weight gives an
     # unmoved log-prob exactly (the no-gradient decode path rounds differently)
     with torch.enable_grad():
-        logps_after = completion_logps(policy, ro, request.temperature).detach()  # [G, C]
+        logps_after = completion_logps(policy, ro, temperature).detach()  # [G, C]
     timings["after_update"] = time.perf_counter() - t1
-    del scratch, policy  # the copies go; the served weights were never written
-    return (logps.detach(), loss.item(), stats, share, kl), grad_norm, logps_after, terms
+    return ScratchStep(
+        logps.detach(), loss.item(), stats, share, terms.kl.detach(), grad_norm, logps_after
+    )  # the scratch copies go with this frame; the served weights were never written
 
 
 # ---- the numbers as files -----------------------------------------------------------------------
