@@ -44,7 +44,7 @@ The served adapter never changes."""
 
 LEGEND = (
     f'<span style="background:{POSITIVE}33">green</span>: the token lowers the loss (its '
-    f'completion scored above the group mean: the step makes it likelier) · <span style="'
+    f'completion scored above the group mean: its gradient pushes it up) · <span style="'
     f'background:{NEGATIVE}33">red</span>: it raises the loss (below the mean, or beta × KL to the '
     'base) · <span class="xp-clipped">outlined</span>: after the step its ratio is outside the '
     "clip range, so a second pass over this group would give it no gradient · "
