@@ -9,6 +9,8 @@ streaming.py  PairGenerator: base (adapters disabled) and tuned tokens, interlea
 cpu_attention.py  decode attention for a 16-bit model on CPU (float32 cache)
 worker.py     ModelThread: the one thread that runs every torch call
 ui.py         build_app(demo) -> gr.Blocks, with the `/compare` API endpoint and the queue
+explorer.py   one group through one GRPO step on the served model (the update on a scratch copy)
+explorer_ui.py  the "Inside one GRPO step" tab over explorer.py, with the `/explore` endpoint
 browser.py    serve (subprocess on a free port) and compare_in_browser (Playwright, Chromium)
 screenshot.py the README screenshot through browser.py, the browser test's code path
 """

@@ -119,6 +119,12 @@ _WATCH_RUN_BUTTON = """() => {
 }"""
 
 
+# The same count for the explorer tab's chain (its button: disabled, then enabled again).
+_WATCH_EXPLORER_BUTTON = _WATCH_RUN_BUTTON.replace("__demoDone", "__explorerDone").replace(
+    "#run", "#explorer-run"
+)
+
+
 class DemoPage:
     """The demo open in a browser tab: submit prompts, read what it shows, take screenshots."""
 
@@ -126,6 +132,7 @@ class DemoPage:
         self.page = page
         self.page.set_default_timeout(timeout_s * 1000)
         self.done = 0
+        self.explored = 0  # explorer chains finished in this page
 
     def submit(self, prompt: str) -> dict[str, str]:
         """Type `prompt`, click Compare, wait until the whole chain (start, streaming compare,
@@ -152,6 +159,39 @@ class DemoPage:
         """The rendered text of a gr.Markdown (not its progress timer)."""
         return self.page.locator(f'#{elem_id} [data-testid="markdown"]').inner_text().strip()
 
+    def explore(self, prompt: str, group_size: int = 8, answer: str = "") -> dict:
+        """Open the "Inside one GRPO step" tab, type `prompt` (and `answer`; empty: the task's),
+        set G, click "Run one step", wait for the chain to finish; return notice, summary,
+        completions (the table's rows as text), tokens (the token spans' text per completion)
+        and downloads (the offered files' names)."""
+        from .explorer_ui import TAB_TITLE
+
+        page = self.page
+        page.get_by_role("tab", name=TAB_TITLE).click()
+        page.locator("#explorer-run").wait_for()
+        if not page.evaluate("() => '__explorerDone' in window"):
+            page.evaluate(_WATCH_EXPLORER_BUTTON)
+        page.locator("#explorer-prompt textarea").fill(prompt)
+        page.locator("#explorer-answer textarea").fill(answer)
+        page.locator("#explorer-g input").fill(str(group_size))
+        page.locator("#explorer-run").click()
+        self.explored += 1
+        page.wait_for_function(f"() => window.__explorerDone >= {self.explored}")
+        rows = page.locator("#explorer-table tbody tr")
+        token_rows = page.locator("#explorer-token-view .xp-row")
+        return {
+            "notice": self.markdown("explorer-notice"),
+            "summary": self.markdown("explorer-summary"),
+            "completions": [rows.nth(i).inner_text() for i in range(rows.count())],
+            "tokens": [
+                token_rows.nth(i).locator(".xp-tok").all_inner_texts()
+                for i in range(token_rows.count())
+            ],
+            "downloads": page.locator("#explorer-downloads a[href]").evaluate_all(
+                "links => links.map((a) => decodeURIComponent(a.href.split('/').pop()))"
+            ),
+        }
+
     def screenshot(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +216,22 @@ def open_demo(url: str, timeout_s: float = 60.0, width: int = 1280, height: int 
             yield demo
         finally:
             browser.close()
+
+
+def explore_in_browser(
+    url: str,
+    prompt: str,
+    screenshot: str | Path,
+    group_size: int = 8,
+    answer: str = "",
+    timeout_s: float = 60.0,
+) -> dict:
+    """Open the demo, run one explorer step on `prompt`, save a full-page screenshot of the tab;
+    return what the tab shows (DemoPage.explore)."""
+    with open_demo(url, timeout_s) as demo:
+        shown = demo.explore(prompt, group_size, answer)
+        demo.screenshot(screenshot)
+    return shown
 
 
 def compare_in_browser(

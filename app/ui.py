@@ -1,4 +1,5 @@
-"""The Gradio Blocks app: one prompt, the base and the GRPO-tuned answer side by side.
+"""The Gradio Blocks app: one prompt, the base and the GRPO-tuned answer side by side; a second
+tab, "Inside one GRPO step", is app/explorer_ui.py.
 
 Clicking "Compare" runs three queued events in a chain:
 
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 
 import gradio as gr
 
+from .explorer_ui import TAB_TITLE, add_explorer_tab
 from .serving import Demo, reward_breakdown
 from .streaming import Sampling
 
@@ -129,7 +131,7 @@ def build_app(demo: Demo, concurrency_limit: int = 1) -> gr.Blocks:
             gr.Button(interactive=True),
         )
 
-    with gr.Blocks(title="GRPO: base vs tuned", analytics_enabled=False) as app:
+    with gr.Blocks(title="GRPO: base vs tuned", analytics_enabled=False) as compare_tab:
         gr.Markdown(
             "# Base vs GRPO-tuned\nThe same prompt, answered by the base model (LoRA adapter "
             "switched off) and by the GRPO-tuned adapter. Tokens stream into both."
@@ -226,5 +228,10 @@ def build_app(demo: Demo, concurrency_limit: int = 1) -> gr.Blocks:
             api_visibility="private",
             show_progress="hidden",
         )
+    with gr.Blocks(title="GRPO: base vs tuned", analytics_enabled=False) as app:
+        with gr.Tab("Base vs tuned"):
+            compare_tab.render()
+        with gr.Tab(TAB_TITLE):
+            add_explorer_tab(demo)
     app.queue(default_concurrency_limit=concurrency_limit)
     return app

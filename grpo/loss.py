@@ -97,6 +97,7 @@ group first, so a reward with a small spread is not drowned by one with a large 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -119,6 +120,8 @@ __all__ = [
     "kl_k3",
     "masked_mean",
     "grpo_loss",
+    "grpo_loss_terms",
+    "LossTerms",
     "check_loss_options",
     "CLIPPED_LOSS_TYPES",
     "GLOBAL_TOKEN_LOSSES",
@@ -498,6 +501,78 @@ def grpo_loss(
     >>> round(loss.item(), 4), stats["clip_low"], stats["clip_high"], stats["clip_region"]
     (-0.15, 0.25, 0.25, 0.5)
     """
+    loss, stats, _ = grpo_loss_terms(
+        logps,
+        old_logps,
+        ref_logps,
+        advantages,
+        mask,
+        loss_type=loss_type,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        beta=beta,
+        importance_sampling_level=importance_sampling_level,
+        max_completion_length=max_completion_length,
+        num_items_in_batch=num_items_in_batch,
+        entropies=entropies,
+        delta=delta,
+        sapo_temperature_pos=sapo_temperature_pos,
+        sapo_temperature_neg=sapo_temperature_neg,
+        vespo_k_pos=vespo_k_pos,
+        vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg,
+        vespo_lambda_neg=vespo_lambda_neg,
+        top_entropy_quantile=top_entropy_quantile,
+        entropy_coef=entropy_coef,
+        off_policy_mask_threshold=off_policy_mask_threshold,
+    )
+    return loss, stats
+
+
+@dataclass
+class LossTerms:
+    """The per-token pieces of one grpo_loss call, [B, T] each (padding: 0 / False)."""
+
+    per_token: torch.Tensor  # m * L: the token's term before the loss_type's normalisation
+    ratio: torch.Tensor  # rho (token or sequence level)
+    clip_low: torch.Tensor  # bool, no gradient: A < 0 and ratio < 1 - eps_low (or > delta)
+    clip_high: torch.Tensor  # bool, no gradient: A > 0 and ratio > 1 + eps_high
+    kl: torch.Tensor | None  # k3 per token; None without ref_logps
+
+
+def grpo_loss_terms(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "grpo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    entropies: torch.Tensor | None = None,
+    delta: float = 0.0,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    top_entropy_quantile: float = 1.0,
+    entropy_coef: float = 0.0,
+    off_policy_mask_threshold: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float], LossTerms]:
+    """grpo_loss, and its per-token terms (LossTerms): the one implementation of the loss.
+
+    Without the entropy bonus the loss is linear in `per_token` (each loss_type divides its sum
+    by a normaliser), so per_token * d loss / d per_token is each token's share, and the shares
+    add up to the loss. clip_low / clip_high are the clipped losses' clips (all False for
+    cispo, sapo and vespo, which do not clip).
+    """
     options = {
         "loss_type": loss_type, "importance_sampling_level": importance_sampling_level,
         "epsilon_low": epsilon_low, "epsilon_high": epsilon_high, "delta": delta,
@@ -611,7 +686,17 @@ def grpo_loss(
             stats["entropy_masked"] = fraction(~entropy_keep)
         if ref_logps is not None:
             stats["kl"] = masked_mean(kl, real).item()
-    return loss, stats
+    no_clip = torch.zeros_like(real)
+    if loss_type in CLIPPED_LOSS_TYPES:
+        clip_low = real & (ratio < 1 - epsilon_low) & (adv < 0)  # [B, T]
+        if delta > 0:
+            clip_low = clip_low | (real & (ratio > delta) & (adv < 0))
+        clip_high = real & (ratio > 1 + eps_high) & (adv > 0)  # [B, T]
+    else:
+        clip_low = clip_high = no_clip
+    kl_terms = torch.where(real, kl, 0.0) if ref_logps is not None else None
+    terms = LossTerms(per_token, ratio, clip_low.detach(), clip_high.detach(), kl_terms)
+    return loss, stats, terms
 
 
 def check_loss_options(

@@ -188,6 +188,39 @@ def test_browser_empty_prompt_gets_a_notice(server):
     assert shown["base"] == shown["tuned"] == ""
 
 
+def test_browser_explorer_tab_runs_one_step(server, tmp_path):
+    require_chromium()
+    prompt = eval_prompts(1)[0]
+    with open_demo(server) as page:
+        shown = page.explore(prompt, group_size=4)
+        page.screenshot(tmp_path / "explorer.png")
+        too_many = page.explore(prompt, group_size=20)
+        empty = page.explore("", group_size=4)
+        assert page.markdown("notice") == ""  # the other tab is untouched
+    assert shown["notice"] == "" and shown["summary"].startswith("G = 4 · reward mean"), shown
+    assert len(shown["completions"]) == 4 and len(shown["tokens"]) == 4
+    assert all(shown["tokens"]) and all(len(t) <= MAX_NEW for t in shown["tokens"])
+    for row in shown["completions"]:  # "#", text, correctness, digits, reward, A, change
+        assert re.search(r"[+-]\d\.\d{3}\s+[+-]\d\.\d{3}$", row), row
+    assert sorted(shown["downloads"]) == ["explorer-step.json", "explorer-tokens.csv"]
+    assert "G = 20 is not a whole number in 2..16" in too_many["notice"]
+    assert too_many["completions"] == [] and too_many["summary"] == ""
+    assert empty["notice"].startswith("the prompt is empty")
+    assert (tmp_path / "explorer.png").stat().st_size > 10_000
+
+
+def test_explorer_api(client):
+    prompt = eval_prompts(1)[0]
+    args = (1.0, 0.04, 0.2, 0.2, "grpo", 0)
+    notice, summary, table, tokens, files = client.predict(
+        prompt, "", 3, *args, api_name="/explore"
+    )
+    assert notice == "" and summary.startswith("G = 3 · ") and table.count("<tr>") == 4
+    assert sorted(Path(f).name for f in files) == ["explorer-step.json", "explorer-tokens.csv"]
+    notice, *rest = client.predict(prompt, "", 1, *args, api_name="/explore")
+    assert notice.startswith("G = 1 is not") and rest[:3] == ["", "", ""]
+
+
 # --- the CLI's errors ----------------------------------------------------------------------------
 
 

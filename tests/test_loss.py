@@ -15,6 +15,7 @@ from grpo.loss import (
     constant_groups,
     group_advantages,
     grpo_loss,
+    grpo_loss_terms,
     kl_k3,
     masked_mean,
     selective_log_softmax,
@@ -71,6 +72,32 @@ def test_hand_computed_loss(loss_type, kwargs, expected, expected_with_kl):
     )
     assert loss.item() == pytest.approx(expected_with_kl(0.1), abs=1e-6)
     assert stats["kl"] == pytest.approx(K / 4, abs=1e-7)
+
+
+@pytest.mark.parametrize("loss_type, kwargs, expected, expected_with_kl", HAND_CASES)
+def test_terms_are_the_hand_per_token_values_and_shares_add_up(
+    loss_type, kwargs, expected, expected_with_kl
+):
+    """grpo_loss_terms: the loss and stats of grpo_loss, the per-token terms L_it by hand (seq 0:
+    -1.0, -1.1, -1.2; seq 1: 0.8 + beta K, padding 0), and per_token * d loss / d per_token sums
+    to the loss."""
+    logps, old, ref, advantages, mask = hand_batch()
+    logps.requires_grad_(True)
+    loss, stats, terms = grpo_loss_terms(
+        logps, old, ref, advantages, mask, loss_type=loss_type, beta=0.5, **kwargs
+    )
+    plain_loss, plain_stats = grpo_loss(
+        logps, old, ref, advantages, mask, loss_type=loss_type, beta=0.5, **kwargs
+    )
+    assert loss.item() == plain_loss.item() and stats == plain_stats
+    hand = torch.tensor([[-1.0, -1.1, -1.2], [0.8 + 0.5 * K, 0.0, 0.0]])
+    assert torch.allclose(terms.per_token, hand, atol=1e-6)
+    assert terms.clip_high.tolist() == [[False, False, True], [False, False, False]]
+    assert terms.clip_low.tolist() == [[False, False, False], [True, False, False]]
+    assert terms.kl[1, 0].item() == pytest.approx(K) and terms.kl[0].abs().max() < 1e-6
+    (weights,) = torch.autograd.grad(loss, terms.per_token)
+    shares = terms.per_token * weights
+    assert shares.sum().item() == pytest.approx(expected_with_kl(0.5), rel=1e-6)
 
 
 def test_hand_computed_sequence_level():
