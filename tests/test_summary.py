@@ -13,6 +13,9 @@ def test_machine_reads_this_machine():
 
 
 def test_held_out_points_put_the_base_first_and_plots_are_written(tmp_path):
+    assert held_out_points(tmp_path) == []
+    (tmp_path / "eval_before.json").write_text(json.dumps({"accuracy": 0.42}))
+    assert held_out_points(tmp_path) == []  # no GRPO evaluation yet: nothing to draw
     (tmp_path / "eval.jsonl").write_text('{"step": 50, "accuracy": 0.8}\n')
     (tmp_path / "eval_before.json").write_text(json.dumps({"accuracy": 0.5}))
     assert held_out_points(tmp_path) == [

@@ -322,16 +322,3 @@ def test_cached_base_is_reused_only_with_the_same_warmup_settings(tmp_path):
     assert any("arithmetic_format: 'fixed' -> 'plain'" in m and "rebuilding" in m for m in logs)
     settings = json.loads((base / "warmup.json").read_text())["settings"]
     assert settings["arithmetic_format"] == "plain"
-
-
-def test_held_out_points_start_at_the_base(tmp_path):
-    from grpo.train import held_out_points
-
-    assert held_out_points(tmp_path) == []
-    (tmp_path / "eval_before.json").write_text(json.dumps({"accuracy": 0.42, "completions": []}))
-    assert held_out_points(tmp_path) == []  # no GRPO evaluation yet: nothing to draw
-    (tmp_path / "eval.jsonl").write_text('{"step": 200, "accuracy": 0.75}\n')
-    assert held_out_points(tmp_path) == [
-        {"step": 0, "accuracy": 0.42},
-        {"step": 200, "accuracy": 0.75},
-    ]
