@@ -324,3 +324,27 @@ def test_demo_serves_the_slice_with_the_chat_template(slice_dir, tmp_path):
     # as long as the run's limit (16 tokens): cut off, so not well formed, though right
     line = reward_breakdown(demo, question, "so " * 16 + f"\n#### {gold}")
     assert "answer_format = 0" in line and line.endswith("= **1**")
+
+
+def test_fused_nf4_kernel_at_smollm2_shapes(slice_dir):
+    """The decode path (few rows: the fused kernel) at every Llama linear of the real layer 0:
+    576 -> 576 (q, o), 576 -> 192 (k, v: 3 key-value heads), 576 -> 1536, 1536 -> 576."""
+    from qlora import kernel
+    from qlora.nf4 import dequantize_nf4
+
+    assert kernel.default_kernel() is not None  # the native build, not the reference fallback
+    tensors = load_file(slice_dir / "model.safetensors")
+    shapes = set()
+    g = torch.Generator().manual_seed(0)
+    for name in LLAMA_TARGETS:
+        key = next(k for k in tensors if k.startswith("model.layers.0.") and f".{name}." in k)
+        weight = tensors[key].float()
+        q = kernel.quantize(weight, blocksize=64, double_quant=True)
+        decoded = dequantize_nf4(q)
+        for rows in (1, 2, 16):
+            x = torch.randn(rows, weight.shape[1], generator=g)
+            y = kernel.fused_matmul(x, q)
+            bound = 1e-5 * (x.abs() @ decoded.abs().T) + 1e-6
+            assert torch.all((y - x @ decoded.T).abs() <= bound), (name, rows)
+        shapes.add(tuple(weight.shape))
+    assert shapes == {(576, 576), (192, 576), (1536, 576), (576, 1536)}
