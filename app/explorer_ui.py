@@ -197,8 +197,11 @@ def run_explorer(
     """(notice, summary, completions_html, tokens_html, [csv, json]); for a request that cannot
     run, the notice says why and the rest is empty."""
     answer = (answer or "").strip() or demo.answers.get(prompt, "")
+    cfg, generator = run_config(demo), demo.generator
+    prompt = prompt or ""
     request = StepRequest(
-        prompt=prompt or "",
+        # what the model reads, as the side-by-side tab feeds it (a task question -> its prompt)
+        prompt=generator.format_prompt(prompt) if prompt.strip() else prompt,
         answer=answer,
         group_size=_whole(group_size),
         temperature=float(temperature),
@@ -208,7 +211,6 @@ def run_explorer(
         loss_type=loss_type,
         seed=_whole(seed) if isinstance(_whole(seed), int) else 0,
     )
-    cfg, generator = run_config(demo), demo.generator
     try:
         check_request(request, generator.tokenizer, cfg, generator.context_length, demo.reward_fns)
         with generator.lock:

@@ -93,6 +93,7 @@ def load_demo(spec: DemoSpec, runner=None) -> Demo:
 
     task = demo_task(spec)
     examples, answers = task_examples(spec, task)
+    generator.format_prompt = chat_formatter(task, tokenizer)
     reward_fns, reward_weights = run_rewards(spec.config, task)
     return Demo(generator, spec, info, examples, answers, reward_fns, reward_weights, task)
 
@@ -136,8 +137,43 @@ def task_examples(spec: DemoSpec, task: Task | None = None) -> tuple[list[str], 
     task = task if task is not None else demo_task(spec)
     if task is None:
         return [], {}
-    answers = {r["prompt"]: r["answer"] for r in task.train + task.eval}
-    return [r["prompt"] for r in task.eval[:N_EXAMPLES]], answers
+    answers = {shown(r): r["answer"] for r in task.train + task.eval}
+    return [shown(r) for r in task.eval[:N_EXAMPLES]], answers
+
+
+def shown(record: dict) -> str:
+    """What the demo shows of a record: its question when its prompt is chat-formatted (the
+    word-problem task), else the prompt itself."""
+    return record.get("question", record["prompt"])
+
+
+def chat_formatter(task: Task | None, tokenizer):
+    """Typed text -> what the model reads: a task question -> the task's own prompt (chat
+    template and instruction, as in training); other text -> the tokenizer's chat template as
+    one user turn when it has one (an instruct model), else the text as it is."""
+    records = task.train + task.eval if task is not None else []
+    prompts = {r["question"]: r["prompt"] for r in records if "question" in r}
+    template = getattr(tokenizer, "chat_template", None)
+
+    def format_prompt(text: str) -> str:
+        if text in prompts:
+            return prompts[text]
+        if template and not text.lstrip().startswith(tokenizer.bos_token or "\0"):
+            messages = [{"role": "user", "content": text}]
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        return text
+
+    return format_prompt
+
+
+def truncated_column(demo: Demo, n_tokens: int) -> dict:
+    """{"truncated": [the run's length limit reached, so cut off rather than ended by the end
+    token]}; {} when there is no run (no limit to compare with)."""
+    if demo.spec is None:
+        return {}
+    return {"truncated": [n_tokens >= demo.spec.max_new_tokens]}
 
 
 def reward_breakdown(demo: Demo, prompt: str, completion: str) -> str:
@@ -163,6 +199,7 @@ def reward_breakdown(demo: Demo, prompt: str, completion: str) -> str:
                 [completion],
                 answer=[gold],
                 completion_lengths=[len(tokens)],
+                **truncated_column(demo, len(tokens)),
             )
         except RewardError as err:
             return " · ".join([*parts, f"reward: _{err}_"])

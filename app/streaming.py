@@ -244,6 +244,8 @@ class PairGenerator:
         self.max_new_tokens_cap = max(1, min(max_new_tokens_cap, self.context_length - 1))
         self.lock = threading.Lock()
         self.device = next(base_model.parameters()).device
+        # What the model reads for a typed prompt (the demo sets the task's chat formatting)
+        self.format_prompt: Callable[[str], str] = lambda text: text
 
     def prepare(self, prompt: str, max_new_tokens: int) -> PreparedPrompt:
         """Tokenize as the trainer does (no special tokens added); clamp max_new_tokens to the
@@ -256,7 +258,8 @@ class PairGenerator:
                 f"max new tokens {wanted} is outside 1..{self.max_new_tokens_cap}; "
                 f"used {new_tokens}."
             )
-        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        text = self.format_prompt(prompt)
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         room = self.context_length - new_tokens
         if ids.shape[1] > room:
             notes.append(

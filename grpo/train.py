@@ -193,6 +193,9 @@ def run(cfg: GRPOConfig) -> dict:
     grpo_seconds = time.time() - t_grpo
 
     acc_after, comps_after = evaluate_heldout()
+    if main:  # the tuned side of the before/after comparison, as eval_before.json holds the base
+        after = {"accuracy": acc_after, "completions": comps_after}
+        atomic_write_text(out / "eval_after.json", json.dumps(after))
     adapter_dir = out / ("adapter" if cfg.use_lora else "model")
     if main:
         checkpoint.save_final(

@@ -263,3 +263,88 @@ def test_one_grpo_step_on_the_slice(slice_dir, tmp_path):
     assert metrics["kl"] == 0.0  # B was 0: the policy was the reference (adapters off) exactly
     assert all(p.abs().sum() > 0 for p in lora_b.values())  # every adapter moved
     assert metrics["grad_norm"] > 0 and torch.isfinite(torch.tensor(metrics["loss"]))
+
+
+def test_demo_serves_the_slice_with_the_chat_template(slice_dir, tmp_path):
+    """A run directory for the slice (adapter with non-zero B), loaded as `python -m app
+    --run-dir` loads it: held-out questions as examples, the chat template applied, greedy
+    answers equal to the trainer's rollouts, the task's rewards in the breakdown."""
+    from app.serving import load_demo, reward_breakdown
+    from app.spec import resolve_spec
+    from app.streaming import Sampling
+    from grpo.rollout import generate_rollouts
+    from grpo.tasks import load_task
+    from qlora import adapters_disabled
+
+    run = tmp_path / "run"
+    model, _ = load_model(slice_dir)
+    prepare_qlora(model, ("auto",), r=8, alpha=16, dropout=0.0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    save_adapter(model, run / "adapter", str(slice_dir))
+    cfg = GRPOConfig(
+        model=str(slice_dir),
+        task="word_problems",
+        lora_targets=["auto"],
+        n_eval=10,
+        max_new_tokens=16,
+        reward_funcs=["correctness", "answer_format"],
+        reward_weights=[1.0, 0.5],
+        output_dir=str(run),
+    )
+    cfg.save_yaml(run / "config.yaml")
+    demo = load_demo(resolve_spec(str(run)))
+    task = load_task(cfg)
+    assert demo.examples == [r["question"] for r in task.eval[:8]]  # questions, not chat markup
+    question, gold = task.eval[0]["question"], task.eval[0]["answer"]
+    generator = demo.generator
+    assert generator.format_prompt(question) == task.eval[0]["prompt"]  # as in training
+    assert generator.format_prompt("Hi").endswith("user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    prepared = generator.prepare(question, 5)
+    *_, (base, tuned) = generator.stream(prepared, Sampling(5))
+    served = generator.decode(base), generator.decode(tuned)
+    ours, tok = load_model(slice_dir)
+    load_adapter(ours, run / "adapter", quantize=True)
+
+    def greedy():
+        return generate_rollouts(
+            ours, tok, [task.eval[0]["prompt"]], max_new_tokens=5, do_sample=False
+        )
+
+    with adapters_disabled(ours):
+        want_base = greedy()
+    want = (want_base.completions[0], greedy().completions[0])
+    assert served == want and served[0] != served[1]
+    line = reward_breakdown(demo, question, f"{gold} apples\n#### {gold}")
+    assert line.startswith(f"correct: **yes** (gold {gold})")
+    assert "answer_format = 1" in line and line.endswith("= **1.5**")
+    # as long as the run's limit (16 tokens): cut off, so not well formed, though right
+    line = reward_breakdown(demo, question, "so " * 16 + f"\n#### {gold}")
+    assert "answer_format = 0" in line and line.endswith("= **1**")
+
+
+def test_fused_nf4_kernel_at_smollm2_shapes(slice_dir):
+    """The decode path (few rows: the fused kernel) at every Llama linear of the real layer 0:
+    576 -> 576 (q, o), 576 -> 192 (k, v: 3 key-value heads), 576 -> 1536, 1536 -> 576."""
+    from qlora import kernel
+    from qlora.nf4 import dequantize_nf4
+
+    assert kernel.default_kernel() is not None  # the native build, not the reference fallback
+    tensors = load_file(slice_dir / "model.safetensors")
+    shapes = set()
+    g = torch.Generator().manual_seed(0)
+    for name in LLAMA_TARGETS:
+        key = next(k for k in tensors if k.startswith("model.layers.0.") and f".{name}." in k)
+        weight = tensors[key].float()
+        q = kernel.quantize(weight, blocksize=64, double_quant=True)
+        decoded = dequantize_nf4(q)
+        for rows in (1, 2, 16):
+            x = torch.randn(rows, weight.shape[1], generator=g)
+            y = kernel.fused_matmul(x, q)
+            bound = 1e-5 * (x.abs() @ decoded.abs().T) + 1e-6
+            assert torch.all((y - x @ decoded.T).abs() <= bound), (name, rows)
+        shapes.add(tuple(weight.shape))
+    assert shapes == {(576, 576), (192, 576), (1536, 576), (576, 1536)}
