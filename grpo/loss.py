@@ -452,80 +452,11 @@ def grpo_loss(
     ref_logps: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    *,
-    loss_type: str = "grpo",
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.0,
-    importance_sampling_level: str = "token",
-    max_completion_length: int | None = None,
-    num_items_in_batch: int | float | torch.Tensor | None = None,
-    entropies: torch.Tensor | None = None,
-    delta: float = 0.0,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-    top_entropy_quantile: float = 1.0,
-    entropy_coef: float = 0.0,
-    off_policy_mask_threshold: float = 0.0,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The GRPO loss (module docstring) and its statistics, for one (micro-)batch.
-
-    logps, old_logps, ref_logps, mask: [B, T], completion tokens only. old_logps=None means
-    on-policy (old = logps.detach()); ref_logps may be None when beta == 0. advantages: [B].
-    epsilon_high=None means epsilon_low (symmetric clip). max_completion_length is used by
-    "dr_grpo" only, num_items_in_batch by "dapo", "cispo" and "vespo" (None: the real tokens of
-    this batch). entropies [B, T] (token_entropy of the policy's logits) are needed only by
-    top_entropy_quantile < 1 and entropy_coef > 0. delta = 0 and off_policy_mask_threshold = 0
-    switch those options off.
-
-    stats: "ratio_mean", the token mean of the ratio; for the clipped losses "clip_low" /
-    "clip_high" / "clip_region", the fractions of real tokens where the clip changed the
-    objective: ratio < 1 - eps_low with A < 0 / ratio > 1 + eps_high with A > 0 / either, and
-    with delta "clip_delta" (ratio > delta with A < 0); "cispo_capped" (ratio > 1 + eps_high),
-    "sapo_gate_mean" (token mean of sapo_gate), "vespo_weight_mean" (mean phi_i of the non-empty
-    sequences); "off_policy_masked" (fraction of non-empty sequences dropped), "entropy" (token
-    mean of H, when entropies are given), "entropy_masked" (fraction of real tokens the entropy
-    mask drops); "kl", the token mean of k3 (when ref_logps is given).
-
-    Worked example: sequence 0 has A = +1 and three tokens with ratios 1.0, 1.1, 1.5 (the last one
-    is clipped to 1.2); sequence 1 has A = -1 and one token with ratio 0.5 (clipped to 0.8).
-    "grpo" = mean(-(1.0 + 1.1 + 1.2) / 3, 0.8 / 1) = -0.15; "bnpo" = (-3.3 + 0.8) / 4 = -0.625.
-    >>> old = torch.zeros(2, 3)
-    >>> logps = torch.tensor([[1.0, 1.1, 1.5], [0.5, 1.0, 1.0]]).log()
-    >>> mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    >>> loss, stats = grpo_loss(logps, old, None, torch.tensor([1.0, -1.0]), mask)
-    >>> round(loss.item(), 4), stats["clip_low"], stats["clip_high"], stats["clip_region"]
-    (-0.15, 0.25, 0.25, 0.5)
-    """
-    loss, stats, _ = grpo_loss_terms(
-        logps,
-        old_logps,
-        ref_logps,
-        advantages,
-        mask,
-        loss_type=loss_type,
-        epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high,
-        beta=beta,
-        importance_sampling_level=importance_sampling_level,
-        max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch,
-        entropies=entropies,
-        delta=delta,
-        sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg,
-        vespo_k_pos=vespo_k_pos,
-        vespo_lambda_pos=vespo_lambda_pos,
-        vespo_k_neg=vespo_k_neg,
-        vespo_lambda_neg=vespo_lambda_neg,
-        top_entropy_quantile=top_entropy_quantile,
-        entropy_coef=entropy_coef,
-        off_policy_mask_threshold=off_policy_mask_threshold,
-    )
+    """The GRPO loss (module docstring) and its statistics, for one (micro-)batch: the first two
+    results of grpo_loss_terms, whose docstring lists the options and a worked example."""
+    loss, stats, _ = grpo_loss_terms(logps, old_logps, ref_logps, advantages, mask, **options)
     return loss, stats
 
 
@@ -566,12 +497,39 @@ def grpo_loss_terms(
     entropy_coef: float = 0.0,
     off_policy_mask_threshold: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float], LossTerms]:
-    """grpo_loss, and its per-token terms (LossTerms): the one implementation of the loss.
+    """The GRPO loss (module docstring) and its statistics, for one (micro-)batch.
 
-    Without the entropy bonus the loss is linear in `per_token` (each loss_type divides its sum
-    by a normaliser), so per_token * d loss / d per_token is each token's share, and the shares
-    add up to the loss. clip_low / clip_high are the clipped losses' clips (all False for
-    cispo, sapo and vespo, which do not clip).
+    logps, old_logps, ref_logps, mask: [B, T], completion tokens only. old_logps=None means
+    on-policy (old = logps.detach()); ref_logps may be None when beta == 0. advantages: [B].
+    epsilon_high=None means epsilon_low (symmetric clip). max_completion_length is used by
+    "dr_grpo" only, num_items_in_batch by "dapo", "cispo" and "vespo" (None: the real tokens of
+    this batch). entropies [B, T] (token_entropy of the policy's logits) are needed only by
+    top_entropy_quantile < 1 and entropy_coef > 0. delta = 0 and off_policy_mask_threshold = 0
+    switch those options off.
+
+    stats: "ratio_mean", the token mean of the ratio; for the clipped losses "clip_low" /
+    "clip_high" / "clip_region", the fractions of real tokens where the clip changed the
+    objective: ratio < 1 - eps_low with A < 0 / ratio > 1 + eps_high with A > 0 / either, and
+    with delta "clip_delta" (ratio > delta with A < 0); "cispo_capped" (ratio > 1 + eps_high),
+    "sapo_gate_mean" (token mean of sapo_gate), "vespo_weight_mean" (mean phi_i of the non-empty
+    sequences); "off_policy_masked" (fraction of non-empty sequences dropped), "entropy" (token
+    mean of H, when entropies are given), "entropy_masked" (fraction of real tokens the entropy
+    mask drops); "kl", the token mean of k3 (when ref_logps is given).
+
+    The per-token terms (LossTerms) come third. Without the entropy bonus the loss is linear in
+    `per_token` (each loss_type divides its sum by a normaliser), so per_token * d loss /
+    d per_token is each token's share, and the shares add up to the loss. clip_low / clip_high
+    are the clipped losses' clips (all False for cispo, sapo and vespo, which do not clip).
+
+    Worked example: sequence 0 has A = +1 and three tokens with ratios 1.0, 1.1, 1.5 (the last one
+    is clipped to 1.2); sequence 1 has A = -1 and one token with ratio 0.5 (clipped to 0.8).
+    "grpo" = mean(-(1.0 + 1.1 + 1.2) / 3, 0.8 / 1) = -0.15; "bnpo" = (-3.3 + 0.8) / 4 = -0.625.
+    >>> old = torch.zeros(2, 3)
+    >>> logps = torch.tensor([[1.0, 1.1, 1.5], [0.5, 1.0, 1.0]]).log()
+    >>> mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    >>> loss, stats = grpo_loss(logps, old, None, torch.tensor([1.0, -1.0]), mask)
+    >>> round(loss.item(), 4), stats["clip_low"], stats["clip_high"], stats["clip_region"]
+    (-0.15, 0.25, 0.25, 0.5)
     """
     options = {
         "loss_type": loss_type, "importance_sampling_level": importance_sampling_level,
