@@ -14,9 +14,11 @@ The task owns everything about its problems:
 - scoring (`final_answer`, `is_right`): the number on the last `####` line, or the last number
   when there is none; it judges the trainer's sampled accuracy, the held-out greedy evaluation and
   the demo;
-- rewards (`REWARDS`, by config name): `correctness` (1 when right) and `answer_format` (1 when the
+- rewards (`REWARDS`, by config name): `correctness` (1 when right), `answer_format` (1 when the
   completion ends with exactly one `#### N` line and then the end token, not cut off by the length
-  limit); DAPO's `overlong` penalty is the generic one.
+  limit) and `right_format` (their product: the format paid only on a right answer, so a bare
+  guessed `#### N` earns nothing a wrong answer does not); DAPO's `overlong` penalty is the
+  generic one.
 
 The model must have a chat template (an instruct model such as `smollm2-135m-instruct`,
 grpo/pretrained.py); the tiny Phi has none and is refused by `check`.
@@ -33,7 +35,7 @@ from grpo.rewards import column
 from grpo.tasks import Task
 from grpo.tasks.answers import last_number, numbers_match, parse_number
 
-INSTRUCTION = "Solve it step by step, then give the final answer on the last line as: #### <number>"
+INSTRUCTION = "Write the calculation, then the final answer on its own line as: #### <number>"
 
 NAMES = (
     "Sara", "Tom", "Maya", "Leo", "Nina", "Omar", "Lucy", "Ben", "Ava", "Sam", "Zoe", "Eli",
@@ -222,6 +224,18 @@ def answer_format_reward(prompts: list[str], completions: list[str], **columns) 
     return [float(has_answer_line(c) and not t) for c, t in zip(completions, cut, strict=True)]
 
 
+def right_format_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """correctness_reward * answer_format_reward: 1.0 for a right answer in the right form.
+
+    >>> right_format_reward(["Q"] * 3, ["#### 5", "#### 6", "5"], answer=["5"] * 3,
+    ...                     truncated=[False] * 3)
+    [1.0, 0.0, 0.0]
+    """
+    right = correctness_reward(prompts, completions, **columns)
+    formed = answer_format_reward(prompts, completions, **columns)
+    return [r * f for r, f in zip(right, formed, strict=True)]
+
+
 def split_problems(seed: int = 0, n_eval: int = 500) -> tuple[list[Problem], list[Problem]]:
     """(train, held-out) problems, balanced across KINDS: each kind's problems are shuffled by
     `seed`, n_eval / 5 of each are held out and the same number of each of the rest trained on
@@ -279,7 +293,11 @@ def word_problem_task(tokenizer, seed: int = 0, n_eval: int = 500) -> Task:
     return Task("word_problems", train=train, eval=held_out, correct=is_right, rewards=REWARDS)
 
 
-REWARDS = {"correctness": correctness_reward, "answer_format": answer_format_reward}
+REWARDS = {
+    "correctness": correctness_reward,
+    "answer_format": answer_format_reward,
+    "right_format": right_format_reward,
+}
 
 
 def check(cfg: GRPOConfig) -> None:
