@@ -118,7 +118,7 @@ class GRPOConfig:
     temperature: float = _f(1.0, "sampling temperature for rollouts")
     top_p: float = _f(1.0, "nucleus sampling for rollouts")
     learning_rate: float = _f(
-        5e-4, "AdamW peak learning rate (LoRA on the tiny model; 2e-3 collapsed the policy)"
+        5e-4, "AdamW peak learning rate (LoRA on the tiny model; 2e-3 collapses the policy)"
     )
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.05, "fraction of max_steps with a linear learning-rate ramp")
