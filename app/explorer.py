@@ -45,6 +45,7 @@ from torch.optim import AdamW
 
 from grpo.choices import LOSS_TYPES
 from grpo.config import GRPOConfig
+from grpo.logprobs import completion_logps
 from grpo.loss import (
     LOSS_VARIANT_OPTIONS,
     check_loss_options,
@@ -53,7 +54,7 @@ from grpo.loss import (
     reward_advantages,
 )
 from grpo.rewards import combine_rewards
-from grpo.rollout import Rollout, completion_logps, generate_rollouts
+from grpo.rollout import Rollout, generate_rollouts
 from qlora import adapters_disabled, lora_layers
 from qlora.atomic import atomic_write_text
 
