@@ -1,34 +1,25 @@
-"""The reward machinery: reward functions by name, their weighted sum, and the checks on both.
+"""Reward functions by name, their weighted sum, and the checks on both.
 
-Every reward function has one signature:
+Every reward function has one signature, and returns one entry per completion:
 
     fn(prompts: list[str], completions: list[str], **columns) -> list[float]
 
-with one entry per completion. `columns` carries dataset columns repeated once per completion
-(each prompt is sampled G times, so its gold answer is repeated G times), plus what the trainer
-knows about each completion:
+`columns` (COLUMNS) carries dataset columns repeated once per completion (each prompt is sampled
+G times, so its gold answer is repeated G times) and what the trainer knows of each completion:
 
     answer=["42", "42", ..., "#### 7", ...]      # gold answer, plain or GSM8K "#### n" style
     completion_lengths=[31, 64, ...]             # completion length in tokens (for "overlong")
     truncated=[False, True, ...]                 # True when the length limit cut it before EOS
 
-A reward that returns 0 for every completion because a column never reached it trains on no signal
-at all, silently. So three rules hold throughout:
+A reward that returns 0 for every completion because a column never reached it trains on no
+signal at all, silently. So a function missing a column raises `MissingColumnError` (never a
+default of 0); `combine_rewards` requires one finite number per completion from every function
+(`RewardError`, naming the function and the completion); and a gold answer that is not a number
+raises (`grpo.tasks.answers.gold_value`).
 
-1. A function that needs a column and does not get it raises `MissingColumnError`, naming the
-   column and the columns it did get. It never defaults to 0.
-2. `combine_rewards` checks every function's output: it must return one finite number per
-   completion. Anything else raises `RewardError` naming the function, the completion index and
-   the completion text.
-3. A gold answer that is not a number raises instead of scoring every completion 0
-   (`grpo.tasks.answers.gold_value`).
-
-A run names its rewards in `reward_funcs`. A name is one of its task's rewards (`Task.rewards`: the
-tasks own correctness and what makes sense for them, `grpo/tasks/`), one of `GENERIC_REWARDS`
-here (DAPO's soft overlong penalty, which only looks at lengths), or an import path
-`module:function` found on sys.path, with the same signature and the same checks. `resolve_reward`
-turns one name into a function, `check_reward_names` is the one check of a run's names, and
-`build_reward_functions` turns names and weights into what `combine_rewards` takes.
+A run names its rewards in `reward_funcs`: its task's (`Task.rewards`, grpo/tasks/), one of
+`GENERIC_REWARDS` here (DAPO's soft overlong penalty, which looks only at lengths), or an import
+path `module:function` on sys.path (`resolve_reward`).
 """
 
 from __future__ import annotations
@@ -329,15 +320,7 @@ def combine_rewards(
     >>> total.tolist(), per["short"].tolist()
     ([1.5, 0.0], [1.0, 0.0])
     """
-    if isinstance(reward_fns, Mapping):
-        named = list(reward_fns.items())
-    else:
-        named = [(getattr(fn, "__name__", repr(fn)), fn) for fn in reward_fns]
-        if len({name for name, _ in named}) != len(named):
-            raise RewardError(
-                f"reward functions have duplicate names {[n for n, _ in named]}; "
-                "pass a dict name -> function"
-            )
+    named = _named(reward_fns)
     if len(weights) != len(named):
         raise RewardError(
             f"got {len(weights)} weights for {len(named)} reward functions "
@@ -355,42 +338,70 @@ def combine_rewards(
     total = torch.zeros(n, dtype=torch.float32)
     per_function: dict[str, torch.Tensor] = {}
     for (name, fn), weight in zip(named, weights, strict=True):
-        try:
-            result = fn(prompts, completions, **columns)
-        except MissingColumnError as exc:
-            # Every completion would fail the same way: no index to hunt for.
-            raise MissingColumnError(f"reward function {name!r}: {exc}") from exc
-        except Exception as exc:
-            index = _first_failing_index(fn, prompts, completions, columns)
-            where = (
-                f" on completion {index}: {snippet(completions[index])!r}"
-                if index is not None
-                else " (on the whole batch; no single completion fails alone)"
-            )
-            raise RewardError(
-                f"reward function {name!r} raised {type(exc).__name__}: {exc}{where}"
-            ) from exc
-        try:
-            values = list(result)
-        except TypeError:
-            raise RewardError(
-                f"reward function {name!r} returned {type(result).__name__}, "
-                f"expected a list of {n} floats"
-            ) from None
-        if len(values) != n:
-            raise RewardError(
-                f"reward function {name!r} returned {len(values)} values, expected {n} "
-                "(one per completion)"
-            )
-        floats = []
-        for i, value in enumerate(values):
-            number = _as_number(value)
-            if number is None:
-                raise RewardError(
-                    f"reward function {name!r} returned {value!r} at completion {i}, expected a "
-                    f"finite number; completion {i}: {snippet(completions[i])!r}"
-                )
-            floats.append(number)
-        per_function[name] = torch.tensor(floats, dtype=torch.float32)
+        result = _call(name, fn, prompts, completions, columns)
+        values = _finite_values(name, result, completions)
+        per_function[name] = torch.tensor(values, dtype=torch.float32)
         total += float(weight) * per_function[name]
     return total, per_function
+
+
+def _named(reward_fns: Mapping[str, RewardFn] | Sequence[RewardFn]) -> list[tuple[str, RewardFn]]:
+    """(name, function) pairs: a mapping's items, or a list's functions by their `__name__`."""
+    if isinstance(reward_fns, Mapping):
+        return list(reward_fns.items())
+    named = [(getattr(fn, "__name__", repr(fn)), fn) for fn in reward_fns]
+    if len({name for name, _ in named}) != len(named):
+        raise RewardError(
+            f"reward functions have duplicate names {[n for n, _ in named]}; "
+            "pass a dict name -> function"
+        )
+    return named
+
+
+def _call(
+    name: str, fn: RewardFn, prompts: list[str], completions: list[str], columns: Mapping
+) -> Any:
+    """fn(prompts, completions, **columns); what it raises becomes a RewardError naming `name`
+    and the first completion it fails on alone."""
+    try:
+        return fn(prompts, completions, **columns)
+    except MissingColumnError as exc:
+        # Every completion would fail the same way: no index to hunt for.
+        raise MissingColumnError(f"reward function {name!r}: {exc}") from exc
+    except Exception as exc:
+        index = _first_failing_index(fn, prompts, completions, columns)
+        where = (
+            f" on completion {index}: {snippet(completions[index])!r}"
+            if index is not None
+            else " (on the whole batch; no single completion fails alone)"
+        )
+        raise RewardError(
+            f"reward function {name!r} raised {type(exc).__name__}: {exc}{where}"
+        ) from exc
+
+
+def _finite_values(name: str, result: Any, completions: list[str]) -> list[float]:
+    """`result` as one finite float per completion, or a RewardError naming what is wrong."""
+    n = len(completions)
+    try:
+        values = list(result)
+    except TypeError:
+        raise RewardError(
+            f"reward function {name!r} returned {type(result).__name__}, "
+            f"expected a list of {n} floats"
+        ) from None
+    if len(values) != n:
+        raise RewardError(
+            f"reward function {name!r} returned {len(values)} values, expected {n} "
+            "(one per completion)"
+        )
+    floats = []
+    for i, value in enumerate(values):
+        number = _as_number(value)
+        if number is None:
+            raise RewardError(
+                f"reward function {name!r} returned {value!r} at completion {i}, expected a "
+                f"finite number; completion {i}: {snippet(completions[i])!r}"
+            )
+        floats.append(number)
+    return floats
