@@ -56,7 +56,8 @@ from grpo.loss import (
 )
 from grpo.metrics import no_signal_warning, step_metrics
 from grpo.policy import release_memory_each_step
-from grpo.rewards import build_rewards, combine_rewards
+from grpo.reward_funcs import build_rewards
+from grpo.rewards import combine_rewards
 from grpo.rollout import Rollout, generate_rollouts
 from grpo.schedule import learning_rate
 from qlora import adapters_disabled, release_freed_memory
