@@ -4,7 +4,7 @@ import math
 import pytest
 
 from grpo.cli import check_run, config_from_dict, load_config, parse_cli
-from grpo.config import ConfigError, GRPOConfig
+from grpo.config import COUNT, NON_NEGATIVE, POSITIVE, ConfigError, GRPOConfig, Range
 from grpo.tasks import load_task
 
 # The embedded default run as `make train` ran it with every value spelled out in
@@ -232,3 +232,27 @@ def test_lora_targets_checked_against_a_local_model_dir(tiny_model_dir):
     check_run(GRPOConfig(model=str(tiny_model_dir), lora_targets=["fc1"]))
     with pytest.raises(ConfigError, match="its linear layers are dense, fc1, fc2, k_proj"):
         check_run(GRPOConfig(model=str(tiny_model_dir), lora_targets=["gate_proj"]))
+
+
+def test_a_range_says_its_bounds_and_holds_no_nan():
+    assert COUNT.message() == "must be >= 1" and POSITIVE.message() == "must be a finite number > 0"
+    assert Range(0, 1, lo_open=True, hi_open=False).message() == "must be in (0, 1]"
+    assert Range(0, 1, why="0: off").message() == "must be in [0, 1) (0: off)"
+    assert 1 in Range(0, 1, hi_open=False) and 1 not in Range(0, 1) and 0 not in POSITIVE
+    assert math.nan not in NON_NEGATIVE and math.inf not in NON_NEGATIVE and 0 in NON_NEGATIVE
+
+
+def test_every_number_field_declares_its_range_and_every_name_field_its_choices():
+    fields = {f.name: f.metadata for f in dataclasses.fields(GRPOConfig)}
+    assert fields["lora_dropout"]["within"] == Range(
+        0, 1, why="a probability; 1 would drop every input"
+    )
+    assert fields["loss_type"]["choices"][:2] == ("grpo", "bnpo")
+    unbounded = {n for n, m in fields.items() if m["within"] is None}
+    numbers = {f.name for f in dataclasses.fields(GRPOConfig) if f.type in ("int", "float")}
+    # the objective's options are checked with the loss (grpo.loss.check_loss_options)
+    assert numbers & unbounded == {
+        "delta", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
+        "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "top_entropy_quantile",
+        "entropy_coef", "off_policy_mask_threshold",
+    }  # fmt: skip
