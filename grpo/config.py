@@ -74,7 +74,7 @@ def _f(default, help: str, *, within: Range | None = None, choices: tuple[str, .
 @dataclass
 class GRPOConfig:
     """Every knob of a run. The defaults ARE the embedded default run (`make train`): the tiny Phi
-    on two-digit arithmetic on a CPU, minutes; a config file lists only what differs."""
+    on two-digit arithmetic on a CPU; a config file lists only what differs."""
 
     # --- model -----------------------------------------------------------------------------
     model: str = _f(
