@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="decode with the int8 NF4 kernel (int8 activations and code table, a bfloat16 GEMV "
         "for the output layer): faster than the default exact kernel, within a bounded rounding "
-        "of it (the README gives its measured effect on predictions)",
+        "of it (the README gives its effect on predictions)",
     )
     p.add_argument(
         "--task",

@@ -1,12 +1,12 @@
 """Attention for bfloat16 models on a CPU, where decoding is concerned.
 
-PyTorch's fused CPU kernel for scaled-dot-product attention is several times slower in bfloat16
-than in float32 when the query is a single position, and a decode step runs it once per layer.
-So queries of at most DECODE_QUERY_LENGTH positions
-are computed in float32 from the same bf16 keys and values and cast back (more precise, never
-less); longer queries (prefill, training) go to transformers' "sdpa" unchanged. The keys and
-values may come from a float32 cache (app.streaming keeps one for decoding, so that they are not
-widened again on every step): they hold 16-bit values, narrowed back exactly for long queries.
+PyTorch's fused CPU kernel for scaled-dot-product attention is slower in bfloat16 than in float32
+when the query is a single position, and a decode step runs it once per layer. So queries of at
+most DECODE_QUERY_LENGTH positions are computed in float32 from the same bf16 keys and values and
+cast back (more precise, never less); longer queries (prefill, training) go to transformers' "sdpa"
+unchanged. The keys and values may come from a float32 cache (app.streaming keeps one for decoding,
+so that they are not widened again on every step): they hold 16-bit values, narrowed back exactly
+for long queries.
 
     use_cpu_decode_attention(model)   switch a model that runs "sdpa" to this attention
 """

@@ -45,6 +45,7 @@ from torch.optim import AdamW
 
 from grpo.choices import LOSS_TYPES
 from grpo.config import GRPOConfig
+from grpo.logprobs import completion_logps
 from grpo.loss import (
     LOSS_VARIANT_OPTIONS,
     check_loss_options,
@@ -53,7 +54,7 @@ from grpo.loss import (
     reward_advantages,
 )
 from grpo.rewards import combine_rewards
-from grpo.rollout import Rollout, completion_logps, generate_rollouts
+from grpo.rollout import Rollout, generate_rollouts
 from qlora import adapters_disabled, lora_layers
 from qlora.atomic import atomic_write_text
 
@@ -215,6 +216,23 @@ def _rows(x: torch.Tensor, mask: torch.Tensor) -> list[list]:
     return [row[m.bool()].tolist() for row, m in zip(x, mask, strict=True)]
 
 
+def seeded_rollouts(model, tokenizer, request: StepRequest, cfg: GRPOConfig) -> Rollout:
+    """Step 1: the group's G completions, sampled as a training step samples them. The request's
+    seed fixes them; the caller's random state is left as it was."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(request.seed)
+        return generate_rollouts(
+            model,
+            tokenizer,
+            [request.prompt] * request.group_size,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=request.temperature,
+            top_p=cfg.top_p,
+            min_new_tokens=cfg.min_new_tokens,
+        )
+
+
 def explore(
     model, tokenizer, request: StepRequest, cfg: GRPOConfig, reward_fns, reward_weights
 ) -> StepResult:
@@ -222,25 +240,13 @@ def explore(
     t0 = time.perf_counter()
     timings = {}
     G, device = request.group_size, next(model.parameters()).device
-    prompts = [request.prompt] * G
-    # 1. rollouts: the seed fixes them; the caller's random state is left as it was
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(request.seed)
-        ro = generate_rollouts(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=request.temperature,
-            top_p=cfg.top_p,
-            min_new_tokens=cfg.min_new_tokens,
-        )
+    ro = seeded_rollouts(model, tokenizer, request, cfg)  # 1.
     timings["generation"] = time.perf_counter() - t0
     # 2-3. rewards and advantages
     rewards, parts = combine_rewards(
         reward_fns,
         reward_weights,
-        prompts,
+        [request.prompt] * G,
         ro.completions,
         answer=[request.answer] * G,
         completion_lengths=ro.completion_mask.sum(dim=1).tolist(),

@@ -235,6 +235,26 @@ def run_explorer(
     )
 
 
+def step_settings(cfg: GRPOConfig) -> list:
+    """A row of the step's settings, starting at the run's: G, temperature, beta, epsilon low and
+    high, loss type, seed (in run_explorer's order)."""
+    with gr.Row():
+        return [
+            gr.Number(
+                value=min(max(cfg.num_generations, G_MIN), G_MAX),
+                precision=0,
+                label=f"G (completions, {G_MIN}-{G_MAX})",
+                elem_id="explorer-g",
+            ),
+            gr.Slider(0.05, 2.0, value=cfg.temperature, step=0.05, label="Temperature"),
+            gr.Slider(0.0, 1.0, value=cfg.beta, step=0.01, label="beta (KL weight)"),
+            gr.Slider(0.0, 0.99, value=cfg.epsilon_low, step=0.01, label="epsilon low"),
+            gr.Slider(0.0, 1.0, value=cfg.epsilon_high, step=0.01, label="epsilon high"),
+            gr.Dropdown(list(LOSS_TYPES), value=cfg.loss_type, label="Loss type"),
+            gr.Number(value=0, precision=0, label="Seed (sampling)"),
+        ]
+
+
 def add_explorer_tab(demo: Demo) -> None:
     """Add the tab's components and events to the gr.Blocks (or gr.Tab) being built."""
     cfg = run_config(demo)
@@ -254,19 +274,7 @@ def add_explorer_tab(demo: Demo) -> None:
             elem_id="explorer-answer",
         )
         run = gr.Button("Run one step", variant="primary", scale=1, elem_id="explorer-run")
-    with gr.Row():
-        group_size = gr.Number(
-            value=min(max(cfg.num_generations, G_MIN), G_MAX),
-            precision=0,
-            label=f"G (completions, {G_MIN}-{G_MAX})",
-            elem_id="explorer-g",
-        )
-        temperature = gr.Slider(0.05, 2.0, value=cfg.temperature, step=0.05, label="Temperature")
-        beta = gr.Slider(0.0, 1.0, value=cfg.beta, step=0.01, label="beta (KL weight)")
-        epsilon_low = gr.Slider(0.0, 0.99, value=cfg.epsilon_low, step=0.01, label="epsilon low")
-        epsilon_high = gr.Slider(0.0, 1.0, value=cfg.epsilon_high, step=0.01, label="epsilon high")
-        loss_type = gr.Dropdown(list(LOSS_TYPES), value=cfg.loss_type, label="Loss type")
-        seed = gr.Number(value=0, precision=0, label="Seed (sampling)")
+    settings = step_settings(cfg)
     if demo.examples:
         gr.Examples(
             [[p, demo.answers.get(p, "")] for p in demo.examples],
@@ -303,17 +311,7 @@ def add_explorer_tab(demo: Demo) -> None:
         show_progress="hidden",
     ).then(
         step,
-        inputs=[
-            prompt,
-            answer,
-            group_size,
-            temperature,
-            beta,
-            epsilon_low,
-            epsilon_high,
-            loss_type,
-            seed,
-        ],
+        inputs=[prompt, answer, *settings],
         outputs=[notice, summary, completions, tokens, downloads],
         api_name="explore",
         show_progress="minimal",

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from grpo.config import GRPOConfig
 from grpo.policy import ModelLoadError, load_model
-from grpo.rewards import RewardError, build_rewards, combine_rewards
+from grpo.reward_funcs import build_rewards
+from grpo.rewards import RewardError, combine_rewards
 from grpo.tasks import Task, load_task
 from qlora import (
     AdapterError,

@@ -53,62 +53,15 @@ def resolve_spec(
     cfg, summary = None, {}
     if run_dir is not None:
         run = Path(run_dir)
-        config_path = run / "config.yaml"
-        if not config_path.is_file():
-            raise DemoError(
-                f"{config_path} is missing, so {run} is not a trained run; fix: train it "
-                "(`make train` writes runs/tiny) or pass --model MODEL --adapter DIR"
-            )
-        try:
-            cfg = load_config(config_path)
-        except ConfigError as err:
-            raise DemoError(f"{err}; fix: repair the file or re-run `make train`") from err
+        cfg, summary = read_run(run)
         # A tiny run's base lives inside the run directory, wherever that has been moved.
         model = model or str(run / "base" if cfg.model == "tiny" else cfg.model)
         adapter = adapter or str(run / "adapter")
-        summary_path = run / "summary.json"
-        if summary_path.is_file():
-            try:
-                summary = json.loads(summary_path.read_text())
-            except json.JSONDecodeError:
-                print(f"demo: warning: {summary_path} is not valid JSON; ignored", file=sys.stderr)
         task = task or cfg.task
-    if adapter is None:
-        raise DemoError(
-            "no adapter given; fix: pass --run-dir runs/tiny (after `make train`) or "
-            "--adapter DIR (a peft-format LoRA directory)"
-        )
-    adapter_dir = Path(adapter)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        fix = (
-            f"run `make train` (writes {adapter_dir}) or pass --adapter DIR"
-            if run_dir is not None
-            else "pass a directory written by save_adapter or peft's save_pretrained"
-        )
-        raise DemoError(f"adapter {adapter_dir / 'adapter_config.json'} does not exist; fix: {fix}")
+    adapter_dir = check_adapter(adapter, from_run=run_dir is not None)
     if model is None:  # --adapter alone: the base the adapter says it was trained on
-        config_path = adapter_dir / "adapter_config.json"
-        try:
-            model = json.loads(config_path.read_text()).get("base_model_name_or_path")
-        except (json.JSONDecodeError, AttributeError) as err:
-            raise DemoError(
-                f"{config_path} is not a JSON object ({err}); fix: re-save the "
-                "adapter, or pass --model"
-            ) from err
-        if not model:
-            raise DemoError(
-                f"{adapter_dir / 'adapter_config.json'} names no "
-                "base_model_name_or_path; fix: pass --model"
-            )
-    local = Path(model).expanduser()
-    if is_local_name(str(model)) and not (local / "config.json").is_file():
-        # A path, not a hub id: say so now rather than after loading (load_model still checks
-        # hub ids and everything else).
-        raise DemoError(
-            f"model {model}: no config.json there; fix: pass a directory written by "
-            "save_pretrained (`make train` builds runs/tiny/base) or a hub id such as "
-            "microsoft/phi-2"
-        )
+        model = adapter_base_model(adapter_dir)
+    check_local_model(model)
     return DemoSpec(
         model=str(model),
         adapter=adapter_dir,
@@ -122,3 +75,69 @@ def resolve_spec(
         max_new_tokens=cfg.max_new_tokens if cfg else 64,
         max_new_tokens_cap=max_new_tokens_cap,
     )
+
+
+def read_run(run: Path) -> tuple[GRPOConfig, dict]:
+    """A run directory's config (required) and summary.json (optional: a bad one is ignored
+    with a warning)."""
+    config_path = run / "config.yaml"
+    if not config_path.is_file():
+        raise DemoError(
+            f"{config_path} is missing, so {run} is not a trained run; fix: train it "
+            "(`make train` writes runs/tiny) or pass --model MODEL --adapter DIR"
+        )
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as err:
+        raise DemoError(f"{err}; fix: repair the file or re-run `make train`") from err
+    summary = {}
+    summary_path = run / "summary.json"
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            print(f"demo: warning: {summary_path} is not valid JSON; ignored", file=sys.stderr)
+    return cfg, summary
+
+
+def check_adapter(adapter: str | None, from_run: bool) -> Path:
+    """The adapter directory, checked to hold adapter_config.json."""
+    if adapter is None:
+        raise DemoError(
+            "no adapter given; fix: pass --run-dir runs/tiny (after `make train`) or "
+            "--adapter DIR (a peft-format LoRA directory)"
+        )
+    adapter_dir = Path(adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        fix = (
+            f"run `make train` (writes {adapter_dir}) or pass --adapter DIR"
+            if from_run
+            else "pass a directory written by save_adapter or peft's save_pretrained"
+        )
+        raise DemoError(f"adapter {adapter_dir / 'adapter_config.json'} does not exist; fix: {fix}")
+    return adapter_dir
+
+
+def adapter_base_model(adapter_dir: Path) -> str:
+    """The base model an adapter names (base_model_name_or_path in its adapter_config.json)."""
+    config_path = adapter_dir / "adapter_config.json"
+    try:
+        model = json.loads(config_path.read_text()).get("base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise DemoError(
+            f"{config_path} is not a JSON object ({err}); fix: re-save the adapter, or pass --model"
+        ) from err
+    if not model:
+        raise DemoError(f"{config_path} names no base_model_name_or_path; fix: pass --model")
+    return model
+
+
+def check_local_model(model: str) -> None:
+    """A model given as a path must hold config.json: said now rather than after loading
+    (load_model still checks hub ids and everything else)."""
+    if is_local_name(str(model)) and not (Path(model).expanduser() / "config.json").is_file():
+        raise DemoError(
+            f"model {model}: no config.json there; fix: pass a directory written by "
+            "save_pretrained (`make train` builds runs/tiny/base) or a hub id such as "
+            "microsoft/phi-2"
+        )

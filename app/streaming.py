@@ -83,8 +83,8 @@ class Side:
         return (self.tokens - 1) / max(1e-9, self.seconds - self.first_token_seconds)
 
     def speed_line(self) -> str:
-        """What the pane shows when the answer has ended, e.g. `12 tokens · first after 0.4 s ·
-        9.1 tokens/s`."""
+        """What the pane shows when the answer has ended: `<n> tokens · first after <t> s ·
+        <r> tokens/s`."""
         if self.first_token_seconds is None:
             return ""
         parts = [f"{self.tokens} token{'s' if self.tokens != 1 else ''}"]

@@ -8,7 +8,7 @@ Clicking "Compare" runs three queued events in a chain:
                 API endpoint `/compare`: gradio_client's `predict(prompt, max_new_tokens,
                 temperature, top_p, greedy, api_name="/compare")` returns the final
                 (base_text, tuned_text, base_speed, tuned_speed), a speed line such as
-                "12 tokens · first after 0.41 s · 9.1 tokens/s" for each side
+                "<n> tokens · first after <t> s · <r> tokens/s" for each side
     3. score    each answer's reward breakdown, when the prompt has a known gold answer
 
 The queue runs at most `concurrency_limit` of each event at once (1 by default: users are
@@ -17,7 +17,8 @@ served in turn, and each generation gets all the CPU cores).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import gradio as gr
 
@@ -90,8 +91,21 @@ def info_markdown(demo: Demo) -> str:
 
 def build_app(demo: Demo, concurrency_limit: int = 1) -> gr.Blocks:
     """The Blocks app over a loaded Demo, with its queue set; launch it with `.launch(...)`."""
+    with gr.Blocks(title="GRPO: base vs tuned", analytics_enabled=False) as compare_tab:
+        widgets = compare_layout(demo)
+        wire_events(widgets, *handlers(demo))
+    with gr.Blocks(title="GRPO: base vs tuned", analytics_enabled=False) as app:
+        with gr.Tab("Base vs tuned"):
+            compare_tab.render()
+        with gr.Tab(TAB_TITLE):
+            add_explorer_tab(demo)
+    app.queue(default_concurrency_limit=concurrency_limit)
+    return app
+
+
+def handlers(demo: Demo) -> tuple[Callable, Callable, Callable]:
+    """The three events of a click, in order: start, compare, score (module docstring)."""
     generator = demo.generator
-    cap = generator.max_new_tokens_cap
 
     def start(prompt: str, max_new_tokens: float):
         notice = (
@@ -131,107 +145,125 @@ def build_app(demo: Demo, concurrency_limit: int = 1) -> gr.Blocks:
             gr.Button(interactive=True),
         )
 
-    with gr.Blocks(title="GRPO: base vs tuned", analytics_enabled=False) as compare_tab:
-        gr.Markdown(
-            "# Base vs GRPO-tuned\nThe same prompt, answered by the base model (LoRA adapter "
-            "switched off) and by the GRPO-tuned adapter. Tokens stream into both."
-        )
-        with gr.Accordion("Model and run", open=True):
-            gr.Markdown(info_markdown(demo), elem_id="info")
-        with gr.Row():
-            prompt = gr.Textbox(
-                label="Prompt",
-                lines=2,
-                max_lines=12,
-                scale=5,
-                elem_id="prompt",
-                placeholder=demo.examples[0] if demo.examples else "Ask something",
-            )
-            run = gr.Button("Compare", variant="primary", scale=1, elem_id="run")
-        notice = gr.Markdown(elem_id="notice")
-        with gr.Row(equal_height=True):
-            with gr.Column():
-                base_out = gr.Textbox(
-                    label="Base",
-                    lines=4,
-                    interactive=False,
-                    buttons=["copy"],
-                    elem_id="base-output",
-                )
-                base_speed = gr.Markdown(elem_id="base-speed")
-                base_reward = gr.Markdown(elem_id="base-reward")
-            with gr.Column():
-                tuned_out = gr.Textbox(
-                    label="GRPO-tuned",
-                    lines=4,
-                    interactive=False,
-                    buttons=["copy"],
-                    elem_id="tuned-output",
-                )
-                tuned_speed = gr.Markdown(elem_id="tuned-speed")
-                tuned_reward = gr.Markdown(elem_id="tuned-reward")
-        with gr.Accordion("Generation settings", open=False):
-            with gr.Row():
-                max_new_tokens = gr.Slider(
-                    1,
-                    cap,
-                    value=min(demo.spec.max_new_tokens, cap),
-                    step=1,
-                    label=f"Max new tokens (cap {cap})",
-                )
-                greedy = gr.Checkbox(value=True, label="Greedy (ignore temperature and top_p)")
-                temperature = gr.Slider(
-                    0.05, 2.0, value=1.0, step=0.05, label="Temperature", interactive=False
-                )
-                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p", interactive=False)
-        if demo.examples:
-            gr.Examples(
-                demo.examples,
-                inputs=[prompt],
-                label="Held-out evaluation prompts",
-                cache_examples=False,
-            )
+    return start, compare, score
 
-        greedy.change(
-            lambda g: (gr.Slider(interactive=not g), gr.Slider(interactive=not g)),
-            inputs=greedy,
-            outputs=[temperature, top_p],
-            queue=False,
-            api_visibility="private",
+
+@dataclass
+class Answer:
+    """One side's outputs: the streamed text, its speed line, its reward breakdown."""
+
+    text: gr.Textbox
+    speed: gr.Markdown
+    reward: gr.Markdown
+
+
+@dataclass
+class Widgets:
+    """The components of the comparison tab that the events read or write."""
+
+    prompt: gr.Textbox
+    run: gr.Button
+    notice: gr.Markdown
+    base: Answer
+    tuned: Answer
+    max_new_tokens: gr.Slider
+    greedy: gr.Checkbox
+    temperature: gr.Slider
+    top_p: gr.Slider
+
+
+def answer_column(label: str, side: str) -> Answer:
+    """A column with one side's answer box, speed line and reward breakdown."""
+    with gr.Column():
+        text = gr.Textbox(
+            label=label, lines=4, interactive=False, buttons=["copy"], elem_id=f"{side}-output"
         )
-        gr.on(
-            [run.click, prompt.submit],
-            start,
-            inputs=[prompt, max_new_tokens],
-            outputs=[
-                notice,
-                base_out,
-                tuned_out,
-                base_speed,
-                tuned_speed,
-                base_reward,
-                tuned_reward,
-                run,
-            ],
-            api_visibility="private",
-            show_progress="hidden",
-        ).then(
-            compare,
-            inputs=[prompt, max_new_tokens, temperature, top_p, greedy],
-            outputs=[base_out, tuned_out, base_speed, tuned_speed],
-            api_name="compare",
-            show_progress="minimal",
-        ).then(
-            score,
-            inputs=[prompt, base_out, tuned_out],
-            outputs=[base_reward, tuned_reward, run],
-            api_visibility="private",
-            show_progress="hidden",
+        return Answer(
+            text, gr.Markdown(elem_id=f"{side}-speed"), gr.Markdown(elem_id=f"{side}-reward")
         )
-    with gr.Blocks(title="GRPO: base vs tuned", analytics_enabled=False) as app:
-        with gr.Tab("Base vs tuned"):
-            compare_tab.render()
-        with gr.Tab(TAB_TITLE):
-            add_explorer_tab(demo)
-    app.queue(default_concurrency_limit=concurrency_limit)
-    return app
+
+
+def compare_layout(demo: Demo) -> Widgets:
+    """The comparison tab's components, laid out top to bottom (inside an open gr.Blocks)."""
+    cap = demo.generator.max_new_tokens_cap
+    gr.Markdown(
+        "# Base vs GRPO-tuned\nThe same prompt, answered by the base model (LoRA adapter "
+        "switched off) and by the GRPO-tuned adapter. Tokens stream into both."
+    )
+    with gr.Accordion("Model and run", open=True):
+        gr.Markdown(info_markdown(demo), elem_id="info")
+    with gr.Row():
+        prompt = gr.Textbox(
+            label="Prompt",
+            lines=2,
+            max_lines=12,
+            scale=5,
+            elem_id="prompt",
+            placeholder=demo.examples[0] if demo.examples else "Ask something",
+        )
+        run = gr.Button("Compare", variant="primary", scale=1, elem_id="run")
+    notice = gr.Markdown(elem_id="notice")
+    with gr.Row(equal_height=True):
+        base = answer_column("Base", "base")
+        tuned = answer_column("GRPO-tuned", "tuned")
+    with gr.Accordion("Generation settings", open=False), gr.Row():
+        max_new_tokens = gr.Slider(
+            1,
+            cap,
+            value=min(demo.spec.max_new_tokens, cap),
+            step=1,
+            label=f"Max new tokens (cap {cap})",
+        )
+        greedy = gr.Checkbox(value=True, label="Greedy (ignore temperature and top_p)")
+        temperature = gr.Slider(
+            0.05, 2.0, value=1.0, step=0.05, label="Temperature", interactive=False
+        )
+        top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p", interactive=False)
+    if demo.examples:
+        gr.Examples(
+            demo.examples,
+            inputs=[prompt],
+            label="Held-out evaluation prompts",
+            cache_examples=False,
+        )
+    return Widgets(prompt, run, notice, base, tuned, max_new_tokens, greedy, temperature, top_p)
+
+
+def wire_events(w: Widgets, start: Callable, compare: Callable, score: Callable) -> None:
+    """Greedy greys out the sampling sliders; a click or Enter runs start, compare, score."""
+    w.greedy.change(
+        lambda g: (gr.Slider(interactive=not g), gr.Slider(interactive=not g)),
+        inputs=w.greedy,
+        outputs=[w.temperature, w.top_p],
+        queue=False,
+        api_visibility="private",
+    )
+    answers = [w.base.text, w.tuned.text]
+    gr.on(
+        [w.run.click, w.prompt.submit],
+        start,
+        inputs=[w.prompt, w.max_new_tokens],
+        outputs=[
+            w.notice,
+            *answers,
+            w.base.speed,
+            w.tuned.speed,
+            w.base.reward,
+            w.tuned.reward,
+            w.run,
+        ],
+        api_visibility="private",
+        show_progress="hidden",
+    ).then(
+        compare,
+        inputs=[w.prompt, w.max_new_tokens, w.temperature, w.top_p, w.greedy],
+        outputs=[*answers, w.base.speed, w.tuned.speed],
+        api_name="compare",
+        show_progress="minimal",
+    ).then(
+        score,
+        inputs=[w.prompt, *answers],
+        outputs=[w.base.reward, w.tuned.reward, w.run],
+        api_visibility="private",
+        show_progress="hidden",
+    )

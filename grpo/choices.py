@@ -3,7 +3,7 @@
 The config validates against these tuples, and the modules that act on a name (the loss, the
 loader) import them from here, so a new choice is added in one place. Plain tuples: this module
 imports nothing. Tasks and rewards are registered where they live (`grpo.tasks.TASK_MODULES`,
-each task's `REWARDS`, `grpo.rewards.GENERIC_REWARDS`).
+each task's `REWARDS`, `grpo.reward_funcs.GENERIC_REWARDS`).
 """
 
 # The per-token objective and how its terms are averaged (grpo.loss; the first four clip like PPO).

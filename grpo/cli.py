@@ -139,7 +139,8 @@ def check_run(cfg: GRPOConfig) -> GRPOConfig:
     against the model's config (read on the meta device; nothing is loaded or written)."""
     from grpo.loss import LOSS_OPTION_FIELDS, check_loss_options
     from grpo.policy import check_lora_targets, check_model_name, linear_module_paths
-    from grpo.rewards import RewardError, check_reward_names
+    from grpo.reward_funcs import check_reward_names
+    from grpo.rewards import RewardError
     from grpo.tasks import check_task, task_module
 
     cfg.validate()

@@ -5,7 +5,8 @@ from these fields) overrides single fields:
 
     python -m grpo.train --config examples/tiny.yaml --learning_rate 3e-4 --beta 0.04
 
-`GRPOConfig.validate` checks each value on its own and against the others; the checks that need a
+Each field declares the values it takes beside its help (`within=Range(...)`, `choices=...`);
+`GRPOConfig.validate` checks those, then the fields against each other. The checks that need a
 task, a reward function or a model's config are the CLI's (`grpo.cli.check_run`). This module is
 data: it imports nothing of the algorithm.
 """
@@ -28,16 +29,52 @@ class ConfigError(ValueError):
     """A bad config value; the CLI prints it as one line and exits 2."""
 
 
-def _f(default, help: str, **kw):
+@dataclass(frozen=True)
+class Range:
+    """The values a number field takes: lo <= x (lo < x if lo_open) and x < hi (x <= hi if not
+    hi_open); NaN is never inside. `why` follows the message in parentheses."""
+
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = True
+    why: str = ""
+    text: str = ""  # the whole message, when it says more than the bounds
+
+    def __contains__(self, x: float) -> bool:
+        above = x > self.lo if self.lo_open else x >= self.lo
+        return above and (x < self.hi if self.hi_open else x <= self.hi)
+
+    def message(self) -> str:
+        """'must be >= 1', 'must be a finite number > 0', 'must be in [0, 1)', ..."""
+        if self.text:
+            return self.text
+        if self.hi != math.inf:
+            left, right = "(["[not self.lo_open], ")]"[not self.hi_open]
+            bounds = f"must be in {left}{self.lo:g}, {self.hi:g}{right}"
+        elif self.lo_open:
+            bounds = f"must be a finite number > {self.lo:g}"
+        else:
+            bounds = f"must be >= {self.lo:g}"
+        return f"{bounds} ({self.why})" if self.why else bounds
+
+
+COUNT, NON_NEGATIVE = Range(1), Range(0)  # an int >= 1; a number >= 0 (finite)
+POSITIVE = Range(0, lo_open=True)  # a finite number > 0
+
+
+def _f(default, help: str, *, within: Range | None = None, choices: tuple[str, ...] = ()):
+    """A field with its --help text and the values it takes (checked by `validate`)."""
+    meta = {"help": help, "within": within, "choices": choices}
     if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class GRPOConfig:
     """Every knob of a run. The defaults ARE the embedded default run (`make train`): the tiny Phi
-    on two-digit arithmetic on a CPU, minutes; a config file lists only what differs."""
+    on two-digit arithmetic on a CPU; a config file lists only what differs."""
 
     # --- model -----------------------------------------------------------------------------
     model: str = _f(
@@ -51,12 +88,16 @@ class GRPOConfig:
     dtype: str = _f(
         "float32",
         "dtype the weights are loaded in and LoRA computes in (float32 on CPU; bfloat16 on a GPU)",
+        choices=DTYPES,
     )
-    device: str = _f("auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
+    device: str = _f(
+        "auto", "'auto' (cuda if available, else cpu), 'cpu' or 'cuda'", choices=DEVICES
+    )
     torch_threads: int = _f(
         2,
         "CPU threads for torch (0: torch's default); under torchrun on CPU, capped at "
         "cores // processes",
+        within=NON_NEGATIVE,
     )
     gradient_checkpointing: bool = _f(
         False,
@@ -77,81 +118,110 @@ class GRPOConfig:
         '\'plain\' ("7+35=" -> "42")',
     )
     n_eval: int = _f(
-        500, "held-out problems for the before/after greedy evaluation, never trained on"
+        500,
+        "held-out problems for the before/after greedy evaluation, never trained on",
+        within=COUNT,
     )
     # --- warm-up (model: tiny only) --------------------------------------------------------
     warmup_sft_steps: int = _f(
         900,
         "supervised steps that make the random tiny Phi partly right (accuracy against steps: "
         "python -m grpo.tiny.warmup_curve); at most this many, see next",
+        within=NON_NEGATIVE,
     )
     warmup_target_accuracy: float = _f(
         0.0,
         "stop the warm-up at the first check (every 25 steps) where greedy accuracy on 256 "
         "train-split problems reaches this (0: run all warmup_sft_steps)",
+        within=Range(0, 1, why="0 disables the early stop"),
     )
-    warmup_sft_batch_size: int = _f(128, "sequences per supervised warm-up step")
-    warmup_sft_learning_rate: float = _f(1e-3, "AdamW learning rate of the warm-up")
+    warmup_sft_batch_size: int = _f(128, "sequences per supervised warm-up step", within=COUNT)
+    warmup_sft_learning_rate: float = _f(
+        1e-3, "AdamW learning rate of the warm-up", within=POSITIVE
+    )
     # --- GRPO ------------------------------------------------------------------------------
-    max_steps: int = _f(
-        200,
-        "GRPO optimizer steps (one generation batch each)",
-    )
-    prompts_per_step: int = _f(32, "distinct prompts per generation batch")
+    max_steps: int = _f(200, "GRPO optimizer steps (one generation batch each)", within=COUNT)
+    prompts_per_step: int = _f(32, "distinct prompts per generation batch", within=COUNT)
     num_generations: int = _f(
-        8, "G: completions per prompt, the group the advantage is relative to"
+        8,
+        "G: completions per prompt, the group the advantage is relative to",
+        within=Range(2, text="needs >= 2 (a group of one has no relative advantage)"),
     )
-    num_iterations: int = _f(1, "optimizer passes over each generation batch (>1 needs old logps)")
+    num_iterations: int = _f(
+        1, "optimizer passes over each generation batch (>1 needs old logps)", within=COUNT
+    )
     micro_batch_size: int = _f(
         256,
         "completions per forward/backward (gradient accumulation); 256 = 32 x 8: the tiny "
         "model's whole batch in one pass",
+        within=COUNT,
     )
     max_new_tokens: int = _f(
-        6, 'generation limit per completion ("-099" + EOS needs 5; longer is wrong anyway)'
+        6,
+        'generation limit per completion ("-099" + EOS needs 5; longer is wrong anyway)',
+        within=COUNT,
     )
     min_new_tokens: int = _f(
         0,
         "sample at least this many tokens before EOS may end a completion (0: EOS allowed at "
         "once); the Phi-2 scale check forces realistic lengths with it",
+        within=NON_NEGATIVE,
     )
-    temperature: float = _f(1.0, "sampling temperature for rollouts")
-    top_p: float = _f(1.0, "nucleus sampling for rollouts")
+    temperature: float = _f(1.0, "sampling temperature for rollouts", within=POSITIVE)
+    top_p: float = _f(
+        1.0, "nucleus sampling for rollouts", within=Range(0, 1, lo_open=True, hi_open=False)
+    )
     learning_rate: float = _f(
-        5e-4, "AdamW peak learning rate (LoRA on the tiny model; 2e-3 collapsed the policy)"
+        5e-4,
+        "AdamW peak learning rate (LoRA on the tiny model; 2e-3 collapses the policy)",
+        within=POSITIVE,
     )
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    warmup_ratio: float = _f(0.05, "fraction of max_steps with a linear learning-rate ramp")
-    lr_schedule: str = _f("cosine", "after warm-up: 'constant', 'linear' or 'cosine' decay")
-    max_grad_norm: float = _f(1.0, "global gradient-norm clip (0 disables)")
+    weight_decay: float = _f(0.0, "AdamW weight decay", within=NON_NEGATIVE)
+    warmup_ratio: float = _f(
+        0.05, "fraction of max_steps with a linear learning-rate ramp", within=Range(0, 1)
+    )
+    lr_schedule: str = _f(
+        "cosine", "after warm-up: 'constant', 'linear' or 'cosine' decay", choices=SCHEDULES
+    )
+    max_grad_norm: float = _f(
+        1.0, "global gradient-norm clip (0 disables)", within=Range(0, why="0 disables clipping")
+    )
     beta: float = _f(
         0.0,
         "KL coefficient (k3 to the adapter-free base); 0 skips the reference (the default run "
         "is short and its reward cannot be gamed)",
+        within=Range(0, why="0 disables the KL term"),
     )
-    epsilon_low: float = _f(0.2, "clip range below 1 for the importance ratio")
-    epsilon_high: float = _f(0.2, "clip range above 1 (DAPO clip-higher: 0.28)")
+    epsilon_low: float = _f(0.2, "clip range below 1 for the importance ratio", within=POSITIVE)
+    epsilon_high: float = _f(0.2, "clip range above 1 (DAPO clip-higher: 0.28)", within=POSITIVE)
     loss_type: str = _f(
         "grpo",
         "'grpo' (DeepSeekMath), 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', 'luspo' (needs "
         "importance_sampling_level: sequence) or 'vespo'; the README's loss table says which when",
+        choices=LOSS_TYPES,
     )
     scale_rewards: str = _f(
-        "group", "advantage divisor: 'group' std, 'batch' std, 'none' (Dr. GRPO)"
+        "group",
+        "advantage divisor: 'group' std, 'batch' std, 'none' (Dr. GRPO)",
+        choices=SCALE_REWARDS,
     )
-    importance_sampling_level: str = _f("token", "'token' (PPO/GRPO) or 'sequence' (GSPO)")
+    importance_sampling_level: str = _f(
+        "token", "'token' (PPO/GRPO) or 'sequence' (GSPO)", choices=IS_LEVELS
+    )
     mask_truncated_completions: bool = _f(
         False, "drop completions that hit max_new_tokens from the loss (DAPO)"
     )
     reward_funcs: list[str] = _f(
         ["correctness", "digits"],
         "reward functions: the task's (arithmetic: correctness, digits; gsm8k: correctness, "
-        "format; word_problems: correctness, answer_format, right_format), the generic overlong, or import "
-        "paths module:function on sys.path; default: the exact answer plus partial credit per "
-        "right digit",
+        "format; word_problems: correctness, answer_format, right_format), the generic "
+        "overlong, or import paths module:function on sys.path; default: the exact answer plus "
+        "partial credit per right digit",
     )
     reward_weights: list[float] = _f([1.0, 1.0], "one weight per reward function")
-    overlong_cache: int = _f(0, "'overlong' reward: soft-penalty window in tokens before the limit")
+    overlong_cache: int = _f(
+        0, "'overlong' reward: soft-penalty window in tokens before the limit", within=NON_NEGATIVE
+    )
     # --- objective variants (grpo/objectives.py; checked by grpo.loss.check_loss_options) ----
     delta: float = _f(
         0.0,
@@ -188,9 +258,13 @@ class GRPOConfig:
     # --- QLoRA -----------------------------------------------------------------------------
     quantize: bool = _f(True, "NF4-quantize the frozen base (QLoRA); false keeps it in dtype")
     use_lora: bool = _f(True, "train LoRA adapters; false = full fine-tuning (tiny model only)")
-    lora_r: int = _f(16, "LoRA rank")
-    lora_alpha: float = _f(32.0, "LoRA scale numerator: update = (alpha / r) B A")
-    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    lora_r: int = _f(16, "LoRA rank", within=COUNT)
+    lora_alpha: float = _f(32.0, "LoRA scale numerator: update = (alpha / r) B A", within=POSITIVE)
+    lora_dropout: float = _f(
+        0.0,
+        "dropout on the LoRA input",
+        within=Range(0, 1, why="a probability; 1 would drop every input"),
+    )
     use_rslora: bool = _f(False, "rank-stabilised scale alpha / sqrt(r)")
     lora_targets: list[str] = _f(
         list(PHI_TARGETS),
@@ -200,16 +274,18 @@ class GRPOConfig:
         "against the model before any work",
     )
     # --- bookkeeping -----------------------------------------------------------------------
-    seed: int = _f(0, "seed for data order, sampling and LoRA init")
+    seed: int = _f(0, "seed for data order, sampling and LoRA init", within=NON_NEGATIVE)
     output_dir: str = _f("runs/tiny", "run directory: adapter, checkpoints, metrics, plots")
-    log_every: int = _f(10, "steps between progress-bar/metric refreshes")
-    sample_every: int = _f(50, "steps between samples.jsonl entries")
-    save_every: int = _f(100, "steps between checkpoints (0: only at the end)")
+    log_every: int = _f(10, "steps between progress-bar/metric refreshes", within=COUNT)
+    sample_every: int = _f(50, "steps between samples.jsonl entries", within=COUNT)
+    save_every: int = _f(100, "steps between checkpoints (0: only at the end)", within=NON_NEGATIVE)
     eval_every: int = _f(
-        50, "steps between held-out evaluations during training (0: before/after only)"
+        50,
+        "steps between held-out evaluations during training (0: before/after only)",
+        within=NON_NEGATIVE,
     )
     no_signal_patience: int = _f(
-        5, "warn when every group has zero reward variance this many steps in a row"
+        5, "warn when every group has zero reward variance this many steps in a row", within=COUNT
     )
     resume: bool = _f(False, "continue from the newest complete checkpoint in output_dir")
 
@@ -217,8 +293,8 @@ class GRPOConfig:
     def validate(self) -> GRPOConfig:
         """Check every field before any work; raise ConfigError naming the first bad field, its
         value and the fix. Nothing is read or written here."""
-        for check in (_check_types, _check_choices, _check_numbers, _check_rewards,
-                      _check_lora, _check_combinations, _check_paths):  # fmt: skip
+        for check in (_check_types, _check_choices, _check_ranges, _check_lengths,
+                      _check_rewards, _check_lora, _check_combinations, _check_paths):  # fmt: skip
             check(self)
         return self
 
@@ -254,16 +330,9 @@ def _check_types(cfg: GRPOConfig) -> None:
 
 
 def _check_choices(cfg: GRPOConfig) -> None:
-    for name, choices in [
-        ("loss_type", LOSS_TYPES),
-        ("scale_rewards", SCALE_REWARDS),
-        ("importance_sampling_level", IS_LEVELS),
-        ("lr_schedule", SCHEDULES),
-        ("dtype", DTYPES),
-        ("device", DEVICES),
-    ]:
-        if getattr(cfg, name) not in choices:
-            _bad(cfg, name, f"must be one of {', '.join(choices)}")
+    for f in dataclasses.fields(cfg):
+        if f.metadata["choices"] and getattr(cfg, f.name) not in f.metadata["choices"]:
+            _bad(cfg, f.name, f"must be one of {', '.join(f.metadata['choices'])}")
     if cfg.device == "cuda":
         import torch
 
@@ -271,38 +340,13 @@ def _check_choices(cfg: GRPOConfig) -> None:
             _bad(cfg, "device", "no CUDA device is visible; use auto or cpu")
 
 
-def _check_numbers(cfg: GRPOConfig) -> None:
-    """Ranges, in the `not lo <= x` form so that NaN fails too."""
-    for name in ("max_steps", "prompts_per_step", "num_iterations", "micro_batch_size",
-                 "max_new_tokens", "n_eval", "log_every", "sample_every",
-                 "no_signal_patience", "warmup_sft_batch_size", "lora_r"):  # fmt: skip
-        if not getattr(cfg, name) >= 1:
-            _bad(cfg, name, "must be >= 1")
-    for name in ("save_every", "eval_every", "warmup_sft_steps", "overlong_cache",
-                 "torch_threads", "seed", "min_new_tokens"):  # fmt: skip
-        if not getattr(cfg, name) >= 0:
-            _bad(cfg, name, "must be >= 0")
-    if cfg.num_generations < 2:
-        _bad(cfg, "num_generations", "needs >= 2 (a group of one has no relative advantage)")
-    for name in ("epsilon_low", "epsilon_high", "learning_rate", "temperature",
-                 "warmup_sft_learning_rate", "lora_alpha"):  # fmt: skip
-        if not 0 < getattr(cfg, name) < math.inf:
-            _bad(cfg, name, "must be a finite number > 0")
-    for name, why in [
-        ("beta", "must be >= 0 (0 disables the KL term)"),
-        ("max_grad_norm", "must be >= 0 (0 disables clipping)"),
-        ("weight_decay", "must be >= 0"),
-    ]:
-        if not 0 <= getattr(cfg, name) < math.inf:
-            _bad(cfg, name, why)
-    if not 0 < cfg.top_p <= 1:
-        _bad(cfg, "top_p", "must be in (0, 1]")
-    if not 0 <= cfg.lora_dropout < 1:
-        _bad(cfg, "lora_dropout", "must be in [0, 1) (a probability; 1 would drop every input)")
-    if not 0 <= cfg.warmup_target_accuracy < 1:
-        _bad(cfg, "warmup_target_accuracy", "must be in [0, 1) (0 disables the early stop)")
-    if not 0 <= cfg.warmup_ratio < 1:
-        _bad(cfg, "warmup_ratio", "must be in [0, 1)")
+def _check_ranges(cfg: GRPOConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        if f.metadata["within"] is not None and getattr(cfg, f.name) not in f.metadata["within"]:
+            _bad(cfg, f.name, f.metadata["within"].message())
+
+
+def _check_lengths(cfg: GRPOConfig) -> None:
     if cfg.min_new_tokens > cfg.max_new_tokens:
         _bad(cfg, "min_new_tokens", f"must be <= max_new_tokens ({cfg.max_new_tokens})")
     if cfg.overlong_cache > cfg.max_new_tokens:

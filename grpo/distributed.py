@@ -78,8 +78,8 @@ def gather_lists(items: list) -> list[list]:
 def cpu_threads_per_rank(requested: int) -> int:
     """Torch threads for one CPU process: `requested` (0: one per core), capped at this rank's
     share of the cores, cores // LOCAL_WORLD_SIZE (>= 1). More OpenMP threads than cores across
-    the ranks makes every parallel region wait on a descheduled thread: a step that takes
-    seconds alone can take minutes when other jobs share the cores.
+    the ranks makes every parallel region wait on a thread the OS has descheduled, all the more
+    when other jobs share the cores.
 
     >>> cpu_threads_per_rank(8) <= max(1, len(os.sched_getaffinity(0)))
     True

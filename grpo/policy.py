@@ -66,7 +66,7 @@ def fold_output_head_input(model) -> None:
 
 def linear_module_paths(name: str) -> list[str] | None:
     """Module paths of every nn.Linear in the model `name` names, read from its config alone: the
-    model is built on the meta device (no weights; milliseconds even for Phi-2). `name` is a
+    model is built on the meta device (no weights are allocated, even for Phi-2). `name` is a
     local directory or a hub id whose config.json is in the Hugging Face cache. None when the
     architecture cannot be known before loading (a hub id not cached yet, an architecture
     transformers cannot build); `prepare_qlora` checks the names after the load then, which for

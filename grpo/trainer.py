@@ -46,6 +46,7 @@ from torch.optim import AdamW
 
 from grpo import distributed as dist
 from grpo.config import GRPOConfig
+from grpo.logprobs import completion_logps, completion_logps_and_entropies
 from grpo.loss import (
     GLOBAL_TOKEN_LOSSES,
     LOSS_VARIANT_OPTIONS,
@@ -55,13 +56,9 @@ from grpo.loss import (
 )
 from grpo.metrics import no_signal_warning, step_metrics
 from grpo.policy import release_memory_each_step
-from grpo.rewards import build_rewards, combine_rewards
-from grpo.rollout import (
-    Rollout,
-    completion_logps,
-    completion_logps_and_entropies,
-    generate_rollouts,
-)
+from grpo.reward_funcs import build_rewards
+from grpo.rewards import combine_rewards
+from grpo.rollout import Rollout, generate_rollouts
 from grpo.schedule import learning_rate
 from qlora import adapters_disabled, release_freed_memory
 

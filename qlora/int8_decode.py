@@ -252,8 +252,6 @@ def extension_name(isa: str | None) -> str:
 
 
 def _compile(isa: str | None):
-    from torch.utils import cpp_extension
-
     name = extension_name(isa)
     cflags = ["-O3", "-march=native", "-ffp-contract=off", f"-DQLORA_NAMESPACE={name}"]
     if isa is not None:
@@ -261,22 +259,7 @@ def _compile(isa: str | None):
         if isa == "avx2":
             cflags.append("-mno-avx512f")
     openmp = [] if os.uname().sysname == "Darwin" else ["-fopenmp"]
-    exact_kernel._ninja_on_path()
-    hold = exact_kernel._HoldLogs()
-    cpp_logger = logging.getLogger(cpp_extension.__name__)
-    cpp_logger.addFilter(hold)
-    try:
-        cpp_extension.load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=cflags + openmp,
-            extra_ldflags=openmp,
-            is_python_module=False,
-            verbose=False,
-        )
-    finally:
-        cpp_logger.removeFilter(hold)
-    return getattr(torch.ops, name)
+    return exact_kernel.build_extension(name, SOURCE, cflags + openmp, openmp)
 
 
 _loaded: dict[str | None, Int8Kernel | None] = {}

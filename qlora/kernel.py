@@ -122,20 +122,46 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), bin_dir])
 
 
-def _compile(isa: str | None):
-    """Build (or reuse the cached build of) the extension; return its torch.ops namespace."""
+# A build holds its directory's `lock` file for the length of one compile; the file carries no
+# owner, so its age is the sign that the build holding it was killed.
+STALE_LOCK_SECONDS = 600
+
+
+def clear_stale_lock(build_dir: str | Path) -> bool:
+    """Remove `build_dir`/lock, with one warning line, when it is older than STALE_LOCK_SECONDS:
+    cpp_extension waits on that file without end, and a killed build leaves it behind.
+    Returns whether a lock was removed."""
+    lock = Path(build_dir) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    log.warning(
+        "qlora.kernel: removing the build lock %s, left %.0f min ago by a build that did not "
+        "finish",
+        lock,
+        age / 60,
+    )
+    lock.unlink(missing_ok=True)
+    return True
+
+
+def build_extension(name: str, source: Path, cflags: list[str], ldflags: list[str]):
+    """Build (or reuse the cached build of) the TORCH_LIBRARY extension `name` from `source`,
+    clearing a stale build lock first; return its torch.ops namespace."""
     from torch.utils import cpp_extension
 
-    name = extension_name(isa)
-    cflags, ldflags = _build_flags(isa, name)
     _ninja_on_path()
+    clear_stale_lock(cpp_extension._get_build_directory(name, verbose=False))
     hold = _HoldLogs()
     cpp_logger = logging.getLogger(cpp_extension.__name__)
     cpp_logger.addFilter(hold)
     try:
         cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(source)],
             extra_cflags=cflags,
             extra_ldflags=ldflags,
             is_python_module=False,  # the ops register with torch.ops (TORCH_LIBRARY): no pybind
@@ -144,6 +170,12 @@ def _compile(isa: str | None):
     finally:
         cpp_logger.removeFilter(hold)
     return getattr(torch.ops, name)
+
+
+def _compile(isa: str | None):
+    """Build (or reuse the cached build of) the extension; return its torch.ops namespace."""
+    name = extension_name(isa)
+    return build_extension(name, SOURCE, *_build_flags(isa, name))
 
 
 @dataclass(frozen=True)
@@ -165,7 +197,7 @@ class Kernel:
     ops: object  # its torch.ops namespace: matmul, dequantize, isa, group_size
     isa: str  # the code path compiled: "avx512", "avx2" or "scalar"
     group_size: int  # in_features that run the SIMD row kernel are multiples of it (0: none)
-    load_seconds: float  # compile + load on a cold cache, load only (~0.1 s) on a warm one
+    load_seconds: float  # compile + load on a cold cache, load only on a warm one
 
     def matmul(
         self,
@@ -341,7 +373,7 @@ def quantize(
     """nf4.quantize_nf4(weight, blocksize, double_quant), bit for bit (weights without NaN).
 
     The kernel quantizes the full blocks of a CPU float32/bfloat16 weight in one pass each
-    (absmax, scale, nearest code, pack: ~20x faster than the tensor ops on Phi-2's shapes);
+    (absmax, scale, nearest code, pack), where the tensor ops make a pass per step;
     a partial last block, the double quantization of the absmax vector, other dtypes and CUDA
     go through nf4.py's own code.
     """
@@ -371,9 +403,10 @@ def quantize(
 class _Scratch(threading.local):
     """Per-thread decode buffers, grown to the largest weight seen.
 
-    A fresh 100 MB tensor per call costs ~25k page faults, as long as the decode itself; one
-    buffer per thread (a Gradio server may run two generations at once) avoids that. The decoded
-    weight lives only until the matmul that reads it returns, so reuse is safe within a thread.
+    A fresh tensor per call pays a page fault for every page of it, a cost of the order of the
+    decode itself; one buffer per thread (a Gradio server may run two generations at once) avoids
+    that. The decoded weight lives only until the matmul that reads it returns, so reuse is safe
+    within a thread.
     """
 
     def __init__(self) -> None:

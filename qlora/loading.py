@@ -48,7 +48,7 @@ def release_freed_memory() -> None:
 
     glibc serves allocations below its adaptive mmap threshold (up to 32 MB) from the heap and
     keeps them when freed: the 16-bit weights just quantized would stay resident as free heap
-    (0.8 GB after loading Phi-2, measured) although nothing uses them.
+    although nothing uses them.
     """
     trim = _malloc_trim()
     if trim is not None:
@@ -64,9 +64,9 @@ def return_large_frees_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
 
     By default glibc raises its mmap threshold to the size of each large block freed, up to
     32 MB, and then serves such blocks from the heap, where free memory stays resident: a CPU
-    training step of Phi-2 (activations of 10-100 MB, allocated and freed by the hundred) peaked
-    at 6.0 GB resident with 2.7 GB in use. A fixed threshold (mallopt M_MMAP_THRESHOLD) turns the
-    adjustment off; the cost is a page fault per fresh page of a large tensor.
+    training step of Phi-2 allocates and frees activations of that size by the hundred, and its
+    resident memory grows far past what it uses. A fixed threshold (mallopt M_MMAP_THRESHOLD)
+    turns the adjustment off; the cost is a page fault per fresh page of a large tensor.
     """
     mallopt = _libc_function("mallopt")
     if mallopt is None:

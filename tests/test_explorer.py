@@ -27,8 +27,8 @@ from app.spec import resolve_spec
 from grpo.choices import LOSS_TYPES
 from grpo.cli import check_run
 from grpo.config import GRPOConfig
+from grpo.logprobs import completion_logps
 from grpo.loss import kl_k3
-from grpo.rollout import completion_logps
 from grpo.train import build_trainer
 
 sys.path.insert(0, str(Path(__file__).parent))

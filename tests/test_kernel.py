@@ -10,10 +10,12 @@ torch's own float32 F.linear. One mis-decoded weight moves y by ~S / K ~ 1e-4 S,
 times the bound, so the check has teeth.
 """
 
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -485,6 +487,43 @@ def test_extension_name_carries_the_path_and_the_cpu():
     assert kernel.extension_name(None).startswith("qlora_nf4_native_")
     with pytest.raises(ValueError, match=r"isa='sse' is not a kernel code path"):
         kernel.load("sse")
+
+
+def age(path: Path, seconds: float) -> None:
+    """Set `path`'s modification time `seconds` into the past."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_a_stale_build_lock_is_cleared_before_the_build(tmp_path, monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "qlora_lock_test" / "lock"  # where cpp_extension builds this name
+    lock.parent.mkdir()
+    lock.touch()
+    age(lock, kernel.STALE_LOCK_SECONDS + 60)
+    builds = []  # (name, whether the lock was still there when the build began)
+    monkeypatch.setattr(
+        cpp_extension, "load", lambda name, **_: builds.append((name, lock.exists()))
+    )
+    with caplog.at_level(logging.WARNING, logger="qlora.kernel"):
+        kernel.build_extension("qlora_lock_test", kernel.SOURCE, [], [])
+    assert builds == [("qlora_lock_test", False)]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"qlora.kernel: removing the build lock {lock}, left 11 min ago")
+
+
+def test_a_recent_build_lock_is_left_to_its_build(tmp_path, caplog):
+    lock = tmp_path / "lock"
+    lock.touch()
+    age(lock, kernel.STALE_LOCK_SECONDS - 60)
+    with caplog.at_level(logging.WARNING, logger="qlora.kernel"):
+        assert kernel.clear_stale_lock(tmp_path) is False
+        assert kernel.clear_stale_lock(tmp_path / "never_built") is False
+    assert lock.exists() and caplog.records == []
+    age(lock, kernel.STALE_LOCK_SECONDS + 1)
+    assert kernel.clear_stale_lock(tmp_path) is True and not lock.exists()
 
 
 FALLBACK_SCRIPT = textwrap.dedent(

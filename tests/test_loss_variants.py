@@ -629,8 +629,9 @@ def test_other_errors_name_argument_and_value(call, message):
 # The entropies the trainer computes: the same forward as the log-probs.
 # ---------------------------------------------------------------------------------------------
 def test_completion_entropies_are_those_of_a_plain_forward(tiny_model_dir):
+    from grpo.logprobs import completion_logps, completion_logps_and_entropies
     from grpo.policy import load_model
-    from grpo.rollout import completion_logps, completion_logps_and_entropies, generate_rollouts
+    from grpo.rollout import generate_rollouts
 
     model, tok = load_model(tiny_model_dir)
     model.eval()

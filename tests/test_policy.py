@@ -116,7 +116,8 @@ def test_build_policy_quantizes_while_loading_exactly_as_after(tiny_model_dir, t
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tmp_path):
-    from grpo.rollout import completion_logps, generate_rollouts
+    from grpo.logprobs import completion_logps
+    from grpo.rollout import generate_rollouts
 
     grads = []
     for checkpointing in (False, True):

@@ -7,7 +7,8 @@ import pytest
 
 from grpo.cli import check_run
 from grpo.config import ConfigError, GRPOConfig
-from grpo.rewards import MissingColumnError, build_reward_functions, combine_rewards
+from grpo.reward_funcs import build_reward_functions
+from grpo.rewards import MissingColumnError, combine_rewards
 from grpo.tasks import TASK_MODULES, check_task, load_task
 from grpo.tasks import word_problems as wp
 

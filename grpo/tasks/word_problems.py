@@ -4,21 +4,13 @@ in GSM8K's form, a final line `#### N`.
     "Sara has 23 stickers. Sara gets 10 more stickers. How many stickers does Sara have now?"
     gold 33; a well-formed completion: "23 + 10 = 33\\n#### 33" and then the model's end token
 
-The task owns everything about its problems:
-
-- records: generated from a seed by templates (add, subtract, multiply, divide, and two-step
-  problems), each with names and objects; a problem is its template and numbers, and every problem
-  lives in exactly one split, so no held-out problem is trained on, even under another name;
-- prompts: the question plus one instruction line, through the tokenizer's chat template (system
-  prompt, user turn, the assistant turn opened), so the model sees what it was instruction-tuned on;
-- scoring (`final_answer`, `is_right`): the number on the last `####` line, or the last number
-  when there is none; it judges the trainer's sampled accuracy, the held-out greedy evaluation and
-  the demo;
-- rewards (`REWARDS`, by config name): `correctness` (1 when right), `answer_format` (1 when the
-  completion ends with exactly one `#### N` line and then the end token, not cut off by the length
-  limit) and `right_format` (their product: the format paid only on a right answer, so a bare
-  guessed `#### N` earns nothing a wrong answer does not); DAPO's `overlong` penalty is the
-  generic one.
+Records are generated from a seed by templates (KINDS), and every problem (template and numbers)
+lives in exactly one split, so no held-out problem is trained on, even under another name.
+Prompts go through the tokenizer's chat template (`chat_prompt`), so the model sees what it was
+instruction-tuned on. `final_answer`/`is_right` score the sampled accuracy, the held-out
+evaluation and the demo; `REWARDS` are `correctness`, `answer_format` (one `#### N` line
+last, not cut off) and `right_format` (their product: the form paid only on a right answer, so
+a bare guessed `#### N` earns nothing); DAPO's `overlong` penalty is the generic one.
 
 The model must have a chat template (an instruct model such as `smollm2-135m-instruct`,
 grpo/pretrained.py); the tiny Phi has none and is refused by `check`.

@@ -76,8 +76,8 @@
 #endif
 
 // Bytes ahead of the current group to prefetch: decoding keeps the core busy enough that the
-// hardware prefetcher alone falls behind DRAM: measured on one thread with cold caches, 1 KiB
-// ahead read 8-12 GB/s, 8-16 KiB ahead 13-19 GB/s (about the latency x bandwidth of DRAM).
+// hardware prefetcher alone falls behind DRAM, so the kernel asks for the bytes it will read
+// about one DRAM latency x bandwidth ahead (several KiB).
 #ifndef QLORA_PREFETCH
 #define QLORA_PREFETCH 8192
 #endif
@@ -543,6 +543,148 @@ struct Lora {
   }
 };
 
+// A float32 or bfloat16 tensor's elements, read as float32 (bfloat16 widens exactly).
+struct FloatView {
+  const float* f32 = nullptr;
+  const uint16_t* bf16 = nullptr;
+  bool empty() const { return f32 == nullptr && bf16 == nullptr; }
+  float operator[](int64_t i) const { return bf16 != nullptr ? bf16_to_float(bf16[i]) : f32[i]; }
+};
+
+inline FloatView float_view(const at::Tensor& t) {
+  FloatView v;
+  if (t.scalar_type() == at::kBFloat16)
+    v.bf16 = reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+  else
+    v.f32 = t.data_ptr<float>();
+  return v;
+}
+
+// The bias [N] (float32 or bfloat16), checked; an empty view when there is none.
+inline FloatView bias_view(const std::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return {};
+  TORCH_CHECK(bias->numel() == N && bias->is_contiguous() && bias->device().is_cpu(),
+              "bias must be a contiguous CPU tensor of out_features elements");
+  TORCH_CHECK(bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16,
+              "bias must be float32 or bfloat16");
+  return float_view(*bias);
+}
+
+// lora.slot for M input rows: every row in order, or the rows of the batch items in `rows`
+// (item i = input rows i*span .. i*span + span - 1) in the order they are first named; returns
+// the number of rows covered.
+inline int64_t assign_lora_slots(Lora& lora, int64_t M, const std::optional<at::Tensor>& rows,
+                                 int64_t span) {
+  lora.slot.assign(M, -1);
+  int64_t covered = 0;
+  if (!rows.has_value()) {
+    for (int64_t m = 0; m < M; ++m) lora.slot[m] = covered++;
+    return covered;
+  }
+  TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->device().is_cpu(),
+              "lora_rows must be a contiguous int64 CPU tensor");
+  TORCH_CHECK(span > 0 && M % span == 0, "lora_span must divide the rows");
+  const int64_t* items = rows->data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows->numel(); ++i) {
+    TORCH_CHECK(items[i] >= 0 && items[i] < M / span, "lora_rows out of range");
+    for (int64_t m = items[i] * span; m < (items[i] + 1) * span; ++m)
+      if (lora.slot[m] < 0) lora.slot[m] = covered++;
+  }
+  return covered;
+}
+
+// The LoRA update's inputs, checked: B, s, the covered rows, and h = A x for those rows.
+inline Lora make_lora(const FloatView& x, int64_t M, int64_t K, int64_t N, const at::Tensor& lora_a,
+                      const std::optional<at::Tensor>& lora_b, double lora_scaling,
+                      const std::optional<at::Tensor>& lora_rows, int64_t lora_span) {
+  Lora lora;
+  TORCH_CHECK(lora_b.has_value(), "lora_a needs lora_b");
+  TORCH_CHECK(lora_a.scalar_type() == at::kFloat && lora_a.is_contiguous() && lora_a.dim() == 2 &&
+                  lora_a.size(1) == K,
+              "lora_a must be contiguous float32 [r, in_features]");
+  lora.r = lora_a.size(0);
+  TORCH_CHECK(lora_b->scalar_type() == at::kFloat && lora_b->is_contiguous() &&
+                  lora_b->dim() == 2 && lora_b->size(0) == N && lora_b->size(1) == lora.r,
+              "lora_b must be contiguous float32 [out_features, r]");
+  lora.b = lora_b->data_ptr<float>();
+  lora.scaling = static_cast<float>(lora_scaling);
+  const int64_t covered = assign_lora_slots(lora, M, lora_rows, lora_span);
+  // h = A x for the covered rows, from x in float32
+  const float* a = lora_a.data_ptr<float>();
+  std::vector<float> xm(K);
+  lora.h.assign(covered * lora.r, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    if (lora.slot[m] < 0) continue;
+    for (int64_t k = 0; k < K; ++k) xm[k] = x[m * K + k];
+    for (int64_t j = 0; j < lora.r; ++j)
+      lora.h[lora.slot[m] * lora.r + j] = dot_f32(a + j * K, xm.data(), K);
+  }
+  return lora;
+}
+
+// The row kernel for every tile shape: fn[R][MT], R output rows by MT input rows.
+struct RowKernels {
+  RowFn fn[3][kMaxTile + 1] = {};
+};
+
+inline RowKernels pick_row_kernels(bool grouped, bool dq, int bpg) {
+  RowKernels k;
+  k.fn[1][1] = pick_row_kernel<1, 1>(grouped, dq, bpg);
+  k.fn[2][1] = pick_row_kernel<2, 1>(grouped, dq, bpg);
+  k.fn[1][2] = pick_row_kernel<1, 2>(grouped, dq, bpg);
+  k.fn[2][2] = pick_row_kernel<2, 2>(grouped, dq, bpg);
+  if constexpr (kMaxTile >= 4) {
+    k.fn[1][3] = pick_row_kernel<1, 3>(grouped, dq, bpg);
+    k.fn[2][3] = pick_row_kernel<2, 3>(grouped, dq, bpg);
+    k.fn[1][4] = pick_row_kernel<1, 4>(grouped, dq, bpg);
+    k.fn[2][4] = pick_row_kernel<2, 4>(grouped, dq, bpg);
+  }
+  return k;
+}
+
+// x [M, K] in float32, rearranged once per call into the row kernel's layout: grouped, xg
+// (row_dot_groups); general, [xe | xo] (row_dot_general). A tensor: 64-byte aligned, so no SIMD
+// load of x crosses a cache line.
+inline at::Tensor kernel_layout(const at::Tensor& x, const FloatView& xv, bool grouped) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor x_layout = at::empty({M, K}, x.options().dtype(at::kFloat));
+  float* xs = x_layout.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    float* dst = xs + m * K;
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t to = (k % 2) * (K / 2) + k / 2;
+#if QLORA_ISA != 0
+      if (grouped) {
+        const int64_t g = k / kGroup, r = k % kGroup;  // r = 8 d + (p ^ 1)
+        to = g * kGroup + ((r % 8) ^ 1) * kLanes + r / 8;
+      }
+#else
+      (void)grouped;
+#endif
+      dst[to] = xv[m * K + k];
+    }
+  }
+  return x_layout;
+}
+
+// y [M, N] as float32, or bfloat16 rounded once from the float32 value.
+struct Output {
+  float* f32 = nullptr;
+  uint16_t* bf16 = nullptr;
+  explicit Output(at::Tensor& out) {
+    if (out.scalar_type() == at::kBFloat16)
+      bf16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    else
+      f32 = out.data_ptr<float>();
+  }
+  void store(int64_t i, float v) const {
+    if (bf16 != nullptr)
+      bf16[i] = bf16_bits(v);
+    else
+      f32[i] = v;
+  }
+};
+
 // y [M, N] = x [M, K] (float32 or bfloat16) W^T (+ bias [N], added in float32) (+ the LoRA
 // update above), in float32, or rounded once to bfloat16 when bf16_out.
 at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -559,18 +701,7 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
               "x must be float32 or bfloat16, got ", x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   TORCH_CHECK(K % 2 == 0, "in_features must be even, got ", K);
-  const float* bias_f32 = nullptr;
-  const uint16_t* bias_bf16 = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N && bias->is_contiguous() && bias->device().is_cpu(),
-                "bias must be a contiguous CPU tensor of out_features elements");
-    if (bias->scalar_type() == at::kFloat) {
-      bias_f32 = bias->data_ptr<float>();
-    } else {
-      TORCH_CHECK(bias->scalar_type() == at::kBFloat16, "bias must be float32 or bfloat16");
-      bias_bf16 = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-    }
-  }
+  const FloatView b = bias_view(bias, N);
   RowArgs args{};
   args.block_shift = check_common(packed, absmax, nf4_code, N * K, blocksize);
   args.scales = make_scales(absmax, dynamic_code, absmax_scale, absmax_offset, absmax_group);
@@ -580,50 +711,10 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   args.B = blocksize;
   at::Tensor out = at::empty({M, N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
   if (M == 0 || N == 0) return out;
-
-  Lora lora;
-  if (lora_a.has_value()) {
-    TORCH_CHECK(lora_b.has_value(), "lora_a needs lora_b");
-    TORCH_CHECK(lora_a->scalar_type() == at::kFloat && lora_a->is_contiguous() &&
-                    lora_a->dim() == 2 && lora_a->size(1) == K,
-                "lora_a must be contiguous float32 [r, in_features]");
-    lora.r = lora_a->size(0);
-    TORCH_CHECK(lora_b->scalar_type() == at::kFloat && lora_b->is_contiguous() &&
-                    lora_b->dim() == 2 && lora_b->size(0) == N && lora_b->size(1) == lora.r,
-                "lora_b must be contiguous float32 [out_features, r]");
-    lora.b = lora_b->data_ptr<float>();
-    lora.scaling = static_cast<float>(lora_scaling);
-    lora.slot.assign(M, -1);
-    int64_t covered = 0;
-    if (lora_rows.has_value()) {
-      TORCH_CHECK(lora_rows->scalar_type() == at::kLong && lora_rows->is_contiguous() &&
-                      lora_rows->device().is_cpu(),
-                  "lora_rows must be a contiguous int64 CPU tensor");
-      TORCH_CHECK(lora_span > 0 && M % lora_span == 0, "lora_span must divide the rows");
-      const int64_t* items = lora_rows->data_ptr<int64_t>();
-      for (int64_t i = 0; i < lora_rows->numel(); ++i) {
-        TORCH_CHECK(items[i] >= 0 && items[i] < M / lora_span, "lora_rows out of range");
-        for (int64_t m = items[i] * lora_span; m < (items[i] + 1) * lora_span; ++m)
-          if (lora.slot[m] < 0) lora.slot[m] = covered++;
-      }
-    } else {
-      for (int64_t m = 0; m < M; ++m) lora.slot[m] = covered++;
-    }
-    // h = A x for the covered rows, from x in float32 (bfloat16 widens exactly)
-    const float* a = lora_a->data_ptr<float>();
-    const bool bf16_in = x.scalar_type() == at::kBFloat16;
-    const uint16_t* xb =
-        bf16_in ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
-    const float* xf = bf16_in ? nullptr : x.data_ptr<float>();
-    std::vector<float> xm(K);
-    lora.h.assign(covered * lora.r, 0.0f);
-    for (int64_t m = 0; m < M; ++m) {
-      if (lora.slot[m] < 0) continue;
-      for (int64_t k = 0; k < K; ++k) xm[k] = bf16_in ? bf16_to_float(xb[m * K + k]) : xf[m * K + k];
-      for (int64_t j = 0; j < lora.r; ++j)
-        lora.h[lora.slot[m] * lora.r + j] = dot_f32(a + j * K, xm.data(), K);
-    }
-  }
+  const FloatView xv = float_view(x);
+  const Lora lora = lora_a.has_value()
+                        ? make_lora(xv, M, K, N, *lora_a, lora_b, lora_scaling, lora_rows, lora_span)
+                        : Lora{};
 
 #if QLORA_ISA != 0
   const bool grouped = K % kGroup == 0;
@@ -632,43 +723,10 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   const bool grouped = false;
   const int bpg = 1;
 #endif
-  const bool dq = args.scales.double_quant;
-  RowFn row_fns[3][kMaxTile + 1] = {};  // [output rows R][input rows MT]
-  row_fns[1][1] = pick_row_kernel<1, 1>(grouped, dq, bpg);
-  row_fns[2][1] = pick_row_kernel<2, 1>(grouped, dq, bpg);
-  row_fns[1][2] = pick_row_kernel<1, 2>(grouped, dq, bpg);
-  row_fns[2][2] = pick_row_kernel<2, 2>(grouped, dq, bpg);
-  if constexpr (kMaxTile >= 4) {
-    row_fns[1][3] = pick_row_kernel<1, 3>(grouped, dq, bpg);
-    row_fns[2][3] = pick_row_kernel<2, 3>(grouped, dq, bpg);
-    row_fns[1][4] = pick_row_kernel<1, 4>(grouped, dq, bpg);
-    row_fns[2][4] = pick_row_kernel<2, 4>(grouped, dq, bpg);
-  }
-
-  // x in float32 (bfloat16 widens exactly), rearranged once per call into the row kernel's
-  // layout: grouped, xg (row_dot_groups); general, [xe | xo] (row_dot_general)
-  // (a tensor: 64-byte aligned, so no SIMD load of x crosses a cache line)
-  at::Tensor x_layout = at::empty({M, K}, x.options().dtype(at::kFloat));
-  float* xs = x_layout.data_ptr<float>();
-  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
-  const float* x_f32 = is_bf16 ? nullptr : x.data_ptr<float>();
-  const uint16_t* x_bf16 =
-      is_bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
-  for (int64_t m = 0; m < M; ++m) {
-    float* dst = xs + m * K;
-    for (int64_t k = 0; k < K; ++k) {
-      int64_t to = (k % 2) * (K / 2) + k / 2;
-#if QLORA_ISA != 0
-      if (grouped) {
-        const int64_t g = k / kGroup, r = k % kGroup;  // r = 8 d + (p ^ 1)
-        to = g * kGroup + ((r % 8) ^ 1) * kLanes + r / 8;
-      }
-#endif
-      dst[to] = is_bf16 ? bf16_to_float(x_bf16[m * K + k]) : x_f32[m * K + k];
-    }
-  }
-  float* y_f32 = bf16_out ? nullptr : out.data_ptr<float>();
-  uint16_t* y_bf16 = bf16_out ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
+  const RowKernels kernels = pick_row_kernels(grouped, args.scales.double_quant, bpg);
+  const at::Tensor x_layout = kernel_layout(x, xv, grouped);
+  const float* xs = x_layout.data_ptr<float>();
+  const Output y(out);
   // enough rows per task that a thread's share is worth waking it for (>= 32k weights)
   const int64_t grain = std::max<int64_t>(1, 32768 / K);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
@@ -681,22 +739,15 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
       for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
         const int mt = static_cast<int>(std::min<int64_t>(kMaxTile, M - m0));
         for (int m = 0; m < mt; ++m) x_rows[m] = xs + (m0 + m) * K;
-        row_fns[rows][mt](args, n, x_rows, y_tile);
-        for (int r = 0; r < rows; ++r) {
-          const bool has_bias = bias_f32 != nullptr || bias_bf16 != nullptr;
-          const float b = bias_f32 ? bias_f32[n + r] : bias_bf16 ? bf16_to_float(bias_bf16[n + r]) : 0.0f;
+        kernels.fn[rows][mt](args, n, x_rows, y_tile);
+        for (int r = 0; r < rows; ++r)
           for (int m = 0; m < mt; ++m) {
             // one float32 add, as y + bias.float(); then the LoRA update, one more
-            float v = has_bias ? y_tile[r * mt + m] + b : y_tile[r * mt + m];
+            float v = b.empty() ? y_tile[r * mt + m] : y_tile[r * mt + m] + b[n + r];
             if (lora.b != nullptr && lora.slot[m0 + m] >= 0)
               v += u[lora.slot[m0 + m] * (end - begin) + n + r - begin];
-            const int64_t at = (m0 + m) * N + n + r;
-            if (bf16_out)
-              y_bf16[at] = bf16_bits(v);
-            else
-              y_f32[at] = v;
+            y.store((m0 + m) * N + n + r, v);
           }
-        }
       }
     }
   });

@@ -161,6 +161,37 @@ bool quantize_row(const In* x, int64_t K, int8_t* xq, float* dx, int32_t* corr) 
   return true;
 }
 
+// Row m of x [M, K] (float32 or bfloat16) quantized into xq [K], dx [K / 32] and corr
+// [K / 32 * 4] by quantize_row; false when the row declines.
+inline bool quantize_x_row(const at::Tensor& x, int64_t m, int8_t* xq, float* dx, int32_t* corr) {
+  const int64_t K = x.size(1);
+  if (x.scalar_type() == at::kBFloat16)
+    return quantize_row(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K, K, xq,
+                        dx, corr);
+  return quantize_row(x.data_ptr<float>() + m * K, K, xq, dx, corr);
+}
+
+// The bias [N] (float32 or bfloat16), read as float32; empty when there is none.
+struct Bias {
+  const float* f32 = nullptr;
+  const uint16_t* bf16 = nullptr;
+  bool empty() const { return f32 == nullptr && bf16 == nullptr; }
+  float operator[](int64_t n) const { return bf16 != nullptr ? bf16_to_float(bf16[n]) : f32[n]; }
+};
+
+inline Bias bias_view(const std::optional<at::Tensor>& bias, int64_t N) {
+  Bias b;
+  if (!bias.has_value()) return b;
+  TORCH_CHECK(bias->numel() == N && bias->is_contiguous(), "bias must be contiguous [N]");
+  if (bias->scalar_type() == at::kFloat) {
+    b.f32 = bias->data_ptr<float>();
+  } else {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16, "bias must be float32 or bfloat16");
+    b.bf16 = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
+  }
+  return b;
+}
+
 // y[r * MT + m] for the four rows of group g and MT input rows: the formula at the top.
 #if QLORA_ISA == 3
 template <int MT>
@@ -336,17 +367,7 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::T
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == G * S_pad * 4,
               "scales must be contiguous float16 [N/4, S_pad, 4]");
   TORCH_CHECK(table.scalar_type() == at::kChar && table.numel() == 16, "table must be int8 [16]");
-  const float* bias_f32 = nullptr;
-  const uint16_t* bias_bf16 = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N && bias->is_contiguous(), "bias must be contiguous [N]");
-    if (bias->scalar_type() == at::kFloat)
-      bias_f32 = bias->data_ptr<float>();
-    else {
-      TORCH_CHECK(bias->scalar_type() == at::kBFloat16, "bias must be float32 or bfloat16");
-      bias_bf16 = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-    }
-  }
+  const Bias b = bias_view(bias, N);
   Args a{};
   a.codes = codes.data_ptr<uint8_t>();
   a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
@@ -363,13 +384,9 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::T
   int8_t* xq = xq_t.data_ptr<int8_t>();
   float* dx = dx_t.data_ptr<float>();
   int32_t* corr = corr_t.data_ptr<int32_t>();
-  for (int64_t m = 0; m < M; ++m) {
-    const bool ok = x.scalar_type() == at::kBFloat16
-                        ? quantize_row(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K, K,
-                                       xq + m * K, dx + m * J, corr + m * J * 4)
-                        : quantize_row(x.data_ptr<float>() + m * K, K, xq + m * K, dx + m * J, corr + m * J * 4);
-    if (!ok) return at::empty({0}, x.options().dtype(at::kFloat));
-  }
+  for (int64_t m = 0; m < M; ++m)
+    if (!quantize_x_row(x, m, xq + m * K, dx + m * J, corr + m * J * 4))
+      return at::empty({0}, x.options().dtype(at::kFloat));
   at::Tensor out = at::empty({M, N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
   if (M == 0 || N == 0) return out;
   float* y_f32 = bf16_out ? nullptr : out.data_ptr<float>();
@@ -391,8 +408,7 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::T
           const int64_t n = g * kRows + r;
           for (int m = 0; m < mt; ++m) {
             float v = yt[r * mt + m] * post;
-            if (bias_f32) v += bias_f32[n];
-            if (bias_bf16) v += bf16_to_float(bias_bf16[n]);
+            if (!b.empty()) v += b[n];
             const int64_t at = (m0 + m) * N + n;
             if (bf16_out)
               y_bf16[at] = bf16_bits(v);
@@ -414,14 +430,9 @@ std::vector<at::Tensor> quantize_activations(const at::Tensor& x) {
   at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor dx = at::empty({M, J}, x.options().dtype(at::kFloat));
   std::vector<int32_t> corr(J * 4);
-  for (int64_t m = 0; m < M; ++m) {
-    const bool ok = x.scalar_type() == at::kBFloat16
-                        ? quantize_row(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K, K,
-                                       xq.data_ptr<int8_t>() + m * K, dx.data_ptr<float>() + m * J, corr.data())
-                        : quantize_row(x.data_ptr<float>() + m * K, K, xq.data_ptr<int8_t>() + m * K,
-                                       dx.data_ptr<float>() + m * J, corr.data());
-    if (!ok) return {at::empty({0}, xq.options()), at::empty({0}, dx.options())};
-  }
+  for (int64_t m = 0; m < M; ++m)
+    if (!quantize_x_row(x, m, xq.data_ptr<int8_t>() + m * K, dx.data_ptr<float>() + m * J, corr.data()))
+      return {at::empty({0}, xq.options()), at::empty({0}, dx.options())};
   return {xq, dx};
 }
 
@@ -531,17 +542,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const std::option
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kBFloat16 && w.size(1) == x.size(1),
               "w must be contiguous bfloat16 [N, K]");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  const float* bias_f32 = nullptr;
-  const uint16_t* bias_bf16 = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N && bias->is_contiguous(), "bias must be contiguous [N]");
-    if (bias->scalar_type() == at::kFloat)
-      bias_f32 = bias->data_ptr<float>();
-    else {
-      TORCH_CHECK(bias->scalar_type() == at::kBFloat16, "bias must be float32 or bfloat16");
-      bias_bf16 = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-    }
-  }
+  const Bias b = bias_view(bias, N);
   at::Tensor out = at::empty({M, N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
   if (M == 0 || N == 0) return out;
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
@@ -567,8 +568,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const std::option
         for (int r = 0; r < rows; ++r)
           for (int m = 0; m < mt; ++m) {
             float v = yt[r * mt + m];
-            if (bias_f32) v += bias_f32[n0 + r];
-            if (bias_bf16) v += bf16_to_float(bias_bf16[n0 + r]);
+            if (!b.empty()) v += b[n0 + r];
             const int64_t at = (m0 + m) * N + n0 + r;
             if (bf16_out)
               y_bf16[at] = bf16_bits(v);
