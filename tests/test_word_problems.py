@@ -122,7 +122,8 @@ def test_task_scores_and_loads_through_the_registry(tokenizer, tmp_path):
     assert task.is_correct(f"#### {gold}", gold) and not task.is_correct("#### -1", gold)
     assert task.accuracy([f"#### {gold}", "#### -1"], task.eval[:2]) == 0.5
     assert TASK_MODULES["word_problems"] == "grpo.tasks.word_problems"
-    assert task.rewards is wp.REWARDS and set(wp.REWARDS) == {"correctness", "answer_format", "right_format"}
+    assert task.rewards is wp.REWARDS
+    assert set(wp.REWARDS) == {"correctness", "answer_format", "right_format"}
     tokenizer.save_pretrained(tmp_path / "model")  # `load` reads the model's own tokenizer
     cfg = GRPOConfig(model=str(tmp_path / "model"), task="word_problems", n_eval=10)
     loaded = load_task(cfg)
