@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .measure import child_main, exact, figure, peak_rss_bytes, ratio_of, run_child
+from .measure import child_main, exact, figure, peak_rss_bytes, ratio_of, run_child, torch_threads
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml"
 BETA_KL = 0.04  # DeepSeekMath's beta
@@ -63,22 +63,14 @@ def make_config(output_dir: str, overrides: dict):
 
 
 def build_base(output_dir: str, overrides: dict) -> Path:
-    """The warmed-up tiny Phi in <output_dir>/base, built once and shared by every config.
-
-    Setup, not a measured figure: it runs single-threaded, the fastest setting for a model this
-    small on a machine whose cores other processes also use.
-    """
+    """The warmed-up tiny Phi in <output_dir>/base, shared by every config (setup, not measured:
+    one thread, the fastest for a model this small)."""
     from grpo.tasks import load_task
     from grpo.tiny.warmup import ensure_tiny_base
 
     cfg = make_config(output_dir, overrides)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        task = load_task(cfg)
-        return ensure_tiny_base(cfg, task, log=lambda msg: None)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1):
+        return ensure_tiny_base(cfg, load_task(cfg), log=lambda msg: None)
 
 
 def child(args: dict) -> dict:
@@ -145,16 +137,9 @@ def child(args: dict) -> dict:
 def run(output_dir: str, overrides: dict, steps: int, warmup_steps: int, threads: int, log=print):
     """Every config on the base that build_base(output_dir, overrides) made."""
     results = {}
+    common = dict(output_dir=str(output_dir), overrides=overrides, steps=steps, threads=threads)
     for name in CONFIGS:
-        args = dict(
-            config=name,
-            output_dir=str(output_dir),
-            overrides=overrides,
-            steps=steps,
-            warmup_steps=warmup_steps,
-            threads=threads,
-        )
-        out = run_child("bench.grpo_step", args)
+        out = run_child("bench.grpo_step", {**common, "config": name, "warmup_steps": warmup_steps})
         per = {k: [s[k] for s in out["steps"]] for k in out["steps"][0]}
         results[name] = {
             "label": config_label(name),

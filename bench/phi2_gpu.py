@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +33,8 @@ from pathlib import Path
 import torch
 
 from bench.measure import environment
-from bench.phi2_scale import PHASES, PhaseProbe, recipe_config, synthetic_gsm8k
+from bench.phi2_scale import PHASES, PhaseProbe, recipe_config, write_gsm8k
+from qlora.atomic import atomic_write_text
 
 GB = 1e9
 # (prompts, generations, micro-batch), largest first: the ladder tried under each memory cap.
@@ -136,33 +136,18 @@ def free(device: torch.device) -> None:
 
 
 def timed_steps(trainer, device: torch.device, steps: int, log) -> dict:
-    """Run `steps` GRPO steps; per-phase medians and the peak memory (allocator peak on CUDA)."""
+    """Run `steps` GRPO steps; medians of the steps after the first (which also warms up kernels
+    and caches) and the peak memory (the allocator's peak on CUDA)."""
     probe = PhaseProbe(device)
-    for event in ("step_start", "phase_end", "step_end"):
-        trainer.callbacks[event] = [getattr(probe, event)]
+    probe.attach(trainer)
     for _ in range(steps):
         trainer.train_step()
-        m = probe.steps[-1]["metrics"]
-        log(
-            f"phi2_gpu:   step {m['step_seconds']:.2f} s ("
-            + ", ".join(f"{p} {m.get(p + '_seconds', 0.0):.2f}" for p in PHASES)
-            + f"), peak {max(v['peak_memory_gb'] for v in probe.steps[-1]['phases'].values()):.2f}"
-        )
-    later = probe.steps[1:] or probe.steps  # the first step also warms up kernels and caches
+        probe.log_step(log, "phi2_gpu:   ")
     return {
         "steps": len(probe.steps),
-        "step_seconds": statistics.median(s["metrics"]["step_seconds"] for s in later),
+        **probe.medians(probe.steps[1:] or probe.steps),
         "step_seconds_all": [s["metrics"]["step_seconds"] for s in probe.steps],
-        "phase_seconds": {
-            p: statistics.median(s["metrics"].get(p + "_seconds", 0.0) for s in later)
-            for p in PHASES
-        },
-        "peak_memory_gb": max(
-            v["peak_memory_gb"] for s in probe.steps for v in s["phases"].values()
-        ),
-        "generated_tokens_per_second": statistics.median(
-            s["metrics"].get("generated_tokens_per_second", 0.0) for s in later
-        ),
+        "peak_memory_gb": probe.peak_gb(),
     }
 
 
@@ -248,17 +233,13 @@ def run(args: argparse.Namespace, log) -> dict:
 
     def save():
         if args.out is not None:
-            tmp = args.out.with_name(args.out.name + ".tmp")
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            tmp.replace(args.out)
+            atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
     t0 = time.perf_counter()
     model_dir = phi2_dir(args.layers, log=log)
     result["build_seconds"] = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="phi2-gpu-") as tmp:
-        data = Path(tmp) / "gsm8k.jsonl"
-        rows = synthetic_gsm8k(256)
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        data = write_gsm8k(Path(tmp) / "gsm8k.jsonl", 256)
         cfg = recipe_config(model_dir, data, Path(tmp) / "run", args, device)
         stacks = [
             ("ours", build_ours, contextlib.nullcontext),
