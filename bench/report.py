@@ -247,29 +247,19 @@ def serve_rows(v: dict) -> list[list[str]]:
 
 
 def serve_derived(v: dict) -> list[str]:
-    d, ratios, m = v["derived"], v["ratios"], v.get("machine")
-    decode = (
+    d, ratios, m = v["derived"], v["ratios"], v["machine"]
+    read, bf16 = m["read_bandwidth"], m["gemm_bf16"]
+    prefill_s = med(v["paths"]["ours_rows2"]["prefill_seconds"])
+    return [
         f"- Decode, 2 rows: each step reads {med(d['step_GB'])} GB of weights (NF4 codes and "
         "block scales, lm_head and the other 16-bit parameters; one embedding row), "
-        f"{med(d['decode_read_GBps'])} GB/s at the median step"
-    )
-    prefill = (
-        f"- Prefill, 2 rows: {med(d['prefill_TFLOP'])} TFLOP in "
-        f"{med(v['paths']['ours_rows2']['prefill_seconds'])} s, {med(d['prefill_GFLOPs'])} GFLOP/s"
-    )
-    if m is not None:
-        decode += (
-            f", {percent(d['decode_bandwidth_fraction'])} of the machine's measured read "
-            f"bandwidth ({med(m['read_bandwidth'])} GB/s, {m['read_bandwidth']['label']}): a "
-            f"ceiling of {med(d['decode_steps_per_second_ceiling'])} steps/s"
-        )
-        prefill += (
-            f", {percent(d['prefill_peak_fraction'])} of the measured bf16 matmul peak "
-            f"({med(m['gemm_bf16'])} GFLOP/s, {m['gemm_bf16']['label']})"
-        )
-    return [
-        decode + ".",
-        prefill + ".",
+        f"{med(d['decode_read_GBps'])} GB/s at the median step, "
+        f"{percent(d['decode_bandwidth_fraction'])} of the machine's measured read bandwidth "
+        f"({med(read)} GB/s, {read['label']}): a ceiling of "
+        f"{med(d['decode_steps_per_second_ceiling'])} steps/s.",
+        f"- Prefill, 2 rows: {med(d['prefill_TFLOP'])} TFLOP in {prefill_s} s, "
+        f"{med(d['prefill_GFLOPs'])} GFLOP/s, {percent(d['prefill_peak_fraction'])} of the "
+        f"measured bf16 matmul peak ({med(bf16)} GFLOP/s, {bf16['label']}).",
         "- A side-by-side demo on bitsandbytes runs one pass per side for each token: "
         f"{med(d['bnb_side_by_side_tokens_per_second'])} tokens/s per side (its two 1-row median "
         f"steps); ours with both sides in one pass gives "

@@ -1,13 +1,9 @@
-"""`python -m bench.results runs/tiny`: the README's results table, rendered from the run directory.
+"""`python -m bench.results runs/tiny`: the README's results block, rendered from a run directory.
 
-Every figure in the README's results section comes from a run directory written by `make train`
-(summary.json, config.yaml, eval.jsonl, base/warmup.json); this rewrites the block between
-`<!-- results:start -->` and `<!-- results:end -->`. The machine line is the one the run recorded
-in summary.json ("machine": CPU model from /proc/cpuinfo, core count, torch threads).
-
-The block rewriter (`replace_block`, `rewrite_block`) is shared with `bench/report.py`, which owns
-the Performance blocks: each tool replaces the text between its own two marker lines and nothing
-else, atomically (temp file, then rename).
+Every figure of the block comes from the run directory `make train` wrote (summary.json,
+config.yaml, eval.jsonl, base/warmup.json), the machine line from the one the run recorded. The
+block rewriter here is shared by every tool that writes a README block (bench/report.py,
+bench/phi2_scale.py): each replaces the text between its own two marker lines, atomically.
 """
 
 from __future__ import annotations
@@ -23,17 +19,9 @@ from qlora.atomic import atomic_write_text
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 # config fields the results line names: the ones that make the run what it is
 CONFIG_SHOWN = (
-    "max_steps",
-    "prompts_per_step",
-    "num_generations",
-    "temperature",
-    "learning_rate",
-    "lr_schedule",
-    "beta",
-    "loss_type",
-    "lora_r",
-    "reward_funcs",
-)
+    "max_steps prompts_per_step num_generations temperature learning_rate lr_schedule beta "
+    "loss_type lora_r reward_funcs"
+).split()
 
 
 class ReadmeError(RuntimeError):

@@ -51,19 +51,20 @@ from .measure import (
     peak_rss_bytes,
     ratio_of,
     run_child,
-    torch_threads,
 )
 from .phi2 import phi2_config, phi2_dir
 
 LORA_R, LORA_ALPHA = 16, 32
-CONFIGS = ("ours", "server", "bitsandbytes", "dense_bf16")
-LABELS = {
-    "ours": "ours: NF4Linear + LoRA",
-    "server": "ours: the demo server",
-    "bitsandbytes": "bitsandbytes load_in_4bit",
-    "bitsandbytes_peft": "bitsandbytes load_in_4bit + peft LoRA",
-    "dense_bf16": "dense bf16 (no quantization)",
-}
+# (result key, process, measurement, rows, label): the table's rows, top to bottom
+PATHS = (
+    ("ours_rows2", "ours", "rows2", 2, "ours: NF4Linear + LoRA, base + tuned in one pass"),
+    ("ours_rows1", "ours", "rows1", 1, "ours: NF4Linear + LoRA, tuned alone"),
+    ("bitsandbytes_rows1", "bitsandbytes", "rows1", 1, "bitsandbytes load_in_4bit"),
+    ("bitsandbytes_peft_rows1", "bitsandbytes", "rows1_peft", 1,
+     "bitsandbytes load_in_4bit + peft LoRA"),
+    ("dense_bf16_rows1", "dense_bf16", "rows1", 1, "dense bf16 (no quantization)"),
+)  # fmt: skip
+PEER = "bitsandbytes_rows1"
 
 
 def random_adapter(num_layers: int = 32, seed: int = 0) -> Path:
@@ -255,15 +256,8 @@ def parse_speed_line(line: str) -> dict:
     }
 
 
-def run(
-    threads: int,
-    calls: int,
-    steps: int,
-    prompt_tokens: int,
-    num_layers: int,
-    log=print,
-    machine_probe: dict | None = None,
-):
+def run(threads, calls, steps, prompt_tokens, num_layers, log, machine_probe: dict) -> dict:
+    """Every configuration on `threads` threads; `machine_probe`: the run's machine() probes."""
     model_dir = phi2_dir(num_layers, log=log)
     adapter_dir = random_adapter(num_layers)
     common = dict(
@@ -280,39 +274,16 @@ def run(
         log(f"  {kind}: loaded in {raw[kind]['load_seconds']:.0f} s")
     raw["server"] = server_child(model_dir, adapter_dir, prompt_tokens, steps)
     log(f"  server: ready in {raw['server']['ready_seconds']:.0f} s")
-    if machine_probe is None:
-        from .kernel_speed import machine
-
-        with torch_threads(threads):
-            machine_probe = machine(max(calls, 5), log)
     return summarize(raw, {**common, "num_layers": num_layers}, log, machine_probe)
-
-
-# (result key, process, measurement, rows): the table's rows, top to bottom
-PATHS = (
-    ("ours_rows2", "ours", "rows2", 2),
-    ("ours_rows1", "ours", "rows1", 1),
-    ("bitsandbytes_rows1", "bitsandbytes", "rows1", 1),
-    ("bitsandbytes_peft_rows1", "bitsandbytes", "rows1_peft", 1),
-    ("dense_bf16_rows1", "dense_bf16", "rows1", 1),
-)
-PATH_LABELS = {
-    "ours_rows2": LABELS["ours"] + ", base + tuned in one pass",
-    "ours_rows1": LABELS["ours"] + ", tuned alone",
-    "bitsandbytes_rows1": LABELS["bitsandbytes"],
-    "bitsandbytes_peft_rows1": LABELS["bitsandbytes_peft"],
-    "dense_bf16_rows1": LABELS["dense_bf16"],
-}
-PEER = "bitsandbytes_rows1"
 
 
 def path_figures(raw: dict) -> dict:
     """Per path: decode tokens/s per side (1 / step time), prefill, peak RSS and load time."""
     paths = {}
-    for key, process, measured, rows in PATHS:
+    for key, process, measured, rows, label in PATHS:
         r, proc = raw[process][measured], raw[process]
         paths[key] = {
-            "label": PATH_LABELS[key],
+            "label": label,
             "rows": rows,
             "decode_tokens_per_second_per_side": figure(
                 [1.0 / s for s in r["decode_step_seconds"]], "tokens/s"
@@ -331,7 +302,7 @@ def server_figures(server: dict) -> dict:
     rates = [server[side]["tokens_per_second"] for side in ("base", "tuned")]
     firsts = [server[side]["first_token_seconds"] for side in ("base", "tuned")]
     return {
-        "label": LABELS["server"],
+        "label": "ours: the demo server",
         "rows": 2,
         "tokens_per_second_per_side": exact(min(rates), "tokens/s") if None not in rates else None,
         "first_token_seconds": exact(max(firsts), "s") if None not in firsts else None,
@@ -361,47 +332,37 @@ def ratios_to_peer(paths: dict, server: dict) -> dict:
     return ratios
 
 
-def derived_figures(ours: dict, paths: dict, machine_probe: dict | None) -> dict:
-    """Bytes read per decode step and prefill FLOP/s (module docstring), against the machine
-    probes when given; a side-by-side demo on bitsandbytes (one pass of the base and one of
-    base + peft per token) against ours."""
+def derived_figures(ours: dict, paths: dict, machine_probe: dict) -> dict:
+    """Bytes read per decode step and prefill FLOP/s (module docstring) against the machine
+    probes; a side-by-side demo on bitsandbytes (one pass of the base and one of base + peft
+    per token) against ours."""
     two = paths["ours_rows2"]
     step, prefill = two["decode_step_seconds"]["median"], two["prefill_seconds"]["median"]
-    step_gb, prefill_flops = ours["step_bytes"] / 1e9, ours["prefill_flops_rows2"]
-    pair_step = sum(
-        paths[k]["decode_step_seconds"]["median"] for k in (PEER, "bitsandbytes_peft_rows1")
-    )
-    derived = {
+    step_gb, prefill_gflop = ours["step_bytes"] / 1e9, ours["prefill_flops_rows2"] / 1e9
+    read, bf16 = machine_probe["read_bandwidth"]["median"], machine_probe["gemm_bf16"]["median"]
+    peers = (PEER, "bitsandbytes_peft_rows1")
+    pair_step = sum(paths[k]["decode_step_seconds"]["median"] for k in peers)
+    ours_speed = two["decode_tokens_per_second_per_side"]["median"]
+    return {
         "step_GB": exact(step_gb, "GB", of="weights one decode step reads"),
         "decode_read_GBps": exact(step_gb / step, "GB/s", of="2 rows"),
-        "prefill_TFLOP": exact(prefill_flops / 1e12, "TFLOP", of="2 rows"),
-        "prefill_GFLOPs": exact(prefill_flops / 1e9 / prefill, "GFLOP/s"),
+        "decode_bandwidth_fraction": exact(step_gb / step / read, "x", of="the read probe"),
+        "decode_steps_per_second_ceiling": exact(read / step_gb, "steps/s", of="probe / step"),
+        "prefill_TFLOP": exact(prefill_gflop / 1e3, "TFLOP", of="2 rows"),
+        "prefill_GFLOPs": exact(prefill_gflop / prefill, "GFLOP/s"),
+        "prefill_peak_fraction": exact(prefill_gflop / prefill / bf16, "x", of="the bf16 GEMM"),
         "bnb_side_by_side_tokens_per_second": exact(
             1 / pair_step, "tokens/s", of="1 / (bitsandbytes step + bitsandbytes + peft step)"
         ),
         "ours_rows2_vs_bnb_side_by_side": exact(
-            two["decode_tokens_per_second_per_side"]["median"] * pair_step,
-            "x",
-            of="ours 2 rows tokens/s per side / bitsandbytes side by side",
+            ours_speed * pair_step, "x", of="ours 2 rows / bitsandbytes side by side, tokens/s"
         ),
     }
-    if machine_probe is not None:
-        read, bf16 = machine_probe["read_bandwidth"]["median"], machine_probe["gemm_bf16"]["median"]
-        derived["decode_bandwidth_fraction"] = exact(
-            step_gb / step / read, "x", of="the read bandwidth probe"
-        )
-        derived["decode_steps_per_second_ceiling"] = exact(
-            read / step_gb, "steps/s", of="probe GB/s / step GB"
-        )
-        derived["prefill_peak_fraction"] = exact(
-            prefill_flops / 1e9 / prefill / bf16, "x", of="the bf16 GEMM probe"
-        )
-    return derived
 
 
-def summarize(raw: dict, common: dict, log=print, machine_probe: dict | None = None) -> dict:
+def summarize(raw: dict, common: dict, log, machine_probe: dict) -> dict:
     """Figures from the children's raw samples, ratios against bitsandbytes' single stream, and
-    the derived fractions of the machine probes (when given)."""
+    the fractions of the machine probes."""
     paths = path_figures(raw)
     server = server_figures(raw["server"])
     res = {
@@ -411,9 +372,8 @@ def summarize(raw: dict, common: dict, log=print, machine_probe: dict | None = N
         "server": server,
         "ratios": ratios_to_peer(paths, server),
         "derived": derived_figures(raw["ours"], paths, machine_probe),
+        "machine": machine_probe,
     }
-    if machine_probe is not None:
-        res["machine"] = machine_probe
     speed = {k: p["decode_tokens_per_second_per_side"]["median"] for k, p in paths.items()}
     log(
         f"  tokens/s per side: ours 2 rows {speed['ours_rows2']:.2f}, bitsandbytes 1 row "
