@@ -69,8 +69,9 @@ class Way(NamedTuple):
     label: str
 
 
-def copies_of(weight, nbytes: int, clone=copy.deepcopy) -> list:
-    return [weight] + [clone(weight) for _ in range(max(1, -(-WORKING_SET // nbytes) - 1))]
+def copies_of(weight, nbytes: int) -> list:
+    """`weight` and deep copies of it: at least two, WORKING_SET bytes in all."""
+    return [weight] + [copy.deepcopy(weight) for _ in range(max(1, -(-WORKING_SET // nbytes) - 1))]
 
 
 def rate(seconds: list[float], amount: float, unit: str, **extra) -> dict:
@@ -92,7 +93,7 @@ def pure_pytorch(q: NF4Weight):
     F.linear."""
     index = torch.empty(q.packed.numel(), dtype=torch.int32)
     words = torch.empty(q.n_blocks * q.blocksize // 2, dtype=torch.int64)
-    return lambda x, q: F.linear(x, dequantize_into(q, index, words).to(x.dtype))
+    return lambda x, w: F.linear(x, dequantize_into(w, index, words).to(x.dtype))
 
 
 def call_layer(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -218,11 +219,11 @@ def prefill(out_f: int, in_f: int, repeats: int, peak: dict, log) -> dict:
     x16 = x32.bfloat16()
     calls = {
         "fused_fp32": partial(kernel.fused_matmul, x32, q),
-        "decode_gemm_fp32": partial(decode_gemm, q, x32),
-        "decode_gemm_bf16": partial(decode_gemm, q, x16),
+        "decode_gemm_fp32": partial(decode_gemm, x32, q),
+        "decode_gemm_bf16": partial(decode_gemm, x16, q),
     }
     if int8_decode.default_kernel() is not None:
-        calls["int8_bf16"] = partial(int8_matmul, int8_decode.repack(q), x16)
+        calls["int8_bf16"] = partial(int8_matmul, x16, int8_decode.repack(q))
     with torch.no_grad():
         s = interleaved(calls, repeats)
     flops = 2 * PREFILL_ROWS * out_f * in_f
@@ -246,9 +247,9 @@ def prefill(out_f: int, in_f: int, repeats: int, peak: dict, log) -> dict:
     return {"ms": {name: ms(t) for name, t in s.items()}, "GFLOPs": gflops, "ratios": ratios}
 
 
-def switch(repeats: int, log) -> dict:
+def switch(shapes, repeats: int, log) -> dict:
     weights = {}
-    for out_f, in_f in PHI2_SHAPES:
+    for out_f, in_f in shapes:
         q = quantize_nf4(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(out_f)))
         weights[f"{out_f}x{in_f}"] = copies_of(q, q.nbytes)
     results = {}
@@ -263,15 +264,16 @@ def switch(repeats: int, log) -> dict:
             per_shape[key] = paired_ratio(s["fused"], s["decode_gemm"], "fused", "decode + GEMM")
         results[f"rows={rows}"] = per_shape
         log(
-            f"  switch rows={rows}: "
+            f"  switch rows={rows}, fused / (decode + GEMM): "
             + ", ".join(f"{k} {v['median']:.2f}" for k, v in per_shape.items())
         )
     return results
 
 
-def run(threads: int, repeats: int, log=print, machine_probe: dict | None = None) -> dict:
-    """Every measurement on `threads` torch threads. `machine_probe`: a `machine()` result of the
-    same run (bench.run shares it with the serving part), else measured here."""
+def run(threads: int, repeats: int, log=print, machine_probe=None, shapes=PHI2_SHAPES) -> dict:
+    """Every measurement on `threads` torch threads, on weights of `shapes` (out, in).
+    `machine_probe`: a `machine()` result of the same run (bench.run shares it with the serving
+    part), else measured here."""
     k = kernel.default_kernel()
     if k is None:
         raise RuntimeError(
@@ -288,10 +290,10 @@ def run(threads: int, repeats: int, log=print, machine_probe: dict | None = None
             "int8_isa": None if k8 is None else k8.isa,
             "kernel_load_seconds": exact(k.load_seconds, "s"),
             "machine": m,
-            "decode": {f"{o}x{i}": decode_shape(o, i, repeats, probe, log) for o, i in PHI2_SHAPES},
+            "decode": {f"{o}x{i}": decode_shape(o, i, repeats, probe, log) for o, i in shapes},
             "lm_head": lm_head(repeats, probe, log),
-            "prefill": {f"{o}x{i}": prefill(o, i, repeats, m, log) for o, i in PHI2_SHAPES},
-            "switch": switch(repeats, log),
+            "prefill": {f"{o}x{i}": prefill(o, i, repeats, m, log) for o, i in shapes},
+            "switch": switch(shapes, repeats, log),
             "fused_max_rows": kernel.FUSED_MAX_ROWS,
         }
 

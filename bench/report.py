@@ -192,15 +192,16 @@ def readme_section(r: dict) -> list[str]:
 # The serving side: a Phi-2-sized model served on CPU, and the NF4 kernel at Phi-2's shapes
 # ---------------------------------------------------------------------------------------------
 
-SERVE_HEADER = [
-    "path",
-    "rows",
-    "decode tokens/s per side",
-    "prefill = first token s",
-    "peak RSS GB",
-    "load s",
-    "decode vs bitsandbytes, 1 row (above 1: faster)",
-]
+SERVE_HEADER = (
+    "path | rows | decode tokens/s per side | prefill = first token s | peak RSS GB | load s | "
+    "decode vs bitsandbytes, 1 row (above 1: faster)"
+).split(" | ")
+KERNEL_HEADER = (
+    "weight (out × in) | rows | ours, fused ms | bitsandbytes Linear4bit ms | pure PyTorch "
+    "(decode + F.linear) ms | ours GB/s (of the read probe) | ours / bitsandbytes | ours / pure "
+    "PyTorch"
+).split(" | ")
+INT8_HEADER = ["ours, int8 ms", "int8 GB/s (of the read probe)", "int8 / bitsandbytes"]
 
 
 def serve_setup(v: dict) -> str:
@@ -220,30 +221,16 @@ def serve_rows(v: dict) -> list[list[str]]:
     rows = []
     for key, p in v["paths"].items():
         ratio = v["ratios"].get(f"{key}_decode_vs_bnb")
-        rows.append(
-            [
-                p["label"],
-                str(p["rows"]),
-                cell(p["decode_tokens_per_second_per_side"]),
-                cell(p["prefill_seconds"]),
-                med(p["peak_rss_GB"]),
-                med(p["load_seconds"]),
-                "1x (the peer)" if ratio is None else ratio_cell(ratio),
-            ]
-        )
+        speed = "1x (the peer)" if ratio is None else ratio_cell(ratio)
+        row = [p["label"], str(p["rows"]), cell(p["decode_tokens_per_second_per_side"])]
+        row += [cell(p["prefill_seconds"]), med(p["peak_rss_GB"]), med(p["load_seconds"]), speed]
+        rows.append(row)
     srv = v["server"]
-    rows.append(
-        [
-            srv["label"] + " (`python -m app --model DIR --adapter DIR`, one /compare call)",
-            "2",
-            cell(srv["tokens_per_second_per_side"]),
-            cell(srv["first_token_seconds"]) + " (first token in both panes)",
-            med(srv["peak_rss_GB"]),
-            med(srv["ready_seconds"]) + " (until it answers HTTP)",
-            "",
-        ]
-    )
-    return rows
+    row = [srv["label"] + " (`python -m app --model DIR --adapter DIR`, one /compare call)", "2"]
+    row += [cell(srv["tokens_per_second_per_side"])]
+    row += [cell(srv["first_token_seconds"]) + " (first token in both panes)"]
+    row += [med(srv["peak_rss_GB"]), med(srv["ready_seconds"]) + " (until it answers HTTP)", ""]
+    return rows + [row]
 
 
 def serve_derived(v: dict) -> list[str]:
@@ -287,19 +274,7 @@ def kernel_setup(k: dict) -> str:
 
 def kernel_table(k: dict) -> list[str]:
     """One row per shape and row count; the int8 kernel's columns when it was measured."""
-    header = [
-        "weight (out × in)",
-        "rows",
-        "ours, fused ms",
-        "bitsandbytes Linear4bit ms",
-        "pure PyTorch (decode + F.linear) ms",
-        "ours GB/s (of the read probe)",
-        "ours / bitsandbytes",
-        "ours / pure PyTorch",
-    ]
     int8 = any("int8" in d["ms"] for per in k["decode"].values() for d in per.values() if "ms" in d)
-    if int8:
-        header += ["ours, int8 ms", "int8 GB/s (of the read probe)", "int8 / bitsandbytes"]
     rows = []
     for shape, per in k["decode"].items():
         for key, d in per.items():
@@ -307,16 +282,14 @@ def kernel_table(k: dict) -> list[str]:
                 continue
             ms, gbps, ratios = d["ms"], d["read_GBps"], d["ratios"]
             row = [shape.replace("x", " × "), key.split("=")[1], cell(ms["ours"]), cell(ms["bnb"])]
-            row += [
-                cell(ms["pure"]),
-                f"{med(gbps['ours'])} ({percent(ratios['bandwidth_fraction'])})",
-            ]
-            row += [ratio_cell(ratios["ours_vs_bnb"]), ratio_cell(ratios["ours_vs_pure"])]
+            bw = f"{med(gbps['ours'])} ({percent(ratios['bandwidth_fraction'])})"
+            row += [cell(ms["pure"]), bw, ratio_cell(ratios["ours_vs_bnb"])]
+            row += [ratio_cell(ratios["ours_vs_pure"])]
             if int8:
                 bw = f"{med(gbps['int8'])} ({percent(ratios['int8_bandwidth_fraction'])})"
                 row += [cell(ms["int8"]), bw, ratio_cell(ratios["int8_vs_bnb"])]
             rows.append(row)
-    return table(header, rows)
+    return table(KERNEL_HEADER + (INT8_HEADER if int8 else []), rows)
 
 
 def kernel_lines(k: dict) -> list[str]:

@@ -13,7 +13,7 @@ import sys
 import pytest
 from torch import nn
 
-from bench import serve
+from bench import kernel_speed, serve
 from bench.measure import exact, figure, paired_ratio, ratio_of
 from bench.report import (
     README_END,
@@ -424,3 +424,23 @@ def test_without_the_kernel_its_part_is_refused_before_measuring(tmp_path):
         "the NF4 CPU kernel is not available" in proc.stderr and "leave out kernel" in proc.stderr
     )
     assert not (tmp_path / "results.json").exists()
+
+
+def test_the_kernel_part_runs_on_small_shapes_and_renders():
+    from qlora import kernel
+
+    if kernel.default_kernel() is None:
+        pytest.fail("the NF4 CPU kernel did not build; this test measures it")
+    k = kernel_speed.run(1, 5, lambda *_: None, MACHINE, shapes=((1024, 2048),))
+    d = k["decode"]["1024x2048"]
+    # 1024 x 2048 NF4 + double quant: 2^20 code bytes, 32,768 uint8 absmax, 128 float32 scales
+    # (one per 256 absmax) and one float32 offset
+    assert d["bytes"]["ours"]["median"] == 2**20 + 32768 + 128 * 4 + 4
+    for rows in ("rows=1", "rows=2"):
+        assert d[rows]["ms"]["ours"]["repeats"] == 5
+        assert d[rows]["ratios"]["ours_vs_bnb"]["denominator"] == "bitsandbytes"
+    assert set(k["switch"]) == {f"rows={n}" for n in kernel_speed.SWITCH_ROWS}
+    lines = kernel_table(k)
+    assert len(lines) == 4 and lines[2].startswith("| 1024 × 2048 | 1 | ")
+    prefill = kernel_lines(k)[-1]
+    assert prefill.startswith("- Prefill (300 rows), decode + bf16 GEMM: 1024 × 2048 ")
