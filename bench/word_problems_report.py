@@ -118,7 +118,7 @@ def tuned_completions(run: Path, adapter: str | None, evaluate: bool, cfg, task)
     return completions
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.word_problems_report")
     parser.add_argument("--run-dir", required=True, help="a word_problems run directory")
     parser.add_argument(
@@ -132,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         "is <run-dir>/checkpoints/step-NNNNNN/adapter)",
     )
     parser.add_argument("--samples", type=int, default=8, help="base-vs-tuned rows to print")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from transformers import AutoTokenizer
 
     from grpo.cli import load_config
