@@ -44,7 +44,7 @@ def phi2_config(num_layers: int = 32):
 
 def phi2_dir(num_layers: int = 32, seed: int = 0, log=print) -> Path:
     """The cached random Phi-2 (bf16 safetensors + the character tokenizer); built if missing
-    (32 layers: ~5.6 GB, about a minute)."""
+    (32 layers: ~5.6 GB)."""
     directory = cache_root() / f"phi2-random-{num_layers}L-seed{seed}"
     if (directory / "config.json").is_file():
         return directory
