@@ -50,6 +50,18 @@ def bnb_linear4bit(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     return layer.to(linear.weight.device)  # the first .to() quantizes
 
 
+def bnb_nf4_config():
+    """transformers' BitsAndBytesConfig of the peer: NF4, double quant, bf16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the tensors autograd keeps for backward during one forward (distinct storages)."""
     seen: dict[int, int] = {}

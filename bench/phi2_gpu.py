@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bench.layer_speed import bnb_nf4_config
 from bench.measure import environment
 from bench.phi2_scale import PHASES, PhaseProbe, recipe_config, write_gsm8k
 from qlora.atomic import atomic_write_text
@@ -54,21 +55,14 @@ LADDER = (
 def bnb_peft_policy(cfg, device: torch.device):
     """The peer's (model, tokenizer): bitsandbytes NF4 + peft LoRA, as TRL users build it."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpo.policy import fold_output_head_input, use_fused_gelu
 
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_quant_storage=torch.uint8,
-    )
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model,
         dtype=torch.bfloat16,
-        quantization_config=quant,
+        quantization_config=bnb_nf4_config(),
         device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
         use_kernels=False,  # hub kernels: not ours to measure, and unreachable offline
     )

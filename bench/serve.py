@@ -43,6 +43,7 @@ from grpo.pretrained import cache_root
 from qlora.atomic import atomic_dir
 from qlora.model import PHI_TARGETS
 
+from .layer_speed import bnb_nf4_config
 from .measure import (
     child_main,
     current_rss_bytes,
@@ -159,7 +160,7 @@ def measure_rows(make_rows, calls: int, steps: int) -> dict:
 
 def load(kind: str, model_dir: Path, adapter_dir: Path):
     """(model, tokenizer) of one configuration; ours is loaded as the demo loads it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if kind == "ours":
         from app.serving import load_demo
@@ -168,14 +169,7 @@ def load(kind: str, model_dir: Path, adapter_dir: Path):
         pair = load_demo(resolve_spec(None, str(model_dir), str(adapter_dir))).generator
         assert pair.one_pass
         return pair.base_model, pair.tokenizer
-    quant = None
-    if kind == "bitsandbytes":
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
+    quant = bnb_nf4_config() if kind == "bitsandbytes" else None
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map="cpu"
     )
