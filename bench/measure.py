@@ -1,16 +1,17 @@
-"""What every part of the bench shares: figures with units, ratios naming both sides, peak memory,
-the machine description, and running a part in a child process.
+"""What every part of the bench shares: figures, ratios, timing, memory, the machine, child
+processes.
 
-A figure is a dict, always with the same keys, so results.json reads the same everywhere:
+A figure is a dict with the same keys everywhere in results.json:
 
     {"unit": "ms", "median": 12.3, "min": 11.9, "max": 14.0, "repeats": 7, "samples": [...]}
 
-Computed (not timed) quantities, such as a byte count, have "exact": true, repeats 1 and
-median = min = max. A ratio adds "numerator" and "denominator" (what was divided by what).
+A computed quantity (a byte count) has "exact": true and median = min = max. A ratio adds
+"numerator" and "denominator", the names of what was divided by what.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from importlib import metadata, util
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -56,31 +57,19 @@ def exact(value: float, unit: str, **extra) -> dict:
     return {"unit": unit, "median": v, "min": v, "max": v, "repeats": 1, "exact": True, **extra}
 
 
-def paired_ratio(
-    numerator: list[float],
-    denominator: list[float],
-    numerator_name: str,
-    denominator_name: str,
-) -> dict:
-    """numerator_i / denominator_i for samples taken back to back (repeat i of each side), so
+def paired_ratio(numerator: list[float], denominator: list[float], num: str, den: str) -> dict:
+    """numerator_i / denominator_i of samples taken back to back (repeat i of each side), so
     load from other processes cancels; median, min and max of those ratios."""
-    if len(numerator) != len(denominator):
-        raise ValueError(f"paired samples differ in length: {len(numerator)} vs {len(denominator)}")
     ratios = [n / d for n, d in zip(numerator, denominator, strict=True)]
-    return _ratio(figure(ratios, "x"), numerator_name, denominator_name, "paired")
+    return figure(ratios, "x", numerator=num, denominator=den, ratio="paired")
 
 
-def ratio_of(
-    numerator: dict,
-    denominator: dict,
-    numerator_name: str,
-    denominator_name: str,
-) -> dict:
-    """median(numerator) / median(denominator) for figures measured apart (separate processes);
-    min and max are the extreme bounds min/max and max/min."""
+def ratio_of(numerator: dict, denominator: dict, num: str, den: str) -> dict:
+    """median / median of figures measured apart (separate processes); min and max are the
+    extreme bounds min/max and max/min. None where a side is 0 (below a probe's resolution)."""
 
     def div(a: float, b: float) -> float | None:
-        return _round(a / b) if b > 0 else None  # below the probe's resolution: no ratio
+        return _round(a / b) if b > 0 else None
 
     fig = {
         "unit": "x",
@@ -88,19 +77,48 @@ def ratio_of(
         "min": div(numerator["min"], denominator["max"]),
         "max": div(numerator["max"], denominator["min"]),
         "repeats": min(numerator["repeats"], denominator["repeats"]),
+        "numerator": num,
+        "denominator": den,
+        "ratio": "of medians",
     }
     if numerator.get("exact") and denominator.get("exact"):
         fig["exact"] = True
-    return _ratio(fig, numerator_name, denominator_name, "of medians")
-
-
-def _ratio(fig: dict, numerator: str, denominator: str, kind: str) -> dict:
-    fig.update(numerator=numerator, denominator=denominator, ratio=kind)
     return fig
 
 
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(calls: dict, repeats: int, device: torch.device | str = "cpu") -> dict:
+    """Seconds per call of each of `calls`: one untimed warm-up each, then `repeats` rounds in
+    which every call runs once, back to back, so load from other processes hits all alike."""
+    for call in calls.values():
+        call()
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            sync(device)
+            start = time.perf_counter()
+            call()
+            sync(device)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 # ---------------------------------------------------------------------------------------------
-# Peak memory
+# Memory
 # ---------------------------------------------------------------------------------------------
 
 
@@ -111,33 +129,29 @@ def _proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} line; the bench needs Linux")
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident set (VmHWM) so far."""
-    return _proc_status_bytes("VmHWM")
-
-
 def current_rss_bytes() -> int:
-    """The process's resident set now (VmRSS)."""
     return _proc_status_bytes("VmRSS")
 
 
-class MemoryProbe:
-    """Memory above a baseline: resident set on CPU (Linux), the caching allocator on CUDA.
+def peak_rss_bytes() -> int:
+    """The process's peak resident set (VmHWM) since it started or since MemoryProbe.reset()."""
+    return _proc_status_bytes("VmHWM")
 
-    reset() makes the current usage the baseline and forgets the peak (on CPU by writing 5 to
-    /proc/self/clear_refs, which resets VmHWM to VmRSS); peak() and current() are bytes above it.
-    """
+
+class MemoryProbe:
+    """The process's memory in bytes: the resident set on CPU (Linux), the caching allocator on
+    CUDA. reset() forgets the peak (on CPU by writing 5 to /proc/self/clear_refs, which sets
+    VmHWM to VmRSS) and returns the memory held now."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.baseline = 0
 
-    def _current(self) -> int:
+    def current(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
-        return _proc_status_bytes("VmRSS")
+        return current_rss_bytes()
 
-    def reset(self) -> None:
+    def reset(self) -> int:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -146,36 +160,21 @@ class MemoryProbe:
                 Path("/proc/self/clear_refs").write_text("5")
             except OSError as err:
                 raise RuntimeError(
-                    f"cannot reset the peak RSS ({err}); the log-prob memory part needs Linux "
-                    ">= 4.0 with a writable /proc/self/clear_refs, or a CUDA device"
+                    f"cannot reset the peak RSS ({err}); measuring peak memory on CPU needs "
+                    "Linux >= 4.0 with a writable /proc/self/clear_refs"
                 ) from err
-        self.baseline = self._current()
+        return self.current()
 
     def peak(self) -> int:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - self.baseline
-        return _proc_status_bytes("VmHWM") - self.baseline
-
-    def current(self) -> int:
-        return self._current() - self.baseline
+            return torch.cuda.max_memory_allocated(self.device)
+        return peak_rss_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
-# Machine and run description
+# The machine and the software
 # ---------------------------------------------------------------------------------------------
-
-
-def cpu_simd_flags() -> list[str]:
-    """The vector extensions the kernels may use (avx2, avx512*, amx*), from /proc/cpuinfo."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                return sorted(f for f in flags if f.startswith(("avx2", "avx512", "amx")))
-    except OSError:
-        pass
-    return []
 
 
 def _version(package: str) -> str | None:
@@ -199,45 +198,38 @@ def environment(device: torch.device) -> dict:
     env = {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "python": platform.python_version(),
-        "platform": platform.platform(),
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "bitsandbytes": _version("bitsandbytes"),
         "peft": _version("peft"),
-        # bitsandbytes' fused CPU 4-bit kernel (bf16 inference only) comes from this optional
-        # package; the training path measured here never uses it
-        "kernels_package_installed": util.find_spec("kernels") is not None,
         "cpu_model": cpu_model(),
-        "cpu_simd": cpu_simd_flags(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "loadavg_1min_start": round(os.getloadavg()[0], 2),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
-    if hasattr(os, "getloadavg"):
-        env["loadavg_1min_start"] = round(os.getloadavg()[0], 2)
     return env
 
 
 # ---------------------------------------------------------------------------------------------
-# Child processes
+# Child processes: each configuration of parts 3, 4 and 6 has its own peak memory
 # ---------------------------------------------------------------------------------------------
 
 
 def run_child(module: str, args: dict, timeout: float = 600) -> dict:
     """Run `python -m <module> --child '<json args>'` in a fresh interpreter and return the JSON
-    object it prints on its last stdout line. A fresh process has its own peak RSS."""
+    object it prints on its last stdout line."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = [sys.executable, "-m", module, "--child", json.dumps(args)]
-    start = time.perf_counter()
     proc = subprocess.run(
         cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -248,9 +240,7 @@ def run_child(module: str, args: dict, timeout: float = 600) -> dict:
             f"bench child `python -m {module}` failed (exit {proc.returncode}) with "
             f"{json.dumps(args)}:\n{tail}"
         )
-    result = json.loads(lines[-1])
-    result["child_wall_seconds"] = round(time.perf_counter() - start, 2)
-    return result
+    return json.loads(lines[-1])
 
 
 def child_main(run) -> None:

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -33,8 +32,10 @@ from pathlib import Path
 
 import torch
 
+from bench.layer_speed import bnb_nf4_config
 from bench.measure import environment
-from bench.phi2_scale import PHASES, PhaseProbe, recipe_config, synthetic_gsm8k
+from bench.phi2_scale import PHASES, PhaseProbe, recipe_config, write_gsm8k
+from qlora.atomic import atomic_write_text
 
 GB = 1e9
 # (prompts, generations, micro-batch), largest first: the ladder tried under each memory cap.
@@ -54,21 +55,14 @@ LADDER = (
 def bnb_peft_policy(cfg, device: torch.device):
     """The peer's (model, tokenizer): bitsandbytes NF4 + peft LoRA, as TRL users build it."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpo.policy import fold_output_head_input, use_fused_gelu
 
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_quant_storage=torch.uint8,
-    )
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model,
         dtype=torch.bfloat16,
-        quantization_config=quant,
+        quantization_config=bnb_nf4_config(),
         device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
         use_kernels=False,  # hub kernels: not ours to measure, and unreachable offline
     )
@@ -136,43 +130,49 @@ def free(device: torch.device) -> None:
 
 
 def timed_steps(trainer, device: torch.device, steps: int, log) -> dict:
-    """Run `steps` GRPO steps; per-phase medians and the peak memory (allocator peak on CUDA)."""
+    """Run `steps` GRPO steps; medians of the steps after the first (which also warms up kernels
+    and caches) and the peak memory (the allocator's peak on CUDA)."""
     probe = PhaseProbe(device)
-    for event in ("step_start", "phase_end", "step_end"):
-        trainer.callbacks[event] = [getattr(probe, event)]
+    probe.attach(trainer)
     for _ in range(steps):
         trainer.train_step()
-        m = probe.steps[-1]["metrics"]
-        log(
-            f"phi2_gpu:   step {m['step_seconds']:.2f} s ("
-            + ", ".join(f"{p} {m.get(p + '_seconds', 0.0):.2f}" for p in PHASES)
-            + f"), peak {max(v['peak_memory_gb'] for v in probe.steps[-1]['phases'].values()):.2f}"
-        )
-    later = probe.steps[1:] or probe.steps  # the first step also warms up kernels and caches
+        probe.log_step(log, "phi2_gpu:   ")
     return {
         "steps": len(probe.steps),
-        "step_seconds": statistics.median(s["metrics"]["step_seconds"] for s in later),
+        **probe.medians(probe.steps[1:] or probe.steps),
         "step_seconds_all": [s["metrics"]["step_seconds"] for s in probe.steps],
-        "phase_seconds": {
-            p: statistics.median(s["metrics"].get(p + "_seconds", 0.0) for s in later)
-            for p in PHASES
-        },
-        "peak_memory_gb": max(
-            v["peak_memory_gb"] for s in probe.steps for v in s["phases"].values()
-        ),
-        "generated_tokens_per_second": statistics.median(
-            s["metrics"].get("generated_tokens_per_second", 0.0) for s in later
-        ),
+        "peak_memory_gb": probe.peak_gb(),
     }
 
 
 def resize(trainer, prompts: int, generations: int, micro_batch: int) -> None:
-    trainer.cfg = dataclasses.replace(
-        trainer.cfg,
-        prompts_per_step=prompts,
-        num_generations=generations,
-        micro_batch_size=micro_batch,
+    sizes = dict(
+        prompts_per_step=prompts, num_generations=generations, micro_batch_size=micro_batch
     )
+    trainer.cfg = dataclasses.replace(trainer.cfg, **sizes)
+
+
+def one_step(trainer, device: torch.device, batch: tuple) -> dict | None:
+    """One step of `batch` (prompts, generations, micro-batch): its peak and seconds, or None
+    when it ran out of memory."""
+    resize(trainer, *batch)
+    free(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        t0 = time.perf_counter()
+        trainer.train_step()
+        torch.cuda.synchronize(device)
+    except torch.OutOfMemoryError:
+        trainer.opt.zero_grad(set_to_none=True)
+        return None
+    seconds = time.perf_counter() - t0
+    return {"peak_memory_gb": torch.cuda.max_memory_allocated(device) / GB, "step_seconds": seconds}
+
+
+def fit(batch: tuple, figures: dict, how: str) -> dict:
+    prompts, generations, micro_batch = batch
+    sizes = {"prompts": prompts, "generations": generations, "micro_batch": micro_batch}
+    return {**sizes, **figures, "how": how}
 
 
 def cap_search(trainer, device: torch.device, caps: list[float], measured: dict, log) -> list:
@@ -182,49 +182,29 @@ def cap_search(trainer, device: torch.device, caps: list[float], measured: dict,
     without another step; below it, LADDER is walked from the last cap's fit down, one step each.
     """
     total = torch.cuda.get_device_properties(device).total_memory
-    b = trainer.cfg
-    recipe = (b.prompts_per_step, b.num_generations, b.micro_batch_size)
+    c = trainer.cfg
+    recipe = (c.prompts_per_step, c.num_generations, c.micro_batch_size)
     start = LADDER.index(recipe) if recipe in LADDER else 0
     rows = []
     for cap in sorted(caps, reverse=True):
         row = {"cap_gb": cap, "fits": None, "tried": []}
         rows.append(row)
         if measured["peak_memory_gb"] * 1.05 <= cap:
-            row["fits"] = {
-                "prompts": recipe[0],
-                "generations": recipe[1],
-                "micro_batch": recipe[2],
-                "peak_memory_gb": measured["peak_memory_gb"],
-                "step_seconds": measured["step_seconds"],
-                "how": "the recipe batch's measured peak is under the cap",
-            }
+            figures = {k: measured[k] for k in ("peak_memory_gb", "step_seconds")}
+            row["fits"] = fit(recipe, figures, "the recipe batch's measured peak is under the cap")
             log(f"phi2_gpu: cap {cap:g} GB: recipe batch fits ({measured['peak_memory_gb']:.1f})")
             continue
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GB / total), device)
         for index in range(start, len(LADDER)):
-            prompts, generations, micro = LADDER[index]
-            resize(trainer, prompts, generations, micro)
-            free(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            try:
-                t0 = time.perf_counter()
-                trainer.train_step()
-                torch.cuda.synchronize(device)
-            except torch.OutOfMemoryError:
-                row["tried"].append([prompts, generations, micro])
-                trainer.opt.zero_grad(set_to_none=True)
-                log(f"phi2_gpu: cap {cap:g} GB: {prompts}x{generations}/{micro}: out of memory")
+            batch = LADDER[index]
+            name = "{}x{}/{}".format(*batch)
+            figures = one_step(trainer, device, batch)
+            if figures is None:
+                row["tried"].append(list(batch))
+                log(f"phi2_gpu: cap {cap:g} GB: {name}: out of memory")
                 continue
-            peak = torch.cuda.max_memory_allocated(device) / GB
-            row["fits"] = {
-                "prompts": prompts,
-                "generations": generations,
-                "micro_batch": micro,
-                "peak_memory_gb": peak,
-                "step_seconds": time.perf_counter() - t0,
-                "how": "one step ran under the cap",
-            }
-            log(f"phi2_gpu: cap {cap:g} GB: {prompts}x{generations}/{micro} fits, {peak:.1f} GB")
+            row["fits"] = fit(batch, figures, "one step ran under the cap")
+            log(f"phi2_gpu: cap {cap:g} GB: {name} fits, {figures['peak_memory_gb']:.1f} GB")
             start = index
             break
     torch.cuda.set_per_process_memory_fraction(1.0, device)
@@ -232,82 +212,77 @@ def cap_search(trainer, device: torch.device, caps: list[float], measured: dict,
     return rows
 
 
+def measure_stack(name: str, build, cfg, device, steps: int, log) -> tuple:
+    """(trainer, figures) of one stack: its load, then `steps` timed steps."""
+    free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    log(f"phi2_gpu: {name}: loading")
+    t0 = time.perf_counter()
+    trainer = build(cfg, device)
+    load_seconds = time.perf_counter() - t0
+    loaded = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else 0
+    log(f"phi2_gpu: {name}: loaded in {load_seconds:.1f} s, {loaded:.2f} GB")
+    figures = timed_steps(trainer, device, steps, log)
+    return trainer, {**figures, "load_seconds": load_seconds, "loaded_memory_gb": loaded}
+
+
+def ratios(ours: dict, peer: dict) -> dict:
+    """ours / bitsandbytes + peft: step time, peak memory and each phase's time."""
+    phases = {
+        f"{p}_time": ours["phase_seconds"][p] / peer["phase_seconds"][p]
+        for p in PHASES
+        if peer["phase_seconds"][p] > 0
+    }
+    return {
+        "step_time": ours["step_seconds"] / peer["step_seconds"],
+        "peak_memory": ours["peak_memory_gb"] / peer["peak_memory_gb"],
+        **phases,
+    }
+
+
 def run(args: argparse.Namespace, log) -> dict:
+    """Both stacks (and the cap search after ours, on CUDA); --out is rewritten after each stage,
+    and a stack that fails is recorded while the other still runs."""
     from bench.phi2 import phi2_dir
 
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    result: dict = {"environment": environment(device), "layers": args.layers}
-    result["batch"] = {
-        "prompts": args.prompts,
-        "generations": args.generations,
-        "new_tokens": args.new_tokens,
-        "micro_batch": args.micro_batch,
-    }
+    batch = {k: getattr(args, k) for k in ("prompts", "generations", "new_tokens", "micro_batch")}
+    result: dict = {"environment": environment(device), "layers": args.layers, "batch": batch}
 
     def save():
         if args.out is not None:
-            tmp = args.out.with_name(args.out.name + ".tmp")
-            tmp.write_text(json.dumps(result, indent=2) + "\n")
-            tmp.replace(args.out)
+            atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
     t0 = time.perf_counter()
     model_dir = phi2_dir(args.layers, log=log)
     result["build_seconds"] = time.perf_counter() - t0
+    stacks = [("ours", build_ours, contextlib.nullcontext)]
+    stacks.append(("bitsandbytes+peft", build_peer, peft_reference))
     with tempfile.TemporaryDirectory(prefix="phi2-gpu-") as tmp:
-        data = Path(tmp) / "gsm8k.jsonl"
-        rows = synthetic_gsm8k(256)
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        data = write_gsm8k(Path(tmp) / "gsm8k.jsonl", 256)
         cfg = recipe_config(model_dir, data, Path(tmp) / "run", args, device)
-        stacks = [
-            ("ours", build_ours, contextlib.nullcontext),
-            ("bitsandbytes+peft", build_peer, peft_reference),
-        ]
-        if args.peer_first:
-            stacks.reverse()
-        for name, build, stack in stacks:
-            log(f"phi2_gpu: {name}: loading")
-            free(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+        for name, build, stack in reversed(stacks) if args.peer_first else stacks:
+            steps = args.ours_steps if name == "ours" and args.ours_steps else args.steps
+            trainer = None
             try:
                 with stack():
-                    t0 = time.perf_counter()
-                    trainer = build(cfg, device)
-                    load_seconds = time.perf_counter() - t0
-                    loaded = (
-                        torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else 0
-                    )
-                    log(f"phi2_gpu: {name}: loaded in {load_seconds:.1f} s, {loaded:.2f} GB")
-                    steps = args.ours_steps if name == "ours" and args.ours_steps else args.steps
-                    measured = timed_steps(trainer, device, steps, log)
-                    measured.update(load_seconds=load_seconds, loaded_memory_gb=loaded)
-                    result[name] = measured
+                    trainer, result[name] = measure_stack(name, build, cfg, device, steps, log)
                     save()
                     if name == "ours" and device.type == "cuda" and args.caps:
                         trainer.callbacks.clear()  # the probe resets the peak at each phase
-                        result["caps"] = cap_search(trainer, device, args.caps, measured, log)
-                        save()
+                        result["caps"] = cap_search(trainer, device, args.caps, result[name], log)
             except Exception as err:  # record and go on: the other stack still runs
                 result.setdefault(name, {})["error"] = f"{type(err).__name__}: {err}"[:2000]
                 log(f"phi2_gpu: {name}: {type(err).__name__}: {err}")
-                save()
+            save()
             trainer = None
             free(device)
-    if "step_seconds" in result.get("ours", {}) and "step_seconds" in result.get(
-        "bitsandbytes+peft", {}
-    ):
-        ours, peer = result["ours"], result["bitsandbytes+peft"]
-        result["ratios"] = {
-            "step_time": ours["step_seconds"] / peer["step_seconds"],
-            "peak_memory": ours["peak_memory_gb"] / peer["peak_memory_gb"],
-            **{
-                f"{p}_time": ours["phase_seconds"][p] / peer["phase_seconds"][p]
-                for p in PHASES
-                if peer["phase_seconds"][p] > 0
-            },
-        }
+    ours, peer = result.get("ours", {}), result.get("bitsandbytes+peft", {})
+    if "step_seconds" in ours and "step_seconds" in peer:
+        result["ratios"] = ratios(ours, peer)
     save()
     return result
 

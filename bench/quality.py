@@ -22,7 +22,6 @@ from transformers import PhiConfig, PhiForCausalLM
 
 from qlora import PHI_TARGETS, dequantize_nf4, quantize_nf4
 from qlora.model import find_target_linears
-from qlora.nf4 import ABSMAX_BLOCKSIZE
 
 from .measure import exact, figure, paired_ratio
 from .phi2 import PHI2_CONFIG
@@ -46,19 +45,26 @@ def int4_absmax_roundtrip(weight: torch.Tensor, blocksize: int = BLOCKSIZE) -> t
     return (q * scale).view(-1)[: flat.numel()].view(weight.shape)
 
 
-def bnb_roundtrip(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+def bnb_quantize(weight: torch.Tensor):
     import bitsandbytes.functional as bnbf
 
-    packed, state = bnbf.quantize_4bit(
+    return bnbf.quantize_4bit(
         weight, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4"
     )
-    return bnbf.dequantize_4bit(packed, state), packed, state
+
+
+def bnb_nbytes(weight: torch.Tensor) -> int:
+    """Bytes of bitsandbytes' per-weight tensors: codes, absmax, nested absmax, offset (the
+    shared code tables excluded, as in NF4Weight.nbytes)."""
+    packed, state = bnb_quantize(weight)
+    tensors = (packed, state.absmax, state.state2.absmax, state.offset)
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def same_bytes_as_bnb(weight: torch.Tensor) -> bool:
     """Our codes, 8-bit absmax, absmax scales and offset equal bitsandbytes' byte for byte."""
     q = quantize_nf4(weight, BLOCKSIZE, double_quant=True)
-    _, packed, state = bnb_roundtrip(weight)
+    packed, state = bnb_quantize(weight)
     return (
         torch.equal(q.packed, packed.view(-1))
         and torch.equal(q.absmax, state.absmax)
@@ -67,23 +73,21 @@ def same_bytes_as_bnb(weight: torch.Tensor) -> bool:
     )
 
 
-def roundtrips(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {
-        "ours": dequantize_nf4(quantize_nf4(weight, BLOCKSIZE, double_quant=True)),
-        "bnb": bnb_roundtrip(weight)[0],
-        "ours_no_dq": dequantize_nf4(quantize_nf4(weight, BLOCKSIZE, double_quant=False)),
-        "int4_absmax": int4_absmax_roundtrip(weight),
-    }
-
-
 def errors(weights: list[torch.Tensor]) -> dict:
     """MAE, RMSE per method over all weights pooled, max |ours - bnb|, bytes identical."""
+    import bitsandbytes.functional as bnbf
+
     abs_sum = dict.fromkeys(METHOD_LABELS, 0.0)
     sq_sum = dict.fromkeys(METHOD_LABELS, 0.0)
     n, max_diff, identical = 0, 0.0, True
     for w in weights:
         w = w.detach().float()
-        approx = roundtrips(w)
+        approx = {
+            "ours": dequantize_nf4(quantize_nf4(w, BLOCKSIZE, double_quant=True)),
+            "bnb": bnbf.dequantize_4bit(*bnb_quantize(w)),
+            "ours_no_dq": dequantize_nf4(quantize_nf4(w, BLOCKSIZE, double_quant=False)),
+            "int4_absmax": int4_absmax_roundtrip(w),
+        }
         for name, a in approx.items():
             err = (w - a).double()
             abs_sum[name] += err.abs().sum().item()
@@ -100,185 +104,114 @@ def errors(weights: list[torch.Tensor]) -> dict:
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Stored size
-# ---------------------------------------------------------------------------------------------
-
-
-def nf4_nbytes(numel: int, blocksize: int = BLOCKSIZE, double_quant: bool = True) -> int:
-    """Bytes qlora stores for one NF4 weight of `numel` values (NF4Weight.nbytes, from shapes):
-
-    codes ceil(n/2) uint8 + absmax per block (uint8 with double quant, else float32)
-    + with double quant: a float32 scale per 256 absmax and one float32 offset.
-    run() checks this against NF4Weight.nbytes of real weights.
-    """
-    n_blocks = -(-numel // blocksize)
-    if not double_quant:
-        return -(-numel // 2) + 4 * n_blocks
-    return -(-numel // 2) + n_blocks + 4 * -(-n_blocks // ABSMAX_BLOCKSIZE) + 4
-
-
-def bnb_nbytes(weight: torch.Tensor) -> int:
-    """Bytes of bitsandbytes' per-weight tensors: packed codes, absmax, nested absmax, offset (the
-    shared 16- and 256-entry code tables excluded, as in NF4Weight.nbytes)."""
-    _, packed, state = bnb_roundtrip(weight)
-    tensors = (packed, state.absmax, state.state2.absmax, state.offset)
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def phi_footprint(config: PhiConfig, other_bytes_per_param: int = 2) -> dict:
-    """NF4 (double quant) size of a Phi model from its config: the model is built on the meta
-    device (shapes, no memory), every linear QLoRA targets (q_proj, k_proj, v_proj, dense, fc1,
-    fc2 in each layer) counts nf4_nbytes, every other parameter (embeddings, lm_head and its bias,
-    layer norms, the targets' biases) `other_bytes_per_param` (2: fp16)."""
-    with torch.device("meta"):
-        model = PhiForCausalLM(config)
-    targets = find_target_linears(model, PHI_TARGETS)
-    quantized = {id(m.weight): m.weight.numel() for m in targets.values()}
-    total_params = sum(p.numel() for p in model.parameters())
-    quantized_params = sum(quantized.values())
-    quantized_bytes = sum(nf4_nbytes(n) for n in quantized.values())
-    other_params = total_params - quantized_params
+def bits_per_param(shape: tuple) -> dict:
+    """Stored bits per parameter of one random weight of `shape`, as each method stores it."""
+    w, n = torch.randn(shape), math.prod(shape)
+    nf4 = {dq: 8 * quantize_nf4(w, BLOCKSIZE, double_quant=dq).nbytes / n for dq in (True, False)}
     return {
-        "total_params": total_params,
-        "quantized_modules": len(targets),
-        "quantized_params": quantized_params,
-        "quantized_bytes": quantized_bytes,
-        "other_params": other_params,
-        "other_bytes": other_params * other_bytes_per_param,
-        "total_bytes": quantized_bytes + other_params * other_bytes_per_param,
+        "nf4_double_quant": exact(nf4[True], "bits/param"),
+        "nf4_no_double_quant": exact(nf4[False], "bits/param"),
+        "bnb_nf4_double_quant": exact(8 * bnb_nbytes(w) / n, "bits/param"),
+        "int4_absmax": exact(4 + 32 / BLOCKSIZE, "bits/param"),
+        "of": f"one {shape[0]}x{shape[1]} weight, blocks of 64 (4 + 32/64 = 4.5 without, "
+        "4 + 8/64 + 32/(64*256) = 4.127 with double quant; the 16- and 256-entry code tables "
+        "are shared constants, not counted)",
     }
 
 
-def phi2_bnb_bytes(config: PhiConfig, other_bytes_per_param: int = 2) -> int:
-    """Phi-2's size as bitsandbytes stores it: bnb_nbytes measured once per distinct shape of the
-    quantized linears (a random weight: the size does not depend on the values), summed over all
-    of them, plus every other parameter at `other_bytes_per_param`."""
+def phi2_footprint() -> dict:
+    """Phi-2 in NF4 + double quant from its config: the model built on the meta device (shapes,
+    no memory); each linear QLoRA targets costs what quantizing a random weight of its shape
+    stores (ours, and bitsandbytes'), every other parameter 2 bytes (fp16)."""
     with torch.device("meta"):
-        model = PhiForCausalLM(config)
+        model = PhiForCausalLM(PhiConfig(**PHI2_CONFIG))
     shapes = [tuple(m.weight.shape) for m in find_target_linears(model, PHI_TARGETS).values()]
-    per_shape = {shape: bnb_nbytes(torch.randn(shape)) for shape in set(shapes)}
-    quantized = sum(math.prod(shape) for shape in shapes)
-    other = sum(p.numel() for p in model.parameters()) - quantized
-    return sum(per_shape[shape] for shape in shapes) + other * other_bytes_per_param
-
-
-def footprint_section(tiny_model, check_shapes, bits_shape) -> dict:
-    # nf4_nbytes against the real NF4Weight.nbytes, on the layer part's (in, out) shapes (Phi-2's
-    # in the full run) and on the tiny model's weights
-    checks = [torch.randn(out_f, in_f) for in_f, out_f in check_shapes]
-    checks += [m.weight for m in find_target_linears(tiny_model, PHI_TARGETS).values()]
-    for w in checks:
-        for dq in (True, False):
-            real = quantize_nf4(w, BLOCKSIZE, double_quant=dq).nbytes
-            if real != nf4_nbytes(w.numel(), BLOCKSIZE, dq):
-                raise AssertionError(
-                    f"nf4_nbytes({w.numel()}, double_quant={dq}) = "
-                    f"{nf4_nbytes(w.numel(), BLOCKSIZE, dq)} but NF4Weight.nbytes = {real}; "
-                    "update bench/quality.py to qlora's storage layout"
-                )
-    phi2 = phi_footprint(PhiConfig(**PHI2_CONFIG))
-    fp16_bytes = 2 * phi2["total_params"]
-    n = math.prod(bits_shape)
+    ours = {s: quantize_nf4(torch.randn(s), BLOCKSIZE).nbytes for s in set(shapes)}
+    bnb = {s: bnb_nbytes(torch.randn(s)) for s in set(shapes)}
+    total = sum(p.numel() for p in model.parameters())
+    quantized = sum(math.prod(s) for s in shapes)
+    fp16_rest = 2 * (total - quantized)
+    nf4_bytes = sum(ours[s] for s in shapes) + fp16_rest
     return {
-        "bits_per_param": {
-            "nf4_double_quant": exact(8 * nf4_nbytes(n, BLOCKSIZE, True) / n, "bits/param"),
-            "nf4_no_double_quant": exact(8 * nf4_nbytes(n, BLOCKSIZE, False) / n, "bits/param"),
-            "bnb_nf4_double_quant": exact(
-                8 * bnb_nbytes(torch.randn(bits_shape)) / n, "bits/param"
-            ),
-            "int4_absmax": exact(4 + 32 / BLOCKSIZE, "bits/param"),
-            "of": f"one {bits_shape[0]}x{bits_shape[1]} weight, blocks of 64 (4 + 32/64 = 4.5 "
-            "without, 4 + 8/64 + 32/(64*256) = 4.127 with double quant; the 16- and 256-entry "
-            "code tables are shared constants, not counted)",
-        },
-        "phi2": {
-            "config": PHI2_CONFIG,
-            "how": "PhiForCausalLM built on the meta device from the config alone; the 6 linears "
-            "of each of the 32 layers (q_proj, k_proj, v_proj, dense, fc1, fc2) in NF4 with "
-            "double quant, everything else (token embeddings, lm_head and its bias, layer norms, "
-            "the linears' biases) in fp16, as QLoRA keeps them",
-            **{k: exact(v, "count") for k, v in phi2.items() if not k.endswith("bytes")},
-            "nf4_bytes": exact(phi2["total_bytes"], "bytes"),
-            "quantized_GB": exact(phi2["quantized_bytes"] / 1e9, "GB"),
-            "fp16_kept_GB": exact(phi2["other_bytes"] / 1e9, "GB"),
-            "nf4_GB": exact(phi2["total_bytes"] / 1e9, "GB"),
-            "nf4_GiB": exact(phi2["total_bytes"] / 2**30, "GiB"),
-            "fp16_GB": exact(fp16_bytes / 1e9, "GB"),
-            "bnb_nf4_GB": exact(
-                phi2_bnb_bytes(PhiConfig(**PHI2_CONFIG)) / 1e9,
-                "GB",
-                how="bitsandbytes quantize_4bit (nf4, double quant) run on a random weight of "
-                "each quantized shape, its bytes summed over the linears, plus the same fp16 rest",
-            ),
-            "nf4_vs_fp16": exact(
-                phi2["total_bytes"] / fp16_bytes,
-                "x",
-                numerator="Phi-2 in NF4 + double quant (ours)",
-                denominator="Phi-2 in fp16",
-            ),
-        },
-        "formula_checked_on": [list(w.shape) for w in checks],
+        "config": PHI2_CONFIG,
+        "how": "PhiForCausalLM built on the meta device from the config alone; the 6 linears "
+        "of each of the 32 layers (q_proj, k_proj, v_proj, dense, fc1, fc2) in NF4 with "
+        "double quant, everything else (token embeddings, lm_head and its bias, layer norms, "
+        "the linears' biases) in fp16, as QLoRA keeps them",
+        "total_params": exact(total, "count"),
+        "quantized_modules": exact(len(shapes), "count"),
+        "quantized_params": exact(quantized, "count"),
+        "quantized_GB": exact(sum(ours[s] for s in shapes) / 1e9, "GB"),
+        "fp16_kept_GB": exact(fp16_rest / 1e9, "GB"),
+        "nf4_GB": exact(nf4_bytes / 1e9, "GB"),
+        "nf4_GiB": exact(nf4_bytes / 2**30, "GiB"),
+        "fp16_GB": exact(2 * total / 1e9, "GB"),
+        "bnb_nf4_GB": exact((sum(bnb[s] for s in shapes) + fp16_rest) / 1e9, "GB"),
+        "nf4_vs_fp16": exact(
+            nf4_bytes / (2 * total),
+            "x",
+            numerator="Phi-2 in NF4 + double quant (ours)",
+            denominator="Phi-2 in fp16",
+        ),
     }
 
 
-def run(quality_shape, seeds: int, tiny_model, check_shapes, log=print) -> dict:
-    normal = {"mae": {k: [] for k in METHOD_LABELS}, "rmse": {k: [] for k in METHOD_LABELS}}
-    max_diff, identical = 0.0, True
-    for seed in range(seeds):
-        gen = torch.Generator().manual_seed(seed)
-        e = errors([torch.randn(*quality_shape, generator=gen)])
-        for metric in ("mae", "rmse"):
-            for k, v in e[metric].items():
-                normal[metric][k].append(v)
-        max_diff = max(max_diff, e["max_abs_diff_ours_vs_bnb"])
-        identical = identical and e["bytes_identical_to_bnb"]
-    tiny_weights = [m.weight for m in find_target_linears(tiny_model, PHI_TARGETS).values()]
-    t = errors(tiny_weights)
+def labelled(values: dict, make) -> dict:
+    return {k: make(v, "absolute", label=METHOD_LABELS[k]) for k, v in values.items()}
+
+
+def normal_errors(shape: tuple, seeds: int) -> dict:
+    """Errors on `seeds` N(0, 1) weights of `shape`: a figure per method over the seeds."""
+    gens = [torch.Generator().manual_seed(seed) for seed in range(seeds)]
+    per_seed = [errors([torch.randn(*shape, generator=g)]) for g in gens]
+    mae = {k: [e["mae"][k] for e in per_seed] for k in METHOD_LABELS}
+    rmse = {k: [e["rmse"][k] for e in per_seed] for k in METHOD_LABELS}
+    max_diff = max(e["max_abs_diff_ours_vs_bnb"] for e in per_seed)
+    ours, int4 = "RMSE " + METHOD_LABELS["ours"], "RMSE " + METHOD_LABELS["int4_absmax"]
+    return {
+        "data": f"{shape[0]}x{shape[1]} values, {seeds} seeds",
+        "mae": labelled(mae, figure),
+        "rmse": labelled(rmse, figure),
+        "max_abs_diff_ours_vs_bnb": exact(max_diff, "absolute"),
+        "bytes_identical_to_bnb": all(e["bytes_identical_to_bnb"] for e in per_seed),
+        "ratios": {
+            "rmse_ours_vs_int4": paired_ratio(rmse["ours"], rmse["int4_absmax"], ours, int4)
+        },
+    }
+
+
+def tiny_errors(tiny_model) -> dict:
+    """Errors on every linear of the tiny Phi that QLoRA quantizes, pooled."""
+    weights = [m.weight for m in find_target_linears(tiny_model, PHI_TARGETS).values()]
+    e = errors(weights)
+    ours, int4 = "RMSE " + METHOD_LABELS["ours"], "RMSE " + METHOD_LABELS["int4_absmax"]
+    ratio = exact(
+        e["rmse"]["ours"] / e["rmse"]["int4_absmax"], "x", numerator=ours, denominator=int4
+    )
+    return {
+        "data": f"tiny Phi after warm-up: {len(weights)} linears ({', '.join(PHI_TARGETS)}), "
+        f"{e['params']:,} weights pooled",
+        "mae": labelled(e["mae"], exact),
+        "rmse": labelled(e["rmse"], exact),
+        "max_abs_diff_ours_vs_bnb": exact(e["max_abs_diff_ours_vs_bnb"], "absolute"),
+        "bytes_identical_to_bnb": e["bytes_identical_to_bnb"],
+        "ratios": {"rmse_ours_vs_int4": ratio},
+    }
+
+
+def run(shape: tuple, seeds: int, tiny_model, log=print) -> dict:
     result = {
-        "normal": {
-            "data": f"{quality_shape[0]}x{quality_shape[1]} values, {seeds} seeds",
-            **{
-                metric: {k: figure(v, "absolute", label=METHOD_LABELS[k]) for k, v in d.items()}
-                for metric, d in normal.items()
-            },
-            "max_abs_diff_ours_vs_bnb": exact(max_diff, "absolute"),
-            "bytes_identical_to_bnb": identical,
-            "ratios": {
-                "rmse_ours_vs_int4": paired_ratio(
-                    normal["rmse"]["ours"],
-                    normal["rmse"]["int4_absmax"],
-                    "RMSE " + METHOD_LABELS["ours"],
-                    "RMSE " + METHOD_LABELS["int4_absmax"],
-                )
-            },
-        },
-        "tiny": {
-            "data": f"tiny Phi after warm-up: {len(tiny_weights)} linears "
-            f"({', '.join(PHI_TARGETS)}), {t['params']:,} weights pooled",
-            **{
-                metric: {k: exact(v, "absolute", label=METHOD_LABELS[k]) for k, v in d.items()}
-                for metric, d in (("mae", t["mae"]), ("rmse", t["rmse"]))
-            },
-            "max_abs_diff_ours_vs_bnb": exact(t["max_abs_diff_ours_vs_bnb"], "absolute"),
-            "bytes_identical_to_bnb": t["bytes_identical_to_bnb"],
-            "ratios": {
-                "rmse_ours_vs_int4": exact(
-                    t["rmse"]["ours"] / t["rmse"]["int4_absmax"],
-                    "x",
-                    numerator="RMSE " + METHOD_LABELS["ours"],
-                    denominator="RMSE " + METHOD_LABELS["int4_absmax"],
-                )
-            },
-        },
+        "normal": normal_errors(shape, seeds),
+        "tiny": tiny_errors(tiny_model),
         "methods": METHOD_LABELS,
-        **footprint_section(tiny_model, check_shapes, quality_shape),
+        "bits_per_param": bits_per_param(shape),
+        "phi2": phi2_footprint(),
     }
-    phi2 = result["phi2"]
+    n, phi2 = result["normal"], result["phi2"]
     log(
-        f"  N(0,1) RMSE ours {result['normal']['rmse']['ours']['median']:.5f} "
-        f"int4 {result['normal']['rmse']['int4_absmax']['median']:.5f}; max |ours-bnb| "
-        f"{max(max_diff, t['max_abs_diff_ours_vs_bnb'])}; Phi-2 NF4 {phi2['nf4_GB']['median']:.3f} "
-        f"GB vs fp16 {phi2['fp16_GB']['median']:.3f} GB"
+        f"  N(0,1) RMSE ours {n['rmse']['ours']['median']:.5f} int4 "
+        f"{n['rmse']['int4_absmax']['median']:.5f}; bytes identical to bitsandbytes: "
+        f"{n['bytes_identical_to_bnb'] and result['tiny']['bytes_identical_to_bnb']}; Phi-2 NF4 "
+        f"{phi2['nf4_GB']['median']:.3f} GB vs fp16 {phi2['fp16_GB']['median']:.3f} GB"
     )
     return result

@@ -1,8 +1,9 @@
-"""results.json -> bench/results.md (every table) and the README's Performance section (the ratios).
+"""results.json -> the README's two Performance blocks and bench/results.md.
 
-The README section is whatever lies between the two marker lines below; it is replaced whole and
-nothing else in the README is touched. Every ratio is "ours / peer": below 1 means ours is
-faster, smaller or more accurate.
+Each README block lies between its two marker lines and is replaced whole; nothing else in the
+README changes. results.md holds the same tables, then every figure of results.json, one table
+per part. A ratio is ours / peer: below 1 means ours is faster, smaller or more accurate, except
+the decode tokens/s ratios, where above 1 means faster (their column says so).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from pathlib import Path
 
 from bench.results import ReadmeError, check_block, read_checked, rewrite_block
 
-README_START = "<!-- bench:start -->"
-README_END = "<!-- bench:end -->"
-SERVE_START = "<!-- bench-serve:start -->"
-SERVE_END = "<!-- bench-serve:end -->"
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+SERVE_START, SERVE_END = "<!-- bench-serve:start -->", "<!-- bench-serve:end -->"
+TRAINING_PARTS = ("layers", "quality", "grpo_step", "logprob_memory")
+SERVING_PARTS = ("serve", "kernel")
 
 __all__ = ["ReadmeError", "check_readme", "render_markdown", "update_readme"]
 
@@ -33,22 +34,29 @@ def num(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}g}" if abs(x) >= 1e-3 else f"{x:.2e}"
 
 
-def cell(fig: dict, digits: int = 3) -> str:
+def med(fig: dict, digits: int = 3) -> str:
+    return num(fig["median"], digits)
+
+
+def cell(fig: dict | None, digits: int = 3) -> str:
     """'median (min–max)' for a measured figure, the value alone for an exact one."""
-    if fig["median"] is None:
+    if fig is None or fig["median"] is None:
         return "n/a"
-    median = num(fig["median"], digits)
     if fig.get("exact") or fig["min"] is None or fig["max"] is None:
-        return median
+        return med(fig, digits)
     low, high = num(fig["min"], digits), num(fig["max"], digits)
-    return median if low == high else f"{median} ({low}–{high})"
+    return med(fig, digits) if low == high else f"{med(fig, digits)} ({low}–{high})"
 
 
 def ratio_cell(fig: dict) -> str:
     if fig["median"] is None:
         return "n/a (a side measured 0)"
-    text = cell(fig, 3).replace(" (", "x (", 1)
+    text = cell(fig).replace(" (", "x (", 1)
     return text if "x (" in text else text + "x"
+
+
+def percent(fig: dict) -> str:
+    return f"{fig['median']:.0%}"
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -56,8 +64,8 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def arrow(key: str) -> str:
-    return key.replace("->", "→")
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
 def machine_line(r: dict, threads: bool = True) -> str:
@@ -65,7 +73,7 @@ def machine_line(r: dict, threads: bool = True) -> str:
     e = r["environment"]
     where = e.get("gpu") or f"{e['cpu_model']}, {e['cpu_count']} cores"
     if threads:
-        where += f"; {e['threads']} torch thread{'s' if e['threads'] != 1 else ''}"
+        where += f"; {plural(e['threads'], 'torch thread')}"
     line = (
         f"{where}; torch {e['torch']}, bitsandbytes {e['bitsandbytes']}, "
         f"transformers {e['transformers']}; {e['date_utc']}"
@@ -79,421 +87,121 @@ def machine_line(r: dict, threads: bool = True) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# results.md
+# The training side: one "what | ours | peer | ours / peer" table
 # ---------------------------------------------------------------------------------------------
 
 
-def layers_md(p: dict) -> list[str]:
-    out = [
-        f"## 1. NF4 layer: forward + backward, {p['tokens']} tokens, LoRA r={p['lora_r']}, "
-        f"{p['dtype']}",
-        "",
-        f"Step: `{p['step']}`. The three layers run interleaved; ratios are the median (min–max) "
-        "of per-repeat ratios.",
-        "",
-    ]
+def layer_rows(p: dict) -> list[list[str]]:
     rows = []
     for key, s in p["shapes"].items():
-        f, r = s["fwd_bwd"], s["ratios"]
-        rows.append(
-            [
-                arrow(key),
-                cell(f["ours"]),
-                cell(f["bnb"]),
-                cell(f["fp32"]),
-                ratio_cell(r["ours_vs_bnb"]),
-                ratio_cell(r["ours_vs_fp32"]),
-            ]
-        )
-    out += table(
-        [
-            "in → out",
-            "NF4Linear+LoRA (ours) ms",
-            "bitsandbytes Linear4bit+LoRA ms",
-            "frozen fp32 Linear+LoRA ms",
-            "ours / bitsandbytes",
-            "ours / fp32",
-        ],
-        rows,
-    )
-    out += [
-        "",
-        "Saved for backward by autograd (MiB): "
-        + "; ".join(
-            f"{arrow(k)}: ours {cell(s['saved_for_backward']['ours'])}, bitsandbytes "
-            f"{cell(s['saved_for_backward']['bnb'])}, fp32 {cell(s['saved_for_backward']['fp32'])}"
-            for k, s in p["shapes"].items()
-        )
-        + ".",
-        "",
-        "### Dequantize one float32 weight",
-        "",
-    ]
-    rows = []
+        what = f"NF4 layer fwd+bwd {key.replace('->', '→')}, {p['tokens']} tokens, r={p['lora_r']}"
+        ms, ratios = s["fwd_bwd"], s["ratios"]
+        ours = f"NF4Linear+LoRA {med(ms['ours'])} ms"
+        bnb = f"bitsandbytes Linear4bit+LoRA {med(ms['bnb'])} ms"
+        rows.append([what, ours, bnb, ratio_cell(ratios["ours_vs_bnb"])])
+        fp32 = f"frozen fp32 Linear+LoRA {med(ms['fp32'])} ms"
+        rows.append([what, ours, fp32, ratio_cell(ratios["ours_vs_fp32"])])
     for key, d in p["dequantize"].items():
-        sec, r = d["seconds"], d["ratios"]
-        rows.append(
-            [
-                arrow(key),
-                cell(sec["ours"]),
-                cell(sec["ours_reused"]),
-                cell(sec["bnb"]),
-                ratio_cell(r["ours_vs_bnb"]),
-                ratio_cell(r["ours_reused_vs_bnb"]),
-                cell(d["max_abs_diff_vs_bnb"]),
-            ]
+        ms, ratios = d["seconds"], d["ratios"]
+        ours = (
+            f"dequantize_nf4 {med(ms['ours'])} ms; into reused buffers, as NF4Linear does: "
+            f"{med(ms['ours_reused'])} ms"
         )
-    out += table(
-        [
-            "out × in",
-            "dequantize_nf4 (ours) ms",
-            "dequantize_into, reused buffers (ours, as in NF4Linear) ms",
-            "bitsandbytes dequantize_4bit ms",
-            "dequantize_nf4 / dequantize_4bit",
-            "dequantize_into / dequantize_4bit",
-            "max abs diff",
-        ],
-        rows,
+        both = (
+            f"{ratio_cell(ratios['ours_vs_bnb'])}; reused buffers "
+            f"{ratio_cell(ratios['ours_reused_vs_bnb'])}"
+        )
+        bnb = f"bitsandbytes dequantize_4bit {med(ms['bnb'])} ms"
+        rows.append([f"dequantize {key.replace('->', '→')} weight", ours, bnb, both])
+    return rows
+
+
+def quality_rows(q: dict) -> list[list[str]]:
+    n, t, p = q["normal"], q["tiny"], q["phi2"]
+    same = n["bytes_identical_to_bnb"] and t["bytes_identical_to_bnb"]
+    diff = max(n["max_abs_diff_ours_vs_bnb"]["median"], t["max_abs_diff_ours_vs_bnb"]["median"])
+    what = "NF4 bytes vs bitsandbytes (N(0,1) and tiny Phi weights)"
+    verdict = f"{'identical' if same else 'DIFFERENT'}, max abs diff {num(diff)}"
+    rows = [[what, "ours", "bitsandbytes quantize_4bit", verdict]]
+    for data, d in (("N(0,1)", n), ("tiny Phi weights", t)):
+        ours, int4 = (
+            f"NF4 {med(d['rmse']['ours'], 4)}",
+            f"int4 absmax {med(d['rmse']['int4_absmax'], 4)}",
+        )
+        rows.append(
+            [f"quantization RMSE, {data}", ours, int4, ratio_cell(d["ratios"]["rmse_ours_vs_int4"])]
+        )
+    ours = (
+        f"NF4 + double quant {med(p['nf4_GB'])} GB (bitsandbytes' bytes: {med(p['bnb_nf4_GB'])} GB)"
     )
-    return out
+    fp16 = f"fp16 {med(p['fp16_GB'])} GB"
+    rows.append(["Phi-2 weights, from its config", ours, fp16, ratio_cell(p["nf4_vs_fp16"])])
+    return rows
 
 
-def quality_md(q: dict) -> list[str]:
-    n, t, b = q["normal"], q["tiny"], q["bits_per_param"]
-    bits = {
-        "ours": b["nf4_double_quant"],
-        "bnb": b["bnb_nf4_double_quant"],
-        "ours_no_dq": b["nf4_no_double_quant"],
-        "int4_absmax": b["int4_absmax"],
-    }
-    rows = [
-        [
-            label,
-            cell(bits[k], 4),
-            cell(n["mae"][k], 4),
-            cell(n["rmse"][k], 4),
-            cell(t["mae"][k], 4),
-            cell(t["rmse"][k], 4),
-        ]
-        for k, label in q["methods"].items()
-    ]
-    p = q["phi2"]
-    out = [
-        "## 2. Quantization quality and size",
-        "",
-        f"Round trip W → quantize → dequantize, blocks of 64. N(0, 1): {n['data']}. "
-        f"Tiny: {t['data']}.",
-        "",
-        *table(
-            [
-                "method",
-                "stored bits/param",
-                "MAE N(0,1)",
-                "RMSE N(0,1)",
-                "MAE tiny Phi",
-                "RMSE tiny Phi",
-            ],
-            rows,
-        ),
-        "",
-        f"- Ours vs bitsandbytes: stored bytes identical: "
-        f"**{'yes' if n['bytes_identical_to_bnb'] and t['bytes_identical_to_bnb'] else 'NO'}**; "
-        f"max |ours − bitsandbytes| after dequantize: {cell(n['max_abs_diff_ours_vs_bnb'])} "
-        f"(N(0,1)), {cell(t['max_abs_diff_ours_vs_bnb'])} (tiny).",
-        f"- RMSE NF4 (ours) / int4 absmax: {ratio_cell(n['ratios']['rmse_ours_vs_int4'])} on "
-        f"N(0,1), {ratio_cell(t['ratios']['rmse_ours_vs_int4'])} on the tiny Phi.",
-        f"- Bits/param: {b['of']}.",
-        "",
-        "### Phi-2 footprint, computed from its config alone",
-        "",
-        f"{p['how']}.",
-        "",
-        *table(
-            ["", "GB (10⁹ bytes)", "parameters"],
-            [
-                [
-                    "fp16, computed",
-                    num(p["fp16_GB"]["median"], 4),
-                    f"{p['total_params']['median']:,.0f}",
-                ],
-                [
-                    f"NF4 part: {p['quantized_modules']['median']:.0f} linears",
-                    num(p["quantized_GB"]["median"], 4),
-                    f"{p['quantized_params']['median']:,.0f}",
-                ],
-                [
-                    "fp16 part: embeddings, lm_head, norms, biases",
-                    num(p["fp16_kept_GB"]["median"], 4),
-                    f"{p['other_params']['median']:,.0f}",
-                ],
-                [
-                    "**NF4 + double quant, total (ours)**",
-                    f"**{num(p['nf4_GB']['median'], 4)}** ({num(p['nf4_GiB']['median'], 4)} GiB)",
-                    "",
-                ],
-                *(
-                    [
-                        [
-                            "bitsandbytes nf4 + double quant, its bytes measured per shape",
-                            num(p["bnb_nf4_GB"]["median"], 4),
-                            "",
-                        ]
-                    ]
-                    if "bnb_nf4_GB" in p
-                    else []
-                ),
-            ],
-        ),
-        "",
-        f"NF4 (ours) / fp16: {ratio_cell(p['nf4_vs_fp16'])}.",
-    ]
-    return out
-
-
-def grpo_md(g: dict) -> list[str]:
+def grpo_rows(g: dict) -> list[list[str]]:
     rows = []
-    for c in g["configs"].values():
-        rows.append(
-            [
-                c["label"],
-                cell(c["step_seconds"]),
-                cell(c["generation_seconds"]),
-                cell(c["reference_seconds"]),
-                cell(c["policy_fwd_bwd_seconds"]),
-                cell(c["optimizer_seconds"]),
-                cell(c["other_seconds"]),
-                cell(c["generated_tokens_per_second"]),
-                cell(c["trained_tokens_per_second"]),
-                cell(c["peak_rss"], 4),
-            ]
+    for beta in ("0", "0.04"):
+        nf4, fp32 = g["configs"][f"nf4_beta{beta}"], g["configs"][f"fp32_beta{beta}"]
+        ours, peer = (
+            f"NF4 base {med(nf4['step_seconds'])} s",
+            f"fp32 base {med(fp32['step_seconds'])} s",
         )
-    r = g["ratios"]
+        ratio = ratio_cell(g["ratios"][f"step_nf4_vs_fp32_beta{beta}"])
+        rows.append([f"GRPO step, tiny default config, beta {beta}", ours, peer, ratio])
+    return rows
+
+
+def logprob_rows(m: dict) -> list[list[str]]:
+    s, sel, naive = m["shape"], m["methods"]["selective"], m["methods"]["naive"]
     return [
-        "## 3. GRPO step, tiny default config",
-        "",
-        f"Config: {g['config']}; {next(iter(g['configs'].values()))['completions_per_step']} "
-        f"completions per step; {g['steps_untimed']} untimed + {g['steps_timed']} timed steps, "
-        "each config in its own process. Step = the whole `train_step()` call; policy fwd/bwd = "
-        "the update minus the optimizer (forward, loss, backward, gradient clipping); rewards "
-        "etc. = the rest (rewards, metrics, bookkeeping); trained tokens/s = completion "
-        "tokens in the loss / (fwd/bwd + optimizer) seconds.",
-        "",
-        *table(
-            [
-                "config",
-                "step s",
-                "generation s",
-                "reference s",
-                "policy fwd/bwd s",
-                "optimizer s",
-                "rewards etc. s",
-                "generated tokens/s",
-                "trained tokens/s",
-                "peak RSS MiB",
-            ],
-            rows,
-        ),
-        "",
-        f"- Step time, NF4 base / fp32 base: {ratio_cell(r['step_nf4_vs_fp32_beta0'])} at beta 0, "
-        f"{ratio_cell(r['step_nf4_vs_fp32_beta0.04'])} at beta 0.04.",
-        f"- Step time, beta 0.04 / beta 0 (NF4): {ratio_cell(r['step_beta0.04_vs_beta0_nf4'])}.",
-        f"- Peak RSS, NF4 base / fp32 base (beta 0): {ratio_cell(r['peak_rss_nf4_vs_fp32_beta0'])}"
-        " (the tiny model is ~0.8M parameters: the process's RSS is mostly Python and torch).",
-        "- Ratios between configs are ratios of medians (separate processes); the range is "
-        "min/max to max/min.",
-    ]
-
-
-def logprob_md(m: dict) -> list[str]:
-    s = m["shape"]
-    rows = [
         [
-            v["label"],
-            cell(v["forward_peak"], 4),
-            cell(v["kept_for_backward"], 4),
-            cell(v["fwd_bwd_peak"], 4),
-            cell(v["fwd_bwd_time"]),
+            f"log-prob peak memory fwd+bwd, {s['batch']}×{s['seq']}, vocab {s['vocab']:,}",
+            f"selective_log_softmax {med(sel['fwd_bwd_peak'])} MiB",
+            f"log_softmax().gather() {med(naive['fwd_bwd_peak'])} MiB",
+            ratio_cell(m["ratios"]["fwd_bwd_peak_selective_vs_naive"]),
         ]
-        for v in m["methods"].values()
-    ]
-    r = m["ratios"]
-    return [
-        f"## 4. Log-prob memory: batch {s['batch']} × {s['seq']} tokens, vocab {s['vocab']:,}, "
-        f"{s['dtype']}",
-        "",
-        f"Memory above the inputs (the logits alone are {num(m['logits_MiB'], 4)} MiB), measured "
-        f"as {m['measured_as']}. The fwd+bwd peak includes the logits' gradient, which both must "
-        "produce.",
-        "",
-        *table(
-            [
-                "method",
-                "forward peak MiB",
-                "kept for backward MiB",
-                "fwd+bwd peak MiB",
-                "fwd+bwd ms",
-            ],
-            rows,
-        ),
-        "",
-        f"- selective / naive: forward peak {ratio_cell(r['forward_peak_selective_vs_naive'])}, "
-        f"fwd+bwd peak {ratio_cell(r['fwd_bwd_peak_selective_vs_naive'])}, time "
-        f"{ratio_cell(r['fwd_bwd_time_selective_vs_naive'])}.",
     ]
 
 
-def render_markdown(r: dict) -> str:
-    lines = ["# Benchmark results", ""]
-    if r["quick"]:
-        lines += [
-            "**QUICK MODE: tiny shapes for a smoke test; these are not the published figures.**",
-            "",
-        ]
-    lines += [
-        f"`{r['command']}` — {machine_line(r)}. Wall time {r['wall_seconds']['total']:.0f} s.",
-        "",
-        "Figures: median (min–max) over the repeats in bench/results.json (≥ 5 for anything "
-        "timed or measured; computed quantities have one value). Ratios are ours / peer: below 1 "
-        "means ours is faster, smaller or more accurate.",
-        "",
+def training_table(r: dict) -> list[str]:
+    renderers = (layer_rows, quality_rows, grpo_rows, logprob_rows)
+    rows = [
+        row
+        for part, rows_of in zip(TRAINING_PARTS, renderers, strict=True)
+        if part in r
+        for row in rows_of(r[part])
     ]
-    parts = (
-        ("layers", layers_md),
-        ("quality", quality_md),
-        ("grpo_step", grpo_md),
-        ("logprob_memory", logprob_md),
-        ("serve", serve_md),
-        ("kernel", kernel_md),
-    )
-    for key, render in parts:
-        if key in r:
-            lines += render(r[key]) + [""]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# README section
-# ---------------------------------------------------------------------------------------------
+    return table(["what", "ours", "peer", "ours / peer"], rows)
 
 
 def readme_section(r: dict) -> list[str]:
-    """The README block between README_START and README_END: the training side's ratios."""
-    rows = []
-    if "layers" in r:
-        p = r["layers"]
-        for key, s in p["shapes"].items():
-            f, ra = s["fwd_bwd"], s["ratios"]
-            what = f"NF4 layer fwd+bwd {arrow(key)}, {p['tokens']} tokens, r={p['lora_r']}"
-            rows.append(
-                [
-                    what,
-                    f"NF4Linear+LoRA {num(f['ours']['median'])} ms",
-                    f"bitsandbytes Linear4bit+LoRA {num(f['bnb']['median'])} ms",
-                    ratio_cell(ra["ours_vs_bnb"]),
-                ]
-            )
-            rows.append(
-                [
-                    what,
-                    f"NF4Linear+LoRA {num(f['ours']['median'])} ms",
-                    f"frozen fp32 Linear+LoRA {num(f['fp32']['median'])} ms",
-                    ratio_cell(ra["ours_vs_fp32"]),
-                ]
-            )
-        for key, d in p["dequantize"].items():
-            sec = d["seconds"]
-            rows.append(
-                [
-                    f"dequantize {arrow(key)} weight",
-                    f"dequantize_nf4 {num(sec['ours']['median'])} ms; into reused buffers, as "
-                    f"NF4Linear does: {num(sec['ours_reused']['median'])} ms",
-                    f"bitsandbytes dequantize_4bit {num(sec['bnb']['median'])} ms",
-                    f"{ratio_cell(d['ratios']['ours_vs_bnb'])}; reused buffers "
-                    f"{ratio_cell(d['ratios']['ours_reused_vs_bnb'])}",
-                ]
-            )
-    if "quality" in r:
-        q = r["quality"]
-        n, t = q["normal"], q["tiny"]
-        same = n["bytes_identical_to_bnb"] and t["bytes_identical_to_bnb"]
-        diff = max(n["max_abs_diff_ours_vs_bnb"]["median"], t["max_abs_diff_ours_vs_bnb"]["median"])
-        rows.append(
-            [
-                "NF4 bytes vs bitsandbytes (N(0,1) and tiny Phi weights)",
-                "ours",
-                "bitsandbytes quantize_4bit",
-                f"{'identical' if same else 'DIFFERENT'}, max abs diff {num(diff)}",
-            ]
-        )
-        for data, d in (("N(0,1)", n), ("tiny Phi weights", t)):
-            rows.append(
-                [
-                    f"quantization RMSE, {data}",
-                    f"NF4 {num(d['rmse']['ours']['median'], 4)}",
-                    f"int4 absmax {num(d['rmse']['int4_absmax']['median'], 4)}",
-                    ratio_cell(d["ratios"]["rmse_ours_vs_int4"]),
-                ]
-            )
-        p = q["phi2"]
-        rows.append(
-            [
-                "Phi-2 weights, from its config",
-                f"NF4 + double quant {num(p['nf4_GB']['median'], 3)} GB"
-                + (
-                    f" (bitsandbytes' bytes: {num(p['bnb_nf4_GB']['median'], 3)} GB)"
-                    if "bnb_nf4_GB" in p
-                    else ""
-                ),
-                f"fp16 {num(p['fp16_GB']['median'], 3)} GB",
-                ratio_cell(p["nf4_vs_fp16"]),
-            ]
-        )
-    if "grpo_step" in r:
-        g = r["grpo_step"]
-        for beta in ("0", "0.04"):
-            nf4, fp32 = g["configs"][f"nf4_beta{beta}"], g["configs"][f"fp32_beta{beta}"]
-            rows.append(
-                [
-                    f"GRPO step, tiny default config, beta {beta}",
-                    f"NF4 base {num(nf4['step_seconds']['median'])} s",
-                    f"fp32 base {num(fp32['step_seconds']['median'])} s",
-                    ratio_cell(g["ratios"][f"step_nf4_vs_fp32_beta{beta}"]),
-                ]
-            )
-    if "logprob_memory" in r:
-        m = r["logprob_memory"]
-        s, sel, nai = m["shape"], m["methods"]["selective"], m["methods"]["naive"]
-        rows.append(
-            [
-                f"log-prob peak memory fwd+bwd, {s['batch']}×{s['seq']}, vocab {s['vocab']:,}",
-                f"selective_log_softmax {num(sel['fwd_bwd_peak']['median'])} MiB",
-                f"log_softmax().gather() {num(nai['fwd_bwd_peak']['median'])} MiB",
-                ratio_cell(m["ratios"]["fwd_bwd_peak_selective_vs_naive"]),
-            ]
-        )
+    """The README block between README_START and README_END."""
     return [
         f"Measured by `make bench` (`{r['command']}`, {r['wall_seconds']['total']:.0f} s) on "
         f"{machine_line(r)}. Median (min–max) of ≥ 5 repeats; ours / peer below 1 means ours is "
-        "faster, smaller or more accurate. Every table, with the GRPO step split into "
+        "faster, smaller or more accurate. Every figure, with the GRPO step split into "
         "generation, reference, policy forward/backward and optimizer: "
         "[bench/results.md](bench/results.md); raw samples: bench/results.json.",
         "",
-        *table(["what", "ours", "peer", "ours / peer"], rows),
+        *training_table(r),
     ]
 
 
 # ---------------------------------------------------------------------------------------------
-# Serving a Phi-2-sized model, and the NF4 CPU kernel
+# The serving side: a Phi-2-sized model served on CPU, and the NF4 kernel at Phi-2's shapes
 # ---------------------------------------------------------------------------------------------
 
-
-def fig_cell(fig: dict | None, digits: int = 3) -> str:
-    return "n/a" if fig is None else cell(fig, digits)
-
-
-def speed_ratio_cell(fig: dict | None) -> str:
-    """A tokens/s ratio: above 1 means faster than the peer."""
-    return "1x (the peer)" if fig is None else ratio_cell(fig)
+SERVE_HEADER = (
+    "path | rows | decode tokens/s per side | prefill = first token s | peak RSS GB | load s | "
+    "decode vs bitsandbytes, 1 row (above 1: faster)"
+).split(" | ")
+KERNEL_HEADER = (
+    "weight (out × in) | rows | ours, fused ms | bitsandbytes Linear4bit ms | pure PyTorch "
+    "(decode + F.linear) ms | ours GB/s (of the read probe) | ours / bitsandbytes | ours / pure "
+    "PyTorch"
+).split(" | ")
+INT8_HEADER = ["ours, int8 ms", "int8 GB/s (of the read probe)", "int8 / bitsandbytes"]
 
 
 def serve_setup(v: dict) -> str:
@@ -504,266 +212,196 @@ def serve_setup(v: dict) -> str:
         f"{size} built from its config with random bf16 weights (`bench/phi2.py`), a random "
         f"peft LoRA r=16 on all six linears of every block; greedy, a {st['prompt_tokens']}-token "
         f"prompt, {st['steps']} steps per call x {st['calls']} calls per path (prefill: one per "
-        f"call; decode: every later step), {st['threads']} torch "
-        f"thread{'s' if st['threads'] != 1 else ''}, each process measured alone"
+        f"call; decode: every later step), {plural(st['threads'], 'torch thread')}, each process "
+        "measured alone"
     )
 
 
 def serve_rows(v: dict) -> list[list[str]]:
     rows = []
     for key, p in v["paths"].items():
-        rows.append(
-            [
-                p["label"],
-                str(p["rows"]),
-                fig_cell(p["decode_tokens_per_second_per_side"]),
-                fig_cell(p["prefill_seconds"]),
-                num(p["peak_rss_GB"]["median"]),
-                num(p["load_seconds"]["median"]),
-                speed_ratio_cell(v["ratios"].get(f"{key}_decode_vs_bnb")),
-            ]
-        )
+        ratio = v["ratios"].get(f"{key}_decode_vs_bnb")
+        speed = "1x (the peer)" if ratio is None else ratio_cell(ratio)
+        row = [p["label"], str(p["rows"]), cell(p["decode_tokens_per_second_per_side"])]
+        row += [cell(p["prefill_seconds"]), med(p["peak_rss_GB"]), med(p["load_seconds"]), speed]
+        rows.append(row)
     srv = v["server"]
-    rows.append(
-        [
-            srv["label"] + " (`python -m app --model DIR --adapter DIR`, one /compare call)",
-            "2",
-            fig_cell(srv["tokens_per_second_per_side"]),
-            fig_cell(srv["first_token_seconds"]) + " (first token in both panes)",
-            num(srv["peak_rss_GB"]["median"]),
-            num(srv["ready_seconds"]["median"]) + " (until it answers HTTP)",
-            "",
-        ]
-    )
-    return rows
-
-
-SERVE_HEADER = [
-    "path",
-    "rows",
-    "decode tokens/s per side",
-    "prefill = first token s",
-    "peak RSS GB",
-    "load s",
-    "decode vs bitsandbytes, 1 row (above 1: faster)",
-]
+    row = [srv["label"] + " (`python -m app --model DIR --adapter DIR`, one /compare call)", "2"]
+    row += [cell(srv["tokens_per_second_per_side"])]
+    row += [cell(srv["first_token_seconds"]) + " (first token in both panes)"]
+    row += [med(srv["peak_rss_GB"]), med(srv["ready_seconds"]) + " (until it answers HTTP)", ""]
+    return rows + [row]
 
 
 def serve_derived(v: dict) -> list[str]:
-    d, ratios = v["derived"], v["ratios"]
-    lines = [
-        f"- Decode, 2 rows: each step reads {num(d['step_GB']['median'])} GB of weights (NF4 codes "
-        f"and block scales, lm_head and the other 16-bit parameters; one embedding row), "
-        f"{num(d['decode_read_GBps']['median'])} GB/s at the median step"
-        + (
-            f", {d['decode_bandwidth_fraction']['median']:.0%} of the machine's measured read "
-            f"bandwidth ({num(v['machine']['read_bandwidth']['median'])} GB/s, "
-            f"{v['machine']['read_bandwidth']['label']}): a ceiling of "
-            f"{num(d['decode_steps_per_second_ceiling']['median'])} steps/s"
-            if "decode_bandwidth_fraction" in d
-            else ""
-        )
-        + ".",
-        f"- Prefill, 2 rows: {num(d['prefill_TFLOP']['median'])} TFLOP in "
-        f"{num(v['paths']['ours_rows2']['prefill_seconds']['median'])} s, "
-        f"{num(d['prefill_GFLOPs']['median'])} GFLOP/s"
-        + (
-            f", {d['prefill_peak_fraction']['median']:.0%} of the measured bf16 matmul peak "
-            f"({num(v['machine']['gemm_bf16']['median'])} GFLOP/s, "
-            f"{v['machine']['gemm_bf16']['label']})"
-            if "prefill_peak_fraction" in d
-            else ""
-        )
-        + ".",
-        "- A side-by-side demo on bitsandbytes runs one pass per side for each token: "
-        f"{num(d['bnb_side_by_side_tokens_per_second']['median'])} tokens/s per side (its "
-        "two 1-row median steps); ours with both sides in one pass gives "
-        f"{num(d['ours_rows2_vs_bnb_side_by_side']['median'])}x that.",
-        "- Peak RSS / bitsandbytes + peft's: ours "
-        + ratio_cell(ratios["ours_rows2_peak_rss_vs_bnb"])
-        + ", the demo server "
-        + ratio_cell(ratios["server_peak_rss_vs_bnb"])
-        + ", dense bf16 "
-        + ratio_cell(ratios["dense_bf16_rows1_peak_rss_vs_bnb"])
-        + ".",
-    ]
-    return lines
-
-
-def serve_md(v: dict) -> list[str]:
+    d, ratios, m = v["derived"], v["ratios"], v["machine"]
+    read, bf16 = m["read_bandwidth"], m["gemm_bf16"]
+    prefill_s = med(v["paths"]["ours_rows2"]["prefill_seconds"])
     return [
-        "## 5. Serving a Phi-2-sized model on CPU",
-        "",
-        serve_setup(v) + ". Peak RSS is the process's VmHWM (ours: 2 rows and 1 row measured in "
-        "one process; bitsandbytes: with and without peft in one process).",
-        "",
-        *table(SERVE_HEADER, serve_rows(v)),
-        "",
-        *serve_derived(v),
-        f"- The server's panes: base `{v['raw']['server']['base_speed']}`, tuned "
-        f"`{v['raw']['server']['tuned_speed']}`.",
+        f"- Decode, 2 rows: each step reads {med(d['step_GB'])} GB of weights (NF4 codes and "
+        "block scales, lm_head and the other 16-bit parameters; one embedding row), "
+        f"{med(d['decode_read_GBps'])} GB/s at the median step, "
+        f"{percent(d['decode_bandwidth_fraction'])} of the machine's measured read bandwidth "
+        f"({med(read)} GB/s, {read['label']}): a ceiling of "
+        f"{med(d['decode_steps_per_second_ceiling'])} steps/s.",
+        f"- Prefill, 2 rows: {med(d['prefill_TFLOP'])} TFLOP in {prefill_s} s, "
+        f"{med(d['prefill_GFLOPs'])} GFLOP/s, {percent(d['prefill_peak_fraction'])} of the "
+        f"measured bf16 matmul peak ({med(bf16)} GFLOP/s, {bf16['label']}).",
+        "- A side-by-side demo on bitsandbytes runs one pass per side for each token: "
+        f"{med(d['bnb_side_by_side_tokens_per_second'])} tokens/s per side (its two 1-row median "
+        f"steps); ours with both sides in one pass gives "
+        f"{med(d['ours_rows2_vs_bnb_side_by_side'])}x that.",
+        "- Peak RSS / bitsandbytes + peft's: ours "
+        f"{ratio_cell(ratios['ours_rows2_peak_rss_vs_bnb'])}, the demo server "
+        f"{ratio_cell(ratios['server_peak_rss_vs_bnb'])}, dense bf16 "
+        f"{ratio_cell(ratios['dense_bf16_rows1_peak_rss_vs_bnb'])}.",
     ]
 
 
-def kernel_decode_rows(k: dict) -> list[list[str]]:
+def kernel_setup(k: dict) -> str:
+    m = k["machine"]
+    int8 = f" and `qlora/int8_decode.py` ({k['int8_isa']} build)" if k.get("int8_isa") else ""
+    return (
+        f"`qlora/kernel.py` ({k['isa']} build, loaded in {med(k['kernel_load_seconds'])} s){int8}"
+        f", {plural(k['threads'], 'torch thread')}, bfloat16 inputs, Phi-2's shapes, each call "
+        "reading its weight from memory (copies rotated past the last-level cache). Machine "
+        f"probes on the same threads: read {cell(m['read_bandwidth'])} GB/s "
+        f"({m['read_bandwidth']['label']}), GEMM {cell(m['gemm_fp32'])} GFLOP/s fp32 and "
+        f"{cell(m['gemm_bf16'])} GFLOP/s bf16 ({m['gemm_bf16']['label']}). Ratios are of times: "
+        "below 1 means ours is faster"
+    )
+
+
+def kernel_table(k: dict) -> list[str]:
+    """One row per shape and row count; the int8 kernel's columns when it was measured."""
+    int8 = any("int8" in d["ms"] for per in k["decode"].values() for d in per.values() if "ms" in d)
     rows = []
     for shape, per in k["decode"].items():
         for key, d in per.items():
             if not key.startswith("rows="):
                 continue
-            rows.append(
-                [
-                    shape.replace("x", " × "),
-                    key.split("=")[1],
-                    cell(d["ms"]["ours"]),
-                    cell(d["ms"]["bnb"]),
-                    cell(d["ms"]["pure"]),
-                    f"{num(d['read_GBps']['ours']['median'])} "
-                    f"({d['ratios']['bandwidth_fraction']['median']:.0%})",
-                    ratio_cell(d["ratios"]["ours_vs_bnb"]),
-                    ratio_cell(d["ratios"]["ours_vs_pure"]),
-                    *int8_cells(d),
-                ]
+            ms, gbps, ratios = d["ms"], d["read_GBps"], d["ratios"]
+            row = [shape.replace("x", " × "), key.split("=")[1], cell(ms["ours"]), cell(ms["bnb"])]
+            bw = f"{med(gbps['ours'])} ({percent(ratios['bandwidth_fraction'])})"
+            row += [cell(ms["pure"]), bw, ratio_cell(ratios["ours_vs_bnb"])]
+            row += [ratio_cell(ratios["ours_vs_pure"])]
+            if int8:
+                bw = f"{med(gbps['int8'])} ({percent(ratios['int8_bandwidth_fraction'])})"
+                row += [cell(ms["int8"]), bw, ratio_cell(ratios["int8_vs_bnb"])]
+            rows.append(row)
+    return table(KERNEL_HEADER + (INT8_HEADER if int8 else []), rows)
+
+
+def kernel_lines(k: dict) -> list[str]:
+    """The output layer (when our GEMV was measured beside F.linear) and the prefill."""
+    lines = []
+    heads = [(key, v) for key, v in k["lm_head"].items() if key.startswith("rows=") and "gemv" in v]
+    if heads:
+        lines.append(
+            "- lm_head (51,200 × 2,560, bf16), torch's F.linear vs our GEMV: "
+            + "; ".join(
+                f"{plural(int(key.split('=')[1]), 'row')} {cell(v['ms'])} ms, "
+                f"{med(v['read_GBps'])} GB/s ({percent(v['bandwidth_fraction'])}) vs "
+                f"{cell(v['gemv']['ms'])} ms, {med(v['gemv']['read_GBps'])} GB/s "
+                f"({percent(v['gemv']['bandwidth_fraction'])})"
+                for key, v in heads
             )
-    return rows
-
-
-def int8_cells(d: dict) -> list[str]:
-    """The int8 kernel's columns of a decode row ("—" in results measured without it)."""
-    if "int8" not in d["ms"]:
-        return ["—", "—", "—"]
-    return [
-        cell(d["ms"]["int8"]),
-        f"{num(d['read_GBps']['int8']['median'])} "
-        f"({d['ratios']['int8_bandwidth_fraction']['median']:.0%})",
-        ratio_cell(d["ratios"]["int8_vs_bnb"]),
-    ]
-
-
-KERNEL_HEADER = [
-    "weight (out × in)",
-    "rows",
-    "ours, fused ms",
-    "bitsandbytes Linear4bit ms",
-    "pure PyTorch (decode + F.linear) ms",
-    "ours GB/s (of the read probe)",
-    "ours / bitsandbytes",
-    "ours / pure PyTorch",
-    "ours, int8 ms",
-    "int8 GB/s (of the read probe)",
-    "int8 / bitsandbytes",
-]
-
-
-def kernel_setup(k: dict) -> str:
-    m = k["machine"]
-    return (
-        f"`qlora/kernel.py` ({k['isa']} build, loaded in {num(k['kernel_load_seconds']['median'])}"
-        f" s)"
-        + (f" and `qlora/int8_decode.py` ({k['int8_isa']} build)" if k.get("int8_isa") else "")
-        + f", {k['threads']} torch thread{'s' if k['threads'] != 1 else ''}, bfloat16 inputs, "
-        f"Phi-2's shapes, each call reading its weight from memory (copies rotated past the "
-        f"last-level cache). Machine probes on the same threads: read "
-        f"{cell(m['read_bandwidth'])} GB/s ({m['read_bandwidth']['label']}), GEMM "
-        f"{cell(m['gemm_fp32'])} GFLOP/s fp32 and {cell(m['gemm_bf16'])} GFLOP/s bf16 "
-        f"({m['gemm_bf16']['label']}). Ratios are of times: below 1 means ours is faster"
-    )
-
-
-def kernel_prefill_line(k: dict) -> str:
-    return (
-        "- Prefill (300 rows), decode + bf16 GEMM: "
-        + "; ".join(
-            f"{shape.replace('x', ' × ')} {num(p['ms']['decode_gemm_bf16']['median'])} ms, "
-            f"{num(p['GFLOPs']['decode_gemm_bf16']['median'])} GFLOP/s "
-            f"({p['ratios']['bf16_fraction_of_peak']['median']:.0%} of the bf16 peak); fused / "
-            f"(decode + GEMM) fp32 {ratio_cell(p['ratios']['fused_vs_decode_gemm_fp32'])}"
-            + (
-                f", int8 / (decode + GEMM) bf16 "
-                f"{ratio_cell(p['ratios']['int8_vs_decode_gemm_bf16'])}"
-                if "int8_vs_decode_gemm_bf16" in p["ratios"]
-                else ""
+            + "."
+        )
+    prefill = []
+    for shape, p in k["prefill"].items():
+        ratios = p["ratios"]
+        text = (
+            f"{shape.replace('x', ' × ')} {med(p['ms']['decode_gemm_bf16'])} ms, "
+            f"{med(p['GFLOPs']['decode_gemm_bf16'])} GFLOP/s "
+            f"({percent(ratios['bf16_fraction_of_peak'])} of the bf16 peak); fused / (decode + "
+            f"GEMM) fp32 {ratio_cell(ratios['fused_vs_decode_gemm_fp32'])}"
+        )
+        if "int8_vs_decode_gemm_bf16" in ratios:
+            text += (
+                f", int8 / (decode + GEMM) bf16 {ratio_cell(ratios['int8_vs_decode_gemm_bf16'])}"
             )
-            for shape, p in k["prefill"].items()
-        )
-        + "."
-    )
+        prefill.append(text)
+    lines.append("- Prefill (300 rows), decode + bf16 GEMM: " + "; ".join(prefill) + ".")
+    return lines
 
 
-def kernel_switch_line(k: dict) -> str:
-    return (
-        f"- Fused / (decode + GEMM), bf16, by rows (`nf4_linear` uses the fused kernel up to "
-        f"{k['fused_max_rows']} rows): "
-        + "; ".join(
-            f"{key.split('=')[1]}: " + ", ".join(f"{num(v['median'])}x" for v in per_shape.values())
-            for key, per_shape in k["switch"].items()
-        )
-        + f" (shapes {', '.join(next(iter(k['switch'].values())))})."
-    )
-
-
-def kernel_lm_head_line(k: dict) -> str:
-    h = k["lm_head"]
-    return (
-        "- lm_head (51,200 × 2,560, bf16), torch's F.linear vs our GEMV: "
-        + "; ".join(
-            f"{key.split('=')[1]} row{'s' if key != 'rows=1' else ''} {cell(v['ms'])} ms, "
-            f"{num(v['read_GBps']['median'])} GB/s ({v['bandwidth_fraction']['median']:.0%})"
-            + (
-                f" vs {cell(v['gemv']['ms'])} ms, {num(v['gemv']['read_GBps']['median'])} GB/s "
-                f"({v['gemv']['bandwidth_fraction']['median']:.0%})"
-                if "gemv" in v
-                else ""
-            )
-            for key, v in h.items()
-            if key.startswith("rows=")
-        )
-        + "."
-    )
-
-
-def kernel_md(k: dict) -> list[str]:
-    return [
-        "## 6. The NF4 CPU kernel, layer by layer",
-        "",
-        kernel_setup(k) + ".",
-        "",
-        *table(KERNEL_HEADER, kernel_decode_rows(k)),
-        "",
-        kernel_lm_head_line(k),
-        kernel_prefill_line(k),
-        kernel_switch_line(k),
-    ]
+def serving_tables(r: dict) -> list[str]:
+    lines = []
+    if "serve" in r:
+        v = r["serve"]
+        lines += ["**Serving a Phi-2-sized model on CPU.** " + serve_setup(v) + ".", ""]
+        lines += [*table(SERVE_HEADER, serve_rows(v)), "", *serve_derived(v), ""]
+    if "kernel" in r:
+        k = r["kernel"]
+        lines += ["**The NF4 kernel at Phi-2's shapes.** " + kernel_setup(k) + ".", ""]
+        lines += [*kernel_table(k), "", *kernel_lines(k)]
+    return lines
 
 
 def serve_section(r: dict) -> list[str]:
     """The README block between SERVE_START and SERVE_END."""
-    lines = [
+    return [
         f"Measured by `make bench` (`{r['command']}`) on {machine_line(r, threads=False)}; "
         "tables with every sample's spread: [bench/results.md](bench/results.md).",
         "",
+        *serving_tables(r),
     ]
-    if "serve" in r:
-        v = r["serve"]
-        lines += [
-            "**Serving a Phi-2-sized model on CPU.** " + serve_setup(v) + ".",
-            "",
-            *table(SERVE_HEADER, serve_rows(v)),
-            "",
-            *serve_derived(v),
-            "",
-        ]
-    if "kernel" in r:
-        k = r["kernel"]
-        lines += [
-            "**The NF4 kernel at Phi-2's shapes.** " + kernel_setup(k) + ".",
-            "",
-            *table(KERNEL_HEADER, kernel_decode_rows(k)),
-            "",
-            kernel_lm_head_line(k),
-            kernel_prefill_line(k),
-        ]
-    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# results.md: the tables above, then every figure
+# ---------------------------------------------------------------------------------------------
+
+
+def figure_rows(tree: dict, path: str = ""):
+    """(path, figure) for every figure under `tree`, depth first, in the order of results.json."""
+    for key, value in tree.items():
+        if not isinstance(value, dict) or key in ("machine", "raw"):
+            continue
+        name = f"{path} › {key}" if path else key
+        if "unit" in value:
+            yield name, value
+        else:
+            yield from figure_rows(value, name)
+
+
+def about(fig: dict) -> str:
+    if "numerator" in fig:
+        kind = f" ({fig['ratio']})" if "ratio" in fig else ""
+        return f"{fig['numerator']} / {fig['denominator']}{kind}"
+    return fig.get("label") or fig.get("of") or fig.get("how") or ""
+
+
+def every_figure(name: str, part: dict) -> list[str]:
+    """A part's settings (its plain values) and one row per figure."""
+    plain = [f"{k}: {v}" for k, v in part.items() if not isinstance(v, (dict, list))]
+    rows = [[path, cell(fig, 4), fig["unit"], about(fig)] for path, fig in figure_rows(part)]
+    header = ["figure", "median (min–max)", "unit", "what"]
+    return [f"### {name}", "", *(["; ".join(plain), ""] if plain else []), *table(header, rows)]
+
+
+def render_markdown(r: dict) -> str:
+    lines = ["# Benchmark results", ""]
+    if r["quick"]:
+        lines += ["**QUICK MODE: tiny shapes for a smoke test; not the published figures.**", ""]
+    lines += [
+        f"`{r['command']}` — {machine_line(r)}. Wall time {r['wall_seconds']['total']:.0f} s.",
+        "",
+        "Figures: median (min–max) over the repeats in bench/results.json (≥ 5 for anything "
+        "timed or measured; computed quantities have one value). Ratios are ours / peer: below 1 "
+        "means ours is faster, smaller or more accurate.",
+        "",
+    ]
+    if any(part in r for part in TRAINING_PARTS):
+        lines += ["## Training side", "", *training_table(r), ""]
+    if any(part in r for part in SERVING_PARTS):
+        lines += ["## Serving side", "", *serving_tables(r), ""]
+    lines += ["## Every figure", ""]
+    for name in ("machine", *TRAINING_PARTS, *SERVING_PARTS):
+        if name in r:
+            lines += [*every_figure(name, r[name]), ""]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -772,13 +410,8 @@ def serve_section(r: dict) -> list[str]:
 
 # (start, end, the parts whose results the block shows, renderer)
 BLOCKS = (
-    (
-        README_START,
-        README_END,
-        ("layers", "quality", "grpo_step", "logprob_memory"),
-        readme_section,
-    ),
-    (SERVE_START, SERVE_END, ("serve", "kernel"), serve_section),
+    (README_START, README_END, TRAINING_PARTS, readme_section),
+    (SERVE_START, SERVE_END, SERVING_PARTS, serve_section),
 )
 
 
@@ -798,9 +431,10 @@ def update_readme(readme: Path, results: dict, parts=None) -> list[str]:
             "before publishing to the README"
         )
     check_readme(readme)
-    chosen, written = parts, []
-    for start, end, parts, render in BLOCKS:
-        if any(part in results and part in (chosen or results) for part in parts):
+    chosen = parts or results
+    written = []
+    for start, end, shown, render in BLOCKS:
+        if any(part in results and part in chosen for part in shown):
             rewrite_block(readme, start, end, "\n".join(render(results)))
             written.append(start)
     return written

@@ -1,13 +1,9 @@
-"""`python -m bench.results runs/tiny`: the README's results table, rendered from the run directory.
+"""`python -m bench.results runs/tiny`: the README's results block, rendered from a run directory.
 
-Every figure in the README's results section comes from a run directory written by `make train`
-(summary.json, config.yaml, eval.jsonl, base/warmup.json); this rewrites the block between
-`<!-- results:start -->` and `<!-- results:end -->`. The machine line is the one the run recorded
-in summary.json ("machine": CPU model from /proc/cpuinfo, core count, torch threads).
-
-The block rewriter (`replace_block`, `rewrite_block`) is shared with `bench/report.py`, which owns
-the Performance blocks: each tool replaces the text between its own two marker lines and nothing
-else, atomically (temp file, then rename).
+Every figure of the block comes from the run directory `make train` wrote (summary.json,
+config.yaml, eval.jsonl, base/warmup.json), the machine line from the one the run recorded. The
+block rewriter here is shared by every tool that writes a README block (bench/report.py,
+bench/phi2_scale.py): each replaces the text between its own two marker lines, atomically.
 """
 
 from __future__ import annotations
@@ -23,17 +19,9 @@ from qlora.atomic import atomic_write_text
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 # config fields the results line names: the ones that make the run what it is
 CONFIG_SHOWN = (
-    "max_steps",
-    "prompts_per_step",
-    "num_generations",
-    "temperature",
-    "learning_rate",
-    "lr_schedule",
-    "beta",
-    "loss_type",
-    "lora_r",
-    "reward_funcs",
-)
+    "max_steps prompts_per_step num_generations temperature learning_rate lr_schedule beta "
+    "loss_type lora_r reward_funcs"
+).split()
 
 
 class ReadmeError(RuntimeError):
@@ -127,13 +115,44 @@ def config_text(cfg: dict) -> str:
     return ", ".join(f"{k}={value(cfg[k])}" for k in CONFIG_SHOWN if k in cfg)
 
 
+def accuracy_table(run_dir: Path, s: dict, cfg: dict) -> list[str]:
+    gain = (s["accuracy_after"] - s["accuracy_before"]) * 100
+    lines = [f"| held-out greedy accuracy (n = {s['n_eval']}) | value |", "|---|---|"]
+    if s.get("accuracy_dense_base") is not None:
+        dense = s["accuracy_dense_base"]
+        lines.append(f"| warm-up model, unquantized (for reference) | {dense:.1%} |")
+    lines += [
+        f"| **before GRPO**: the {base_name(s, cfg)} base GRPO starts from "
+        f"| **{s['accuracy_before']:.1%}** |",
+        f"| **after GRPO** ({s['grpo_steps']} steps, {method_name(s, cfg)}) "
+        f"| **{s['accuracy_after']:.1%}** |",
+        f"| gain | {gain:+.1f} points |",
+    ]
+    evals = run_dir / "eval.jsonl"
+    lines_of = evals.read_text().splitlines() if evals.is_file() else []
+    points = [json.loads(x) for x in lines_of if x.strip()]
+    if points:
+        during = ", ".join(f"step {p['step']}: {p['accuracy']:.1%}" for p in points)
+        lines.append(f"| during GRPO (`eval.jsonl`) | {during} |")
+    return lines
+
+
+def time_table(run_dir: Path, s: dict) -> list[str]:
+    lines = ["| time | seconds |", "|---|---|"]
+    warm = run_dir / "base" / "warmup.json"
+    if warm.is_file():
+        seconds = json.loads(warm.read_text())["warmup_seconds"]
+        lines.append(f"| supervised warm-up (cached in `{run_dir}/base`) | {seconds:.0f} |")
+    return lines + [
+        f"| GRPO ({s['grpo_steps']} steps) | {s['grpo_seconds']:.0f} |",
+        f"| whole run (`total_seconds`) | {s['total_seconds']:.0f} |",
+    ]
+
+
 def render(run_dir: Path) -> str:
     run_dir = Path(run_dir)
     s = json.loads((run_dir / "summary.json").read_text())
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    warm = run_dir / "base" / "warmup.json"
-    warm_s = json.loads(warm.read_text())["warmup_seconds"] if warm.is_file() else None
-    gain = (s["accuracy_after"] - s["accuracy_before"]) * 100
     where = (
         machine_text(s["machine"])
         if "machine" in s
@@ -144,40 +163,14 @@ def render(run_dir: Path) -> str:
         f"{where}; figures from `{run_dir}/summary.json`, rendered by "
         f"`python -m bench.results {run_dir}`.",
         "",
-        "| held-out greedy accuracy (n = {}) | value |".format(s["n_eval"]),
-        "|---|---|",
-    ]
-    if s.get("accuracy_dense_base") is not None:
-        lines.append(
-            f"| warm-up model, unquantized (for reference) | {s['accuracy_dense_base']:.1%} |"
-        )
-    lines += [
-        f"| **before GRPO**: the {base_name(s, cfg)} base GRPO starts from "
-        f"| **{s['accuracy_before']:.1%}** |",
-        f"| **after GRPO** ({s['grpo_steps']} steps, {method_name(s, cfg)}) "
-        f"| **{s['accuracy_after']:.1%}** |",
-        f"| gain | {gain:+.1f} points |",
-    ]
-    evals = run_dir / "eval.jsonl"
-    if evals.is_file():
-        points = [json.loads(x) for x in evals.read_text().splitlines() if x.strip()]
-        if points:
-            lines.append(
-                "| during GRPO (`eval.jsonl`) | "
-                + ", ".join(f"step {p['step']}: {p['accuracy']:.1%}" for p in points)
-                + " |"
-            )
-    lines += ["", "| time | seconds |", "|---|---|"]
-    if warm_s is not None:
-        lines.append(f"| supervised warm-up (cached in `{run_dir}/base`) | {warm_s:.0f} |")
-    lines += [
-        f"| GRPO ({s['grpo_steps']} steps) | {s['grpo_seconds']:.0f} |",
-        f"| whole run (`total_seconds`) | {s['total_seconds']:.0f} |",
+        *accuracy_table(run_dir, s, cfg),
+        "",
+        *time_table(run_dir, s),
         "",
         f"Trainable parameters: {s['trainable_parameters']:,} of {s['total_parameters']:,}; "
         f"stored model {s['bytes'] / 2**20:.2f} MiB. Config: {config_text(cfg)}.",
     ]
-    return "\n".join(lines).rstrip() + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def update_readme(readme: Path, run_dir: Path) -> None:

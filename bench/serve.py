@@ -1,4 +1,4 @@
-"""Part 5: serving a Phi-2-sized model on CPU, the demo's job: ours vs bitsandbytes vs dense bf16.
+"""Part 6: serving a Phi-2-sized model on CPU, the demo's job: ours vs bitsandbytes vs dense bf16.
 
 The model is Phi-2 built from its config with random bf16 weights (bench/phi2.py, cached), the
 adapter a random LoRA r=16 on all six linears of every block, saved in peft's format. Greedy
@@ -33,15 +33,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path
 
 import torch
 
+from grpo.pretrained import cache_root
+from qlora.atomic import atomic_dir
 from qlora.model import PHI_TARGETS
 
+from .layer_speed import bnb_nf4_config
 from .measure import (
     child_main,
     current_rss_bytes,
@@ -51,17 +53,19 @@ from .measure import (
     ratio_of,
     run_child,
 )
-from .phi2 import cache_root, phi2_config, phi2_dir
+from .phi2 import phi2_config, phi2_dir
 
 LORA_R, LORA_ALPHA = 16, 32
-CONFIGS = ("ours", "server", "bitsandbytes", "dense_bf16")
-LABELS = {
-    "ours": "ours: NF4Linear + LoRA",
-    "server": "ours: the demo server",
-    "bitsandbytes": "bitsandbytes load_in_4bit",
-    "bitsandbytes_peft": "bitsandbytes load_in_4bit + peft LoRA",
-    "dense_bf16": "dense bf16 (no quantization)",
-}
+# (result key, process, measurement, rows, label): the table's rows, top to bottom
+PATHS = (
+    ("ours_rows2", "ours", "rows2", 2, "ours: NF4Linear + LoRA, base + tuned in one pass"),
+    ("ours_rows1", "ours", "rows1", 1, "ours: NF4Linear + LoRA, tuned alone"),
+    ("bitsandbytes_rows1", "bitsandbytes", "rows1", 1, "bitsandbytes load_in_4bit"),
+    ("bitsandbytes_peft_rows1", "bitsandbytes", "rows1_peft", 1,
+     "bitsandbytes load_in_4bit + peft LoRA"),
+    ("dense_bf16_rows1", "dense_bf16", "rows1", 1, "dense bf16 (no quantization)"),
+)  # fmt: skip
+PEER = "bitsandbytes_rows1"
 
 
 def random_adapter(num_layers: int = 32, seed: int = 0) -> Path:
@@ -96,11 +100,9 @@ def random_adapter(num_layers: int = 32, seed: int = 0) -> Path:
         "bias": "none",
         "base_model_name_or_path": str(phi2_dir(num_layers)),
     }
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    os.replace(tmp, directory)
+    with atomic_dir(directory) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     return directory
 
 
@@ -133,7 +135,7 @@ def prefill_flops(model, rows: int, tokens: int) -> int:
     return rows * (2 * tokens * linear + attention + 2 * cfg.hidden_size * cfg.vocab_size)
 
 
-def _decode_times(rows, steps: int) -> tuple[float, list[float]]:
+def decode_times(rows, steps: int) -> tuple[float, list[float]]:
     """(prefill seconds, decode step seconds) of `steps` greedy steps of app.streaming's loop."""
     from app.streaming import Sampling
 
@@ -146,14 +148,32 @@ def _decode_times(rows, steps: int) -> tuple[float, list[float]]:
     return times[0], times[1:]
 
 
-def _measure_rows(make_rows, calls: int, steps: int) -> dict:
+def measure_rows(make_rows, calls: int, steps: int) -> dict:
     prefill, decode = [], []
     with torch.inference_mode():
         for _ in range(calls):
-            first, rest = _decode_times(make_rows(), steps)
+            first, rest = decode_times(make_rows(), steps)
             prefill.append(first)
             decode.extend(rest)
     return {"prefill_seconds": prefill, "decode_step_seconds": decode}
+
+
+def load(kind: str, model_dir: Path, adapter_dir: Path):
+    """(model, tokenizer) of one configuration; ours is loaded as the demo loads it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if kind == "ours":
+        from app.serving import load_demo
+        from app.spec import resolve_spec
+
+        pair = load_demo(resolve_spec(None, str(model_dir), str(adapter_dir))).generator
+        assert pair.one_pass
+        return pair.base_model, pair.tokenizer
+    quant = bnb_nf4_config() if kind == "bitsandbytes" else None
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map="cpu"
+    )
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
 def child(args: dict) -> dict:
@@ -161,62 +181,30 @@ def child(args: dict) -> dict:
     import contextlib
 
     from app.streaming import DecodeRows
+    from qlora import adapter_rows
 
-    model_dir, adapter_dir = Path(args["model_dir"]), Path(args["adapter_dir"])
-    kind, calls, steps = args["config"], args["calls"], args["steps"]
-    out: dict = {"config": kind, "threads": torch.get_num_threads()}
+    kind, calls, steps, tokens = args["config"], args["calls"], args["steps"], args["prompt_tokens"]
     start = time.perf_counter()
-    if kind == "ours":
-        from app.serving import load_demo
-        from app.spec import resolve_spec
-        from qlora import adapter_rows
-
-        demo = load_demo(resolve_spec(None, str(model_dir), str(adapter_dir)))  # as the demo
-        pair = demo.generator
-        model, tokenizer = pair.base_model, pair.tokenizer
-    elif kind == "bitsandbytes":
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, quantization_config=quant, dtype=torch.bfloat16, device_map="cpu"
-        ).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    elif kind == "dense_bf16":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    else:
-        raise ValueError(f"unknown config {kind!r}")
+    model, tokenizer = load(kind, Path(args["model_dir"]), Path(args["adapter_dir"]))
+    out: dict = {"config": kind, "threads": torch.get_num_threads()}
     out["load_seconds"] = time.perf_counter() - start
     out["rss_after_load_bytes"] = current_rss_bytes()
-    ids = tokenizer(prompt_text(args["prompt_tokens"]), return_tensors="pt")["input_ids"]
-    assert ids.shape[1] == args["prompt_tokens"], ids.shape
+    ids = tokenizer(prompt_text(tokens), return_tensors="pt")["input_ids"]
+    assert ids.shape[1] == tokens, ids.shape
 
-    def one(m, setting=contextlib.nullcontext):
-        return lambda: DecodeRows(m, ids, setting, steps)
+    def rows(m, setting=contextlib.nullcontext, batch=ids):
+        return measure_rows(lambda: DecodeRows(m, batch, setting, steps), calls, steps)
 
-    if kind == "ours":
+    if kind == "ours":  # base + tuned as two rows of one batch, the LoRA update on row 1
+        out["rows2"] = rows(model, lambda: adapter_rows(model, [1]), ids.repeat(2, 1))
         out["step_bytes"] = step_bytes(model)
-        out["prefill_flops_rows2"] = prefill_flops(model, 2, args["prompt_tokens"])
-        both = lambda: DecodeRows(model, ids.repeat(2, 1), lambda: adapter_rows(model, [1]), steps)  # noqa: E731
-        assert pair.one_pass
-        out["rows2"] = _measure_rows(both, calls, steps)
-        out["rows1"] = _measure_rows(one(model), calls, steps)
-    elif kind == "bitsandbytes":
+        out["prefill_flops_rows2"] = prefill_flops(model, 2, tokens)
+    out["rows1"] = rows(model)
+    if kind == "bitsandbytes":
         from peft import PeftModel
 
-        out["rows1"] = _measure_rows(one(model), calls, steps)
-        peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
-        out["rows1_peft"] = _measure_rows(one(peft_model.get_base_model()), calls, steps)
-    else:
-        out["rows1"] = _measure_rows(one(model), calls, steps)
+        peft_model = PeftModel.from_pretrained(model, args["adapter_dir"]).eval()
+        out["rows1_peft"] = rows(peft_model.get_base_model())
     out["peak_rss_bytes"] = peak_rss_bytes()
     return out
 
@@ -262,15 +250,8 @@ def parse_speed_line(line: str) -> dict:
     }
 
 
-def run(
-    threads: int,
-    calls: int,
-    steps: int,
-    prompt_tokens: int,
-    num_layers: int,
-    log=print,
-    machine_probe: dict | None = None,
-):
+def run(threads, calls, steps, prompt_tokens, num_layers, log, machine_probe: dict) -> dict:
+    """Every configuration on `threads` threads; `machine_probe`: the run's machine() probes."""
     model_dir = phi2_dir(num_layers, log=log)
     adapter_dir = random_adapter(num_layers)
     common = dict(
@@ -287,140 +268,111 @@ def run(
         log(f"  {kind}: loaded in {raw[kind]['load_seconds']:.0f} s")
     raw["server"] = server_child(model_dir, adapter_dir, prompt_tokens, steps)
     log(f"  server: ready in {raw['server']['ready_seconds']:.0f} s")
-    if machine_probe is None:
-        from .kernel_speed import machine
-
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            machine_probe = machine(max(calls, 5), log)
-        finally:
-            torch.set_num_threads(torch_threads)
     return summarize(raw, {**common, "num_layers": num_layers}, log, machine_probe)
 
 
-def _side_rate(samples: list[float]) -> dict:
-    return figure([1.0 / s for s in samples], "tokens/s")
-
-
-# (result key, process, measurement, rows): the table's rows, top to bottom
-PATHS = (
-    ("ours_rows2", "ours", "rows2", 2),
-    ("ours_rows1", "ours", "rows1", 1),
-    ("bitsandbytes_rows1", "bitsandbytes", "rows1", 1),
-    ("bitsandbytes_peft_rows1", "bitsandbytes", "rows1_peft", 1),
-    ("dense_bf16_rows1", "dense_bf16", "rows1", 1),
-)
-PATH_LABELS = {
-    "ours_rows2": LABELS["ours"] + ", base + tuned in one pass",
-    "ours_rows1": LABELS["ours"] + ", tuned alone",
-    "bitsandbytes_rows1": LABELS["bitsandbytes"],
-    "bitsandbytes_peft_rows1": LABELS["bitsandbytes_peft"],
-    "dense_bf16_rows1": LABELS["dense_bf16"],
-}
-PEER = "bitsandbytes_rows1"
-
-
-def summarize(raw: dict, common: dict, log=print, machine_probe: dict | None = None) -> dict:
-    """Figures from the children's raw samples, ratios against bitsandbytes' single stream, and
-    the derived fractions of the machine probes (when given)."""
-    res: dict = {"settings": {k: v for k, v in common.items() if k != "model_dir"}, "raw": raw}
+def path_figures(raw: dict) -> dict:
+    """Per path: decode tokens/s per side (1 / step time), prefill, peak RSS and load time."""
     paths = {}
-    for key, process, measured, rows in PATHS:
+    for key, process, measured, rows, label in PATHS:
         r, proc = raw[process][measured], raw[process]
         paths[key] = {
-            "label": PATH_LABELS[key],
+            "label": label,
             "rows": rows,
-            "decode_tokens_per_second_per_side": _side_rate(r["decode_step_seconds"]),
+            "decode_tokens_per_second_per_side": figure(
+                [1.0 / s for s in r["decode_step_seconds"]], "tokens/s"
+            ),
             "decode_step_seconds": figure(r["decode_step_seconds"], "s"),
             "prefill_seconds": figure(r["prefill_seconds"], "s"),
             "peak_rss_GB": exact(proc["peak_rss_bytes"] / 1e9, "GB", of="its process"),
             "load_seconds": exact(proc["load_seconds"], "s"),
         }
-    res["paths"] = paths
-    server = raw["server"]
+    return paths
+
+
+def server_figures(server: dict) -> dict:
+    """The demo server's figures, from its two panes' speed lines: both panes stream from one
+    pass, so they differ only by rounding; the slower one is taken."""
     rates = [server[side]["tokens_per_second"] for side in ("base", "tuned")]
     firsts = [server[side]["first_token_seconds"] for side in ("base", "tuned")]
-    res["server"] = {
-        "label": LABELS["server"],
+    return {
+        "label": "ours: the demo server",
         "rows": 2,
-        # the slower pane: both panes stream from one pass, so they differ only by rounding
         "tokens_per_second_per_side": exact(min(rates), "tokens/s") if None not in rates else None,
         "first_token_seconds": exact(max(firsts), "s") if None not in firsts else None,
         "peak_rss_GB": exact(server["peak_rss_bytes"] / 1e9, "GB", of="the server process"),
         "ready_seconds": exact(server["ready_seconds"], "s"),
     }
+
+
+def ratios_to_peer(paths: dict, server: dict) -> dict:
+    """Decode speed and peak RSS of every path against bitsandbytes' single stream."""
     peer = paths[PEER]
-    res["ratios"] = {
+    speed = "decode_tokens_per_second_per_side"
+    ratios = {
         f"{key}_decode_vs_bnb": ratio_of(
-            p["decode_tokens_per_second_per_side"],
-            peer["decode_tokens_per_second_per_side"],
-            p["label"] + ", tokens/s per side",
-            peer["label"] + ", tokens/s",
+            p[speed], peer[speed], p["label"] + ", tokens/s per side", peer["label"] + ", tokens/s"
         )
         for key, p in paths.items()
         if key != PEER
     }
-    for key in ("ours_rows2", "dense_bf16_rows1"):
-        res["ratios"][f"{key}_peak_rss_vs_bnb"] = ratio_of(
-            paths[key]["peak_rss_GB"],
-            peer["peak_rss_GB"],
-            paths[key]["label"] + ", peak RSS",
-            peer["label"] + " (+ peft), peak RSS",
-        )
-    res["ratios"]["server_peak_rss_vs_bnb"] = ratio_of(
-        res["server"]["peak_rss_GB"],
-        peer["peak_rss_GB"],
-        LABELS["server"] + ", peak RSS",
-        peer["label"] + " (+ peft), peak RSS",
-    )
-    ours = raw["ours"]
+    peer_rss = peer["label"] + " (+ peft), peak RSS"
+    for key, p in (
+        *((k, paths[k]) for k in ("ours_rows2", "dense_bf16_rows1")),
+        ("server", server),
+    ):
+        rss = ratio_of(p["peak_rss_GB"], peer["peak_rss_GB"], p["label"] + ", peak RSS", peer_rss)
+        ratios[f"{key}_peak_rss_vs_bnb"] = rss
+    return ratios
+
+
+def derived_figures(ours: dict, paths: dict, machine_probe: dict) -> dict:
+    """Bytes read per decode step and prefill FLOP/s (module docstring) against the machine
+    probes; a side-by-side demo on bitsandbytes (one pass of the base and one of base + peft
+    per token) against ours."""
     two = paths["ours_rows2"]
-    step = two["decode_step_seconds"]["median"]
-    prefill = two["prefill_seconds"]["median"]
-    derived = {
-        "step_GB": exact(ours["step_bytes"] / 1e9, "GB", of="weights one decode step reads"),
-        "decode_read_GBps": exact(ours["step_bytes"] / 1e9 / step, "GB/s", of="2 rows"),
-        "prefill_TFLOP": exact(ours["prefill_flops_rows2"] / 1e12, "TFLOP", of="2 rows"),
-        "prefill_GFLOPs": exact(ours["prefill_flops_rows2"] / 1e9 / prefill, "GFLOP/s"),
+    step, prefill = two["decode_step_seconds"]["median"], two["prefill_seconds"]["median"]
+    step_gb, prefill_gflop = ours["step_bytes"] / 1e9, ours["prefill_flops_rows2"] / 1e9
+    read, bf16 = machine_probe["read_bandwidth"]["median"], machine_probe["gemm_bf16"]["median"]
+    peers = (PEER, "bitsandbytes_peft_rows1")
+    pair_step = sum(paths[k]["decode_step_seconds"]["median"] for k in peers)
+    ours_speed = two["decode_tokens_per_second_per_side"]["median"]
+    return {
+        "step_GB": exact(step_gb, "GB", of="weights one decode step reads"),
+        "decode_read_GBps": exact(step_gb / step, "GB/s", of="2 rows"),
+        "decode_bandwidth_fraction": exact(step_gb / step / read, "x", of="the read probe"),
+        "decode_steps_per_second_ceiling": exact(read / step_gb, "steps/s", of="probe / step"),
+        "prefill_TFLOP": exact(prefill_gflop / 1e3, "TFLOP", of="2 rows"),
+        "prefill_GFLOPs": exact(prefill_gflop / prefill, "GFLOP/s"),
+        "prefill_peak_fraction": exact(prefill_gflop / prefill / bf16, "x", of="the bf16 GEMM"),
+        "bnb_side_by_side_tokens_per_second": exact(
+            1 / pair_step, "tokens/s", of="1 / (bitsandbytes step + bitsandbytes + peft step)"
+        ),
+        "ours_rows2_vs_bnb_side_by_side": exact(
+            ours_speed * pair_step, "x", of="ours 2 rows / bitsandbytes side by side, tokens/s"
+        ),
     }
-    # a side-by-side demo on bitsandbytes: one pass of the base and one of base + peft per token
-    pair_step = (
-        paths[PEER]["decode_step_seconds"]["median"]
-        + paths["bitsandbytes_peft_rows1"]["decode_step_seconds"]["median"]
-    )
-    derived["bnb_side_by_side_tokens_per_second"] = exact(
-        1 / pair_step, "tokens/s", of="1 / (bitsandbytes step + bitsandbytes + peft step)"
-    )
-    derived["ours_rows2_vs_bnb_side_by_side"] = exact(
-        paths["ours_rows2"]["decode_tokens_per_second_per_side"]["median"] * pair_step,
-        "x",
-        of="ours 2 rows tokens/s per side / bitsandbytes side by side",
-    )
-    if machine_probe is not None:
-        res["machine"] = machine_probe
-        derived["decode_bandwidth_fraction"] = exact(
-            derived["decode_read_GBps"]["median"] / machine_probe["read_bandwidth"]["median"],
-            "x",
-            of="the read bandwidth probe",
-        )
-        derived["decode_steps_per_second_ceiling"] = exact(
-            machine_probe["read_bandwidth"]["median"] / derived["step_GB"]["median"],
-            "steps/s",
-            of="probe GB/s / step GB",
-        )
-        derived["prefill_peak_fraction"] = exact(
-            derived["prefill_GFLOPs"]["median"] / machine_probe["gemm_bf16"]["median"],
-            "x",
-            of="the bf16 GEMM probe",
-        )
-    res["derived"] = derived
-    rate = lambda key: paths[key]["decode_tokens_per_second_per_side"]["median"]  # noqa: E731
+
+
+def summarize(raw: dict, common: dict, log, machine_probe: dict) -> dict:
+    """Figures from the children's raw samples, ratios against bitsandbytes' single stream, and
+    the fractions of the machine probes."""
+    paths = path_figures(raw)
+    server = server_figures(raw["server"])
+    res = {
+        "settings": {k: v for k, v in common.items() if k != "model_dir"},
+        "raw": raw,
+        "paths": paths,
+        "server": server,
+        "ratios": ratios_to_peer(paths, server),
+        "derived": derived_figures(raw["ours"], paths, machine_probe),
+        "machine": machine_probe,
+    }
+    speed = {k: p["decode_tokens_per_second_per_side"]["median"] for k, p in paths.items()}
     log(
-        f"  ours 2 rows: {rate('ours_rows2'):.2f} tokens/s per side, prefill {prefill:.2f} s, "
-        f"peak RSS {two['peak_rss_GB']['median']:.2f} GB; bitsandbytes 1 row "
-        f"{rate(PEER):.2f} tokens/s; server peak RSS "
-        f"{res['server']['peak_rss_GB']['median']:.2f} GB"
+        f"  tokens/s per side: ours 2 rows {speed['ours_rows2']:.2f}, bitsandbytes 1 row "
+        f"{speed[PEER]:.2f}; peak RSS ours {paths['ours_rows2']['peak_rss_GB']['median']:.2f} GB, "
+        f"server {server['peak_rss_GB']['median']:.2f} GB"
     )
     return res
 

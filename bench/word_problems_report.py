@@ -103,7 +103,22 @@ def markdown(report: dict, task, before: list[str], after: list[str], n_samples:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def tuned_completions(run: Path, adapter: str | None, evaluate: bool, cfg, task) -> list[str]:
+    """The tuned side's held-out completions: eval_after.json (a checkpoint's adapter gets a file
+    of its own), else with `evaluate` computed now and written; FileNotFoundError otherwise."""
+    path = Path(adapter or run / "adapter")
+    after = run / ("eval_after.json" if adapter is None else f"eval_after_{path.parent.name}.json")
+    if after.is_file():
+        return json.loads(after.read_text())["completions"]
+    if not evaluate:
+        raise FileNotFoundError(f"{after} is missing; pass --evaluate to compute it")
+    completions = evaluate_adapter(path, cfg, task)
+    accuracy = task.accuracy(completions, task.eval)
+    atomic_write_text(after, json.dumps({"accuracy": accuracy, "completions": completions}))
+    return completions
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.word_problems_report")
     parser.add_argument("--run-dir", required=True, help="a word_problems run directory")
     parser.add_argument(
@@ -117,8 +132,16 @@ def main(argv: list[str] | None = None) -> int:
         "is <run-dir>/checkpoints/step-NNNNNN/adapter)",
     )
     parser.add_argument("--samples", type=int, default=8, help="base-vs-tuned rows to print")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers import AutoTokenizer
+
     from grpo.cli import load_config
+    from grpo.policy import base_path
+    from grpo.pretrained import resolve
     from grpo.tasks import load_task
 
     run = Path(args.run_dir)
@@ -134,29 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     task = load_task(cfg)
-    from transformers import AutoTokenizer
-
-    from grpo.policy import base_path
-    from grpo.pretrained import resolve
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve(base_path(cfg)))
     before = json.loads((run / "eval_before.json").read_text())["completions"]
-    adapter = Path(args.adapter or run / "adapter")
-    # a checkpoint's adapter gets a file of its own: eval_after.json is the run's final adapter
-    after_path = run / (
-        "eval_after.json" if args.adapter is None else f"eval_after_{adapter.parent.name}.json"
-    )
-    if after_path.is_file():
-        after = json.loads(after_path.read_text())["completions"]
-    elif args.evaluate:
-        after = evaluate_adapter(adapter, cfg, task)
-        atomic_write_text(after_path, json.dumps({"accuracy": task.accuracy(after, task.eval),
-                                                  "completions": after}))  # fmt: skip
-    else:
-        print(f"error: {after_path} is missing; pass --evaluate to compute it", file=sys.stderr)
+    try:
+        after = tuned_completions(run, args.adapter, args.evaluate, cfg, task)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
+    tokenizer = AutoTokenizer.from_pretrained(resolve(base_path(cfg)))
     report = {
-        "adapter": str(adapter),
+        "adapter": str(args.adapter or run / "adapter"),
         "n_eval": len(task.eval),
         "max_new_tokens": cfg.max_new_tokens,
         "before": side_figures(task, tokenizer, before, cfg.max_new_tokens),

@@ -62,7 +62,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ code reads and w
 
 # Input rows up to which nf4_linear runs the fused kernel; above, decode + torch's GEMM is
 # faster. `make bench` measures the crossover at Phi-2's three shapes (bench/kernel_speed.py,
-# its README table).
+# `switch` in bench/results.md).
 FUSED_MAX_ROWS = 16
 
 

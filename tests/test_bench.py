@@ -13,7 +13,7 @@ import sys
 import pytest
 from torch import nn
 
-from bench import serve
+from bench import kernel_speed, serve
 from bench.measure import exact, figure, paired_ratio, ratio_of
 from bench.report import (
     README_END,
@@ -21,8 +21,8 @@ from bench.report import (
     SERVE_END,
     SERVE_START,
     ReadmeError,
-    kernel_decode_rows,
-    kernel_md,
+    kernel_lines,
+    kernel_table,
     render_markdown,
     update_readme,
 )
@@ -109,9 +109,13 @@ def test_quick_run_writes_both_files_with_every_part(quick):
         assert fig.get("exact") or fig["repeats"] >= 5, fig
 
     md = (out / "results.md").read_text()
-    assert "QUICK MODE" in md
-    for heading in ("## 1. NF4 layer", "## 2. Quantization", "## 3. GRPO step", "## 4. Log-prob"):
+    assert "QUICK MODE" in md and "## Training side" in md and "## Serving side" not in md
+    for heading in ("### layers", "### quality", "### grpo_step", "### logprob_memory"):
         assert heading in md
+    # every figure of results.json has its row, e.g. the GRPO step's generation phase
+    gen = g["configs"]["nf4_beta0"]["generation_seconds"]
+    row = "| configs › nf4_beta0 › generation_seconds | "
+    assert row in md and md.split(row)[1].startswith(f"{gen['median']:.4g}")
 
 
 def readme_text(body="old"):
@@ -275,14 +279,20 @@ def with_int8(k: dict) -> dict:
 
 
 def test_kernel_table_shows_the_int8_columns_when_measured():
-    rows = kernel_decode_rows(fake_kernel())
-    assert rows[0][-3:] == ["—", "—", "—"]  # results from before the int8 kernel still render
-    row = kernel_decode_rows(with_int8(fake_kernel()))[0]
+    header, _, row = kernel_table(fake_kernel())
+    assert header.count("|") == 9 and "int8" not in header  # results without the int8 kernel
+    assert not any("lm_head" in line for line in kernel_lines(fake_kernel()))
+    header, _, row = kernel_table(with_int8(fake_kernel()))
     read = MACHINE["read_bandwidth"]["median"]
-    assert row[-3] == "0.5" and row[-2] == f"12 ({12 / read:.0%})" and row[-1].startswith("0.5x")
-    md = kernel_md(with_int8(fake_kernel()))
-    assert any("vs 20 ms, 15 GB/s (60%)" in line for line in md)
-    assert any("`qlora/int8_decode.py` (vnni build)" in line for line in md)
+    assert header.count("|") == 12 and "int8 / bitsandbytes" in header
+    assert row.endswith(f"| 0.5 | 12 ({12 / read:.0%}) | 0.5x |")
+    lines = kernel_lines(with_int8(fake_kernel()))
+    assert any("1 row 30 ms, 8 GB/s (25%) vs 20 ms, 15 GB/s (60%)" in line for line in lines)
+    env = {"cpu_model": "X", "cpu_count": 2, "threads": 1, "date_utc": "d"}
+    env |= {"torch": "t", "bitsandbytes": "b", "transformers": "tr"}
+    bare = {"quick": False, "command": "c", "environment": env, "wall_seconds": {"total": 1}}
+    md = render_markdown({**fake_results(bare), "kernel": with_int8(fake_kernel())})
+    assert "`qlora/int8_decode.py` (vnni build)" in md
 
 
 def fake_results(r: dict) -> dict:
@@ -347,7 +357,8 @@ def test_prefill_flops_follow_the_formula():
 def test_serving_and_kernel_tables_render(quick, tmp_path):
     r = fake_results(quick[1])
     md = render_markdown(r)
-    assert "## 5. Serving a Phi-2-sized model on CPU" in md and "## 6. The NF4 CPU kernel" in md
+    assert "**Serving a Phi-2-sized model on CPU.**" in md and "### serve" in md
+    assert "**The NF4 kernel at Phi-2's shapes.**" in md and "### kernel" in md
     readme = tmp_path / "README.md"
     readme.write_text(readme_text())
     assert update_readme(readme, r, ["serve", "kernel"]) == [SERVE_START]
@@ -413,3 +424,23 @@ def test_without_the_kernel_its_part_is_refused_before_measuring(tmp_path):
         "the NF4 CPU kernel is not available" in proc.stderr and "leave out kernel" in proc.stderr
     )
     assert not (tmp_path / "results.json").exists()
+
+
+def test_the_kernel_part_runs_on_small_shapes_and_renders():
+    from qlora import kernel
+
+    if kernel.default_kernel() is None:
+        pytest.fail("the NF4 CPU kernel did not build; this test measures it")
+    k = kernel_speed.run(1, 5, lambda *_: None, MACHINE, shapes=((1024, 2048),))
+    d = k["decode"]["1024x2048"]
+    # 1024 x 2048 NF4 + double quant: 2^20 code bytes, 32,768 uint8 absmax, 128 float32 scales
+    # (one per 256 absmax) and one float32 offset
+    assert d["bytes"]["ours"]["median"] == 2**20 + 32768 + 128 * 4 + 4
+    for rows in ("rows=1", "rows=2"):
+        assert d[rows]["ms"]["ours"]["repeats"] == 5
+        assert d[rows]["ratios"]["ours_vs_bnb"]["denominator"] == "bitsandbytes"
+    assert set(k["switch"]) == {f"rows={n}" for n in kernel_speed.SWITCH_ROWS}
+    lines = kernel_table(k)
+    assert len(lines) == 4 and lines[2].startswith("| 1024 × 2048 | 1 | ")
+    prefill = kernel_lines(k)[-1]
+    assert prefill.startswith("- Prefill (300 rows), decode + bf16 GEMM: 1024 × 2048 ")

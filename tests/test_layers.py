@@ -9,7 +9,7 @@ import torch
 from conftest import linear
 from torch import nn
 
-from bench.qlora_timing import bnb_linear4bit, saved_bytes
+from bench.layer_speed import bnb_linear4bit, saved_bytes
 from qlora import (
     LoRALinear,
     NF4Linear,

@@ -3,7 +3,7 @@ directory that cannot be reported on refused in one line."""
 
 import pytest
 
-from bench.word_problems_report import main, side_figures
+from bench.word_problems_report import main, side_figures, tuned_completions
 from grpo.tasks import Task
 from grpo.tasks.word_problems import REWARDS, is_right
 from grpo.tiny.build import build_char_tokenizer
@@ -35,3 +35,13 @@ def test_a_directory_without_a_run_is_refused_in_one_line(tmp_path, capsys):
     assert main(["--run-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path} has no config.yaml and eval_before.json; train it first\n"
+
+
+def test_the_tuned_side_is_read_from_the_file_of_its_adapter(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval_after.json").write_text('{"accuracy": 0.5, "completions": ["#### 1", "2"]}')
+    assert tuned_completions(run, None, False, None, None) == ["#### 1", "2"]
+    checkpoint = str(run / "checkpoints" / "step-000010" / "adapter")
+    with pytest.raises(FileNotFoundError, match="eval_after_step-000010.json is missing; pass --e"):
+        tuned_completions(run, checkpoint, False, None, None)
