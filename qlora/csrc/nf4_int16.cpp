@@ -1,45 +1,50 @@
-// NF4 decoding with int8 dot products, and a bfloat16 GEMV for the output layer.
+// NF4 decoding with int16 dot products, and a bfloat16 GEMV for the output layer.
 //
-// qlora/int8_decode.py prepares everything this file reads and holds the pure-PyTorch reference
-// of the same arithmetic; the formulas below are the ones it states.
+// qlora/int16_decode.py prepares everything this file reads and holds the pure-PyTorch
+// reference of the same arithmetic; the formulas below are the ones it states.
 //
-// Weights (repacked once from the NF4 bytes, see int8_decode.repack): W [N, K], N % 4 == 0,
+// Weights (repacked once from the NF4 bytes, see int16_decode.repack): W [N, K], N % 4 == 0,
 // K % 64 == 0. Output rows are taken four at a time (a "group" g: rows 4g..4g+3) and K in blocks
 // of 32 (block j: k = 32j..32j+31). For each (g, j) 64 bytes; byte 16r + p (r = 0..3, p = 0..15)
 // holds the 4-bit code of W[4g+r, 32j+p] in its low nibble and of W[4g+r, 32j+16+p] in its high
-// nibble. One scale per (row, 64 weights), float16:
+// nibble. One scale per (row, superblock s of 64 weights: blocks 2s and 2s+1), float16:
 //
-//     scale[g, s, r] = fp16(absmax(row 4g+r, k = 64s..64s+63) * 2^e / 127)
+//     scale[g, s, r] = fp16(absmax(row 4g+r, k = 64s..64s+63) * 2^e / 16383)
 //
 // (e: one exponent per weight that keeps every scale in float16's normal range; the output is
 // multiplied by out_scale = 2^-e, exactly). scales are [N/4, S_pad, 4], S = K/64 padded with
-// zeros to a multiple of 4 (S_pad), so four superblocks' scales are one 32-byte load.
+// zeros to a multiple of 4 (S_pad).
 //
-// The 16 NF4 levels as int8: T[q] = round(127 NF4_CODE[q]), in [-127, 127].
+// The 16 NF4 levels as int16: T[q] = round(16383 NF4_CODE[q]), in [-16383, 16383].
 //
-// Activations, per input row m and block j of 32:
+// Activations, per input row m and superblock s (the same 64 k as the weight scale):
 //
-//     amax_j = max |x_k|,  dx_j = amax_j / 127,  xq_k = round_even(x_k * (127 / amax_j))
+//     amax_s = max |x_k|,  dx_s = amax_s / 16383,  xq_k = round_even(x_k * (16383 / amax_s))
 //
-// (xq in [-127, 127]; a zero block gives xq = 0, dx = 0). Then, for output row n = 4g + r,
-// "lane" c = 0..3 of block j holds the exact integer
+// (xq in [-16383, 16383]; a zero superblock gives xq = 0, dx = 0). Then, for output row
+// n = 4g + r, "lane" c = 0..7 of superblock s holds the exact integer (eight products, so
+// |D| <= 8 * 16383^2 < 2^31: no int32 sum can overflow)
 //
-//     D[j, c] = sum_{b<4} T[lo(16r+4c+b)] xq[32j+4c+b] + T[hi(16r+4c+b)] xq[32j+16+4c+b]
+//     D[s, c] = sum_{j in {2s, 2s+1}} sum_{i in {0, 1}}  T[lo(16r+2c+i)] xq[32j+2c+i]
+//                                                      + T[hi(16r+2c+i)] xq[32j+16+2c+i]
 //
-// and the output is, in float32 with fused multiply-adds:
+// (lo/hi: the nibbles of block j's byte) and the output is, in float32 with fused multiply-adds:
 //
-//     acc[j&1][c] = fma(float(D[j, c]), scale[g, j/2, r] * dx_j, acc[j&1][c])   (j = 0, 1, ...)
-//     l_c         = acc[0][c] + acc[1][c]
-//     y[m, n]     = ((l_0 + l_1) + (l_2 + l_3)) * out_scale  (+ bias[n])
+//     f_s      = scale[g, s, r] * dx_s                       (one float32 product)
+//     acc[c]   = fma(float(D[s, c]), f_s, acc[c])             (s = 0, 1, ..., from acc = 0)
+//     y[m, n]  = (((acc0 + acc1) + (acc2 + acc3)) + ((acc4 + acc5) + (acc6 + acc7))) * out_scale
+//                (+ bias[n])
 //
-// Every code path computes exactly these operations in this order, so the three builds give
-// the same bits, and the reference reproduces them.
+// float(D) rounds to nearest (D may exceed 2^24). Every code path computes exactly these
+// operations in this order, so the three builds give the same bits, and the reference
+// reproduces them.
 //
-// Code paths (QLORA_ISA): 3 = AVX-512 with VNNI: one byte shuffle looks up 64 codes, vpdpbusd
-// sums four u8 x s8 products per 32-bit lane; the table is stored as T + 128 (unsigned), so
-// each lane starts from -128 * (the sum of its eight xq) and ends at D exactly. 2 = AVX2:
-// vpmaddubsw on |T| and xq carrying T's sign (pairs <= 2 * 127 * 127, no saturation), then
-// vpmaddwd with ones. 0 = scalar C++.
+// Code paths (QLORA_ISA): 3 = AVX-512 with VNNI: vpmovzxbw widens 32 code bytes (rows r, r+1) to
+// 16-bit words, vpermw looks the nibbles up in T (held twice, so a word's bit 4 is irrelevant and
+// the low nibble needs no mask), and vpdpwssd sums two int16 x int16 products per 32-bit lane:
+// lane 8(r%2) + c of one accumulator is D[s, c] of row r. 2 = AVX2: two byte shuffles look up
+// T's low and high bytes, an unpack joins them into words, vpmaddwd sums pairs; lanes are then
+// regrouped to the D[s, c] above (integer adds: exact). 0 = scalar C++.
 //
 // gemv_bf16: y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for bfloat16 x and w, float32 sums:
 // AVX-512 BF16's vdpbf16ps where the CPU has it, else the weights widened to float32 (exact) and
@@ -83,7 +88,7 @@
 #endif
 
 #ifndef QLORA_NAMESPACE
-#define QLORA_NAMESPACE qlora_int8
+#define QLORA_NAMESPACE qlora_int16
 #endif
 
 // Bytes of repacked codes ahead of the current block to prefetch (each thread reads one
@@ -94,9 +99,10 @@
 
 namespace {
 
-constexpr int kRows = 4;     // output rows per group
-constexpr int kBlock = 32;   // activation block (and half a scale block)
-constexpr int kMaxTile = 4;  // input rows that share one decode of the weights
+constexpr int kRows = 4;      // output rows per group
+constexpr int kSuper = 64;    // weights per scale, activations per scale
+constexpr int kLevel = 16383; // the largest |T| and |xq|
+constexpr int kMaxTile = 4;   // input rows that share one decode of the weights
 
 inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
 
@@ -115,47 +121,41 @@ inline uint16_t bf16_bits(float f) {
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-// One input row, quantized: xq [K] int8, dx [K/32], and (VNNI) the lane corrections
-// corr [K/32][4] = -128 * (sum of the eight xq lane c multiplies).
+// One input row, quantized: xq [K] int16 in element order, dx [K/64].
 struct XRow {
-  const int8_t* xq;
+  const int16_t* xq;
   const float* dx;
-  const int32_t* corr;
 };
 
 struct Args {
   const uint8_t* codes;    // [N/4][K/32][64]
   const uint16_t* scales;  // [N/4][S_pad][4] float16 bits
-  int64_t K, J, S, S_pad;  // J = K/32 blocks, S = K/64 superblocks
-  int8_t table[16];        // T
+  int64_t K, S, S_pad;     // S = K/64 superblocks
+  int16_t table[16];       // T
 };
 
-// Quantize x[m] (float32 or bfloat16 bits) into xq/dx/corr. False if the row holds a value that
-// is not finite or a block whose largest magnitude is below 1e-30 (127 / amax would overflow):
-// the caller then returns no result and Python takes the exact path.
+// Quantize x[m] (float32 or bfloat16 bits) into xq/dx. False if the row holds a value that is
+// not finite or a superblock whose largest magnitude is below 1e-30 (16383 / amax would
+// overflow): the caller then returns no result and Python takes the exact path.
 template <typename In>
-bool quantize_row(const In* x, int64_t K, int8_t* xq, float* dx, int32_t* corr) {
-  for (int64_t j = 0; j < K / kBlock; ++j) {
-    float v[kBlock];
+bool quantize_row(const In* x, int64_t K, int16_t* xq, float* dx) {
+  for (int64_t s = 0; s < K / kSuper; ++s) {
+    float v[kSuper];
     float amax = 0.0f;
-    for (int i = 0; i < kBlock; ++i) {
+    for (int i = 0; i < kSuper; ++i) {
       if constexpr (sizeof(In) == 2)
-        v[i] = bf16_to_float(x[j * kBlock + i]);
+        v[i] = bf16_to_float(x[s * kSuper + i]);
       else
-        v[i] = x[j * kBlock + i];
+        v[i] = x[s * kSuper + i];
       amax = std::max(amax, std::fabs(v[i]));
     }
     if (!std::isfinite(amax) || (amax > 0.0f && amax < 1e-30f)) return false;
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    dx[j] = amax / 127.0f;
-    for (int i = 0; i < kBlock; ++i) {
+    const float inv = amax > 0.0f ? static_cast<float>(kLevel) / amax : 0.0f;
+    dx[s] = amax / static_cast<float>(kLevel);
+    for (int i = 0; i < kSuper; ++i) {
       const float r = std::nearbyint(v[i] * inv);  // round half to even (default mode)
-      xq[j * kBlock + i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
-    }
-    for (int c = 0; c < 4; ++c) {
-      int32_t s = 0;
-      for (int b = 0; b < 4; ++b) s += xq[j * kBlock + 4 * c + b] + xq[j * kBlock + 16 + 4 * c + b];
-      corr[j * 4 + c] = -128 * s;
+      const float lim = static_cast<float>(kLevel);
+      xq[s * kSuper + i] = static_cast<int16_t>(std::min(lim, std::max(-lim, r)));
     }
   }
   return true;
@@ -165,125 +165,135 @@ bool quantize_row(const In* x, int64_t K, int8_t* xq, float* dx, int32_t* corr) 
 #if QLORA_ISA == 3
 template <int MT>
 void group_dot(const Args& a, int64_t g, const XRow* xr, float* y) {
-  const uint8_t* codes = a.codes + g * a.J * 64;
+  const uint8_t* codes = a.codes + g * a.S * 128;
   const uint16_t* sc = a.scales + g * a.S_pad * 4;
-  __m128i t16;
+  // T in words 0-15 and again in 16-31: vpermw reads 5 index bits
+  __m512i table;
   {
-    uint8_t u[16];
-    for (int i = 0; i < 16; ++i) u[i] = static_cast<uint8_t>(a.table[i] + 128);
-    t16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+    alignas(64) int16_t t32[32];
+    for (int i = 0; i < 32; ++i) t32[i] = a.table[i & 15];
+    table = _mm512_load_si512(t32);
   }
-  // the table in all four 128-bit lanes: vpshufb looks up within a lane; vpermb (VBMI) reads 6
-  // index bits, and the repetition makes bits 4-5 irrelevant, so its nibbles need no mask
-  const __m512i table = _mm512_broadcast_i32x4(t16);
-#if !defined(__AVX512VBMI__)
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-#endif
-  __m512 acc0[MT], acc1[MT];
-  for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
-  const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  for (int64_t s0 = 0; s0 < a.S; s0 += 4) {
-    // lanes 4i + r: the scale of row r, superblock s0 + i
-    const __m512 s16 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + s0 * 4)));
-    const int n = static_cast<int>(std::min<int64_t>(4, a.S - s0));
-    for (int i = 0; i < n; ++i) {
-      // lane 4r + c: row r's scale
-      const __m512 sv = _mm512_permutexvar_ps(_mm512_add_epi32(quarter, _mm512_set1_epi32(4 * i)), s16);
-      const int64_t j = 2 * (s0 + i);
+  // scale lanes: rows 0/1 (and 2/3) eight lanes each
+  const __m512i pick01 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i pick23 = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  __m512 acc01[MT], acc23[MT];
+  for (int m = 0; m < MT; ++m) acc01[m] = acc23[m] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < a.S; ++s) {
+    __m512i d01[MT], d23[MT];
+    for (int m = 0; m < MT; ++m) d01[m] = d23[m] = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = 2 * s + h;
       const uint8_t* p = codes + j * 64;
       _mm_prefetch(reinterpret_cast<const char*>(p + QLORA_PREFETCH), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(p + QLORA_PREFETCH + 64), _MM_HINT_T0);
-      const __m512i v0 = _mm512_loadu_si512(p);
-      const __m512i v1 = _mm512_loadu_si512(p + 64);
-#if defined(__AVX512VBMI__)
-      const __m512i lo0 = _mm512_permutexvar_epi8(v0, table);
-      const __m512i hi0 = _mm512_permutexvar_epi8(_mm512_srli_epi16(v0, 4), table);
-      const __m512i lo1 = _mm512_permutexvar_epi8(v1, table);
-      const __m512i hi1 = _mm512_permutexvar_epi8(_mm512_srli_epi16(v1, 4), table);
-#else
-      const __m512i lo0 = _mm512_shuffle_epi8(table, _mm512_and_si512(v0, low4));
-      const __m512i hi0 = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v0, 4), low4));
-      const __m512i lo1 = _mm512_shuffle_epi8(table, _mm512_and_si512(v1, low4));
-      const __m512i hi1 = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v1, 4), low4));
-#endif
+      // words 16i + p: the code byte p of row i (of the pair), both nibbles
+      const __m512i w01 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      const __m512i w23 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+      const __m512i lo01 = _mm512_permutexvar_epi16(w01, table);
+      const __m512i hi01 = _mm512_permutexvar_epi16(_mm512_srli_epi16(w01, 4), table);
+      const __m512i lo23 = _mm512_permutexvar_epi16(w23, table);
+      const __m512i hi23 = _mm512_permutexvar_epi16(_mm512_srli_epi16(w23, 4), table);
       for (int m = 0; m < MT; ++m) {
-        const int8_t* xq = xr[m].xq + j * kBlock;
-        auto bcast = [](const void* q) {
-          return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-        };
-        __m512i d0 = bcast(xr[m].corr + j * 4);
-        d0 = _mm512_dpbusd_epi32(d0, lo0, bcast(xq));
-        d0 = _mm512_dpbusd_epi32(d0, hi0, bcast(xq + 16));
-        __m512i d1 = bcast(xr[m].corr + j * 4 + 4);
-        d1 = _mm512_dpbusd_epi32(d1, lo1, bcast(xq + 32));
-        d1 = _mm512_dpbusd_epi32(d1, hi1, bcast(xq + 48));
-        const __m512 f0 = _mm512_mul_ps(sv, _mm512_set1_ps(xr[m].dx[j]));
-        const __m512 f1 = _mm512_mul_ps(sv, _mm512_set1_ps(xr[m].dx[j + 1]));
-        acc0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), f0, acc0[m]);
-        acc1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), f1, acc1[m]);
+        // xq[32j..32j+15] (and [32j+16..32j+31]) in both 256-bit halves, one per row of the pair
+        const int16_t* xq = xr[m].xq + j * 32;
+        const __m512i xl = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)));
+        const __m512i xh = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16)));
+        d01[m] = _mm512_dpwssd_epi32(d01[m], lo01, xl);
+        d01[m] = _mm512_dpwssd_epi32(d01[m], hi01, xh);
+        d23[m] = _mm512_dpwssd_epi32(d23[m], lo23, xl);
+        d23[m] = _mm512_dpwssd_epi32(d23[m], hi23, xh);
       }
     }
+    const __m512 s4 = _mm512_castps128_ps512(
+        _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + s * 4))));
+    const __m512 s01 = _mm512_permutexvar_ps(pick01, s4), s23 = _mm512_permutexvar_ps(pick23, s4);
+    for (int m = 0; m < MT; ++m) {
+      const __m512 dx = _mm512_set1_ps(xr[m].dx[s]);
+      acc01[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d01[m]), _mm512_mul_ps(s01, dx), acc01[m]);
+      acc23[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d23[m]), _mm512_mul_ps(s23, dx), acc23[m]);
+    }
   }
-  for (int m = 0; m < MT; ++m) {
-    __m512 t = _mm512_add_ps(acc0[m], acc1[m]);
-    t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));  // (l0 + l1), (l2 + l3)
-    t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));  // (l0 + l1) + (l2 + l3) in lane 4r
-    alignas(64) float lanes[16];
-    _mm512_store_ps(lanes, t);
-    for (int r = 0; r < kRows; ++r) y[r * MT + m] = lanes[4 * r];
-  }
+  for (int m = 0; m < MT; ++m)
+    for (int h = 0; h < 2; ++h) {
+      __m512 t = h == 0 ? acc01[m] : acc23[m];
+      t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));  // acc0 + acc1, acc2 + acc3, ...
+      t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));  // (acc0 + acc1) + (acc2 + acc3), ...
+      t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xB1));  // + the other four lanes
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, t);
+      y[(2 * h) * MT + m] = lanes[0];
+      y[(2 * h + 1) * MT + m] = lanes[8];
+    }
 }
 constexpr int kTile = 4;
 
 #elif QLORA_ISA == 2
 template <int MT>
 void group_dot(const Args& a, int64_t g, const XRow* xr, float* y) {
-  const uint8_t* codes = a.codes + g * a.J * 64;
+  const uint8_t* codes = a.codes + g * a.S * 128;
   const uint16_t* sc = a.scales + g * a.S_pad * 4;
-  const __m256i table =
-      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.table)));
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  // acc[h][parity][m]: h = rows 0-1 / rows 2-3, lane 4 (r % 2) + c
-  __m256 acc[2][2][MT];
-  for (int h = 0; h < 2; ++h)
-    for (int m = 0; m < MT; ++m) acc[h][0][m] = acc[h][1][m] = _mm256_setzero_ps();
-  const __m256i half0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-  const __m256i half1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+  // T's low bytes and high bytes, each in both 128-bit lanes (vpshufb looks up within a lane)
+  __m256i tlo, thi;
+  {
+    alignas(16) uint8_t lo[16], hi[16];
+    for (int i = 0; i < 16; ++i) {
+      const uint16_t u = static_cast<uint16_t>(a.table[i]);
+      lo[i] = static_cast<uint8_t>(u & 0xFF);
+      hi[i] = static_cast<uint8_t>(u >> 8);
+    }
+    tlo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo)));
+    thi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi)));
+  }
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  __m256 acc[kRows][MT];
+  for (int r = 0; r < kRows; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t s = 0; s < a.S; ++s) {
-    const __m256 s4 = _mm256_castps128_ps256(
-        _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + s * 4))));
-    const __m256 sv[2] = {_mm256_permutevar8x32_ps(s4, half0), _mm256_permutevar8x32_ps(s4, half1)};
-    for (int par = 0; par < 2; ++par) {
-      const int64_t j = 2 * s + par;
-      const uint8_t* p = codes + j * 64;
-      _mm_prefetch(reinterpret_cast<const char*>(p + QLORA_PREFETCH), _MM_HINT_T0);
+    // xu: xq[32j+0..7 | 32j+16..23], xv: xq[32j+8..15 | 32j+24..31], the order of the words below
+    __m256i xu[2][MT], xv[2][MT];
+    for (int h = 0; h < 2; ++h)
+      for (int m = 0; m < MT; ++m) {
+        const int16_t* xq = xr[m].xq + (2 * s + h) * 32;
+        const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+        const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 16));
+        xu[h][m] = _mm256_permute2x128_si256(a0, a1, 0x20);
+        xv[h][m] = _mm256_permute2x128_si256(a0, a1, 0x31);
+      }
+    const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + s * 4)));
+    alignas(16) float sr[4];
+    _mm_store_ps(sr, s4);
+    _mm_prefetch(reinterpret_cast<const char*>(codes + s * 128 + QLORA_PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(codes + s * 128 + QLORA_PREFETCH + 64), _MM_HINT_T0);
+    for (int r = 0; r < kRows; ++r) {
+      __m256i pu[MT], pv[MT];
+      for (int m = 0; m < MT; ++m) pu[m] = pv[m] = _mm256_setzero_si256();
       for (int h = 0; h < 2; ++h) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h));
-        const __m256i lo = _mm256_shuffle_epi8(table, _mm256_and_si256(v, low4));
-        const __m256i hi = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
-        const __m256i alo = _mm256_sign_epi8(lo, lo), ahi = _mm256_sign_epi8(hi, hi);  // |T|
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (2 * s + h) * 64 + 16 * r));
+        const __m256i idx = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low4), _mm_and_si128(b, low4));
+        const __m256i bl = _mm256_shuffle_epi8(tlo, idx), bh = _mm256_shuffle_epi8(thi, idx);
+        const __m256i u = _mm256_unpacklo_epi8(bl, bh);  // T at k = 0..7 | 16..23 of block 2s+h
+        const __m256i v = _mm256_unpackhi_epi8(bl, bh);  // T at k = 8..15 | 24..31
         for (int m = 0; m < MT; ++m) {
-          const int8_t* xq = xr[m].xq + j * kBlock;
-          const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq)));
-          const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + 16)));
-          const __m256i pl = _mm256_madd_epi16(_mm256_maddubs_epi16(alo, _mm256_sign_epi8(xl, lo)), ones);
-          const __m256i ph = _mm256_madd_epi16(_mm256_maddubs_epi16(ahi, _mm256_sign_epi8(xh, hi)), ones);
-          const __m256 f = _mm256_mul_ps(sv[h], _mm256_set1_ps(xr[m].dx[j]));
-          acc[h][par][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(pl, ph)), f, acc[h][par][m]);
+          pu[m] = _mm256_add_epi32(pu[m], _mm256_madd_epi16(u, xu[h][m]));
+          pv[m] = _mm256_add_epi32(pv[m], _mm256_madd_epi16(v, xv[h][m]));
         }
+      }
+      for (int m = 0; m < MT; ++m) {
+        // lanes c = 0..3 from u (k = 2c, 2c+1 | 16+2c, 17+2c), c = 4..7 from v
+        const __m256i d = _mm256_add_epi32(_mm256_permute2x128_si256(pu[m], pv[m], 0x20),
+                                           _mm256_permute2x128_si256(pu[m], pv[m], 0x31));
+        const __m256 f = _mm256_set1_ps(sr[r] * xr[m].dx[s]);
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), f, acc[r][m]);
       }
     }
   }
-  for (int m = 0; m < MT; ++m)
-    for (int h = 0; h < 2; ++h) {
-      __m256 t = _mm256_add_ps(acc[h][0][m], acc[h][1][m]);
+  for (int r = 0; r < kRows; ++r)
+    for (int m = 0; m < MT; ++m) {
+      __m256 t = acc[r][m];
       t = _mm256_add_ps(t, _mm256_permute_ps(t, 0xB1));
       t = _mm256_add_ps(t, _mm256_permute_ps(t, 0x4E));
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, t);
-      y[(2 * h) * MT + m] = lanes[0];
-      y[(2 * h + 1) * MT + m] = lanes[4];
+      t = _mm256_add_ps(t, _mm256_permute2f128_ps(t, t, 0x01));
+      y[r * MT + m] = _mm256_cvtss_f32(t);
     }
 }
 constexpr int kTile = 2;
@@ -291,27 +301,28 @@ constexpr int kTile = 2;
 #else
 template <int MT>
 void group_dot(const Args& a, int64_t g, const XRow* xr, float* y) {
-  const uint8_t* codes = a.codes + g * a.J * 64;
+  const uint8_t* codes = a.codes + g * a.S * 128;
   const uint16_t* sc = a.scales + g * a.S_pad * 4;
   for (int m = 0; m < MT; ++m) {
     for (int r = 0; r < kRows; ++r) {
-      float acc[2][4] = {};
-      for (int64_t j = 0; j < a.J; ++j) {
-        const uint8_t* p = codes + j * 64 + 16 * r;
-        const int8_t* xq = xr[m].xq + j * kBlock;
-        const float f = half_to_float(sc[(j / 2) * 4 + r]) * xr[m].dx[j];
-        for (int c = 0; c < 4; ++c) {
+      float acc[8] = {};
+      for (int64_t s = 0; s < a.S; ++s) {
+        const float f = half_to_float(sc[s * 4 + r]) * xr[m].dx[s];
+        for (int c = 0; c < 8; ++c) {
           int32_t d = 0;
-          for (int b = 0; b < 4; ++b) {
-            const uint8_t byte = p[4 * c + b];
-            d += a.table[byte & 0xF] * xq[4 * c + b] + a.table[byte >> 4] * xq[16 + 4 * c + b];
+          for (int64_t j = 2 * s; j < 2 * s + 2; ++j) {
+            const uint8_t* p = codes + j * 64 + 16 * r;
+            const int16_t* xq = xr[m].xq + j * 32;
+            for (int i = 0; i < 2; ++i) {
+              const uint8_t byte = p[2 * c + i];
+              d += static_cast<int32_t>(a.table[byte & 0xF]) * xq[2 * c + i] +
+                   static_cast<int32_t>(a.table[byte >> 4]) * xq[16 + 2 * c + i];
+            }
           }
-          acc[j & 1][c] = std::fma(static_cast<float>(d), f, acc[j & 1][c]);
+          acc[c] = std::fma(static_cast<float>(d), f, acc[c]);
         }
       }
-      float l[4];
-      for (int c = 0; c < 4; ++c) l[c] = acc[0][c] + acc[1][c];
-      y[r * MT + m] = (l[0] + l[1]) + (l[2] + l[3]);
+      y[r * MT + m] = (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])));
     }
   }
 }
@@ -322,20 +333,20 @@ using GroupFn = void (*)(const Args&, int64_t, const XRow*, float*);
 
 // out [M, N] = the formula at the top for x [M, K] (float32 or bfloat16); float32, or rounded
 // once to bfloat16 if bf16_out. A 0-element result: x holds a value the quantization does not
-// take (not finite, or a block below 1e-30): the caller takes the exact path.
-at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                       const at::Tensor& table, int64_t out_features, double out_scale,
-                       const std::optional<at::Tensor>& bias, bool bf16_out) {
+// take (not finite, or a superblock below 1e-30): the caller takes the exact path.
+at::Tensor int16_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                        const at::Tensor& table, int64_t out_features, double out_scale,
+                        const std::optional<at::Tensor>& bias, bool bf16_out) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be contiguous 2-D CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  TORCH_CHECK(K % 64 == 0 && N % kRows == 0, "K must be a multiple of 64 and N of 4, got ", K, ", ", N);
-  const int64_t G = N / kRows, J = K / kBlock, S = K / 64, S_pad = (S + 3) / 4 * 4;
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() == G * J * 64,
+  TORCH_CHECK(K % kSuper == 0 && N % kRows == 0, "K must be a multiple of 64 and N of 4, got ", K, ", ", N);
+  const int64_t G = N / kRows, S = K / kSuper, S_pad = (S + 3) / 4 * 4;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() == G * S * 128,
               "codes must be contiguous uint8 of N K / 2 bytes");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == G * S_pad * 4,
               "scales must be contiguous float16 [N/4, S_pad, 4]");
-  TORCH_CHECK(table.scalar_type() == at::kChar && table.numel() == 16, "table must be int8 [16]");
+  TORCH_CHECK(table.scalar_type() == at::kShort && table.numel() == 16, "table must be int16 [16]");
   const float* bias_f32 = nullptr;
   const uint16_t* bias_bf16 = nullptr;
   if (bias.has_value()) {
@@ -351,23 +362,22 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::T
   a.codes = codes.data_ptr<uint8_t>();
   a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   a.K = K;
-  a.J = J;
   a.S = S;
   a.S_pad = S_pad;
-  std::memcpy(a.table, table.data_ptr<int8_t>(), 16);
+  std::memcpy(a.table, table.data_ptr<int16_t>(), 32);
+  for (int i = 0; i < 16; ++i)
+    TORCH_CHECK(std::abs(a.table[i]) <= kLevel, "table entries must lie in [-16383, 16383]");
 
-  // the quantized activations, once per call (64-byte aligned buffers from a tensor)
-  at::Tensor xq_t = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor dx_t = at::empty({M, J}, x.options().dtype(at::kFloat));
-  at::Tensor corr_t = at::empty({M, J * 4}, x.options().dtype(at::kInt));
-  int8_t* xq = xq_t.data_ptr<int8_t>();
+  // the quantized activations, once per call
+  at::Tensor xq_t = at::empty({M, K}, x.options().dtype(at::kShort));
+  at::Tensor dx_t = at::empty({M, S}, x.options().dtype(at::kFloat));
+  int16_t* xq = xq_t.data_ptr<int16_t>();
   float* dx = dx_t.data_ptr<float>();
-  int32_t* corr = corr_t.data_ptr<int32_t>();
   for (int64_t m = 0; m < M; ++m) {
     const bool ok = x.scalar_type() == at::kBFloat16
                         ? quantize_row(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K, K,
-                                       xq + m * K, dx + m * J, corr + m * J * 4)
-                        : quantize_row(x.data_ptr<float>() + m * K, K, xq + m * K, dx + m * J, corr + m * J * 4);
+                                       xq + m * K, dx + m * S)
+                        : quantize_row(x.data_ptr<float>() + m * K, K, xq + m * K, dx + m * S);
     if (!ok) return at::empty({0}, x.options().dtype(at::kFloat));
   }
   at::Tensor out = at::empty({M, N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
@@ -384,8 +394,7 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::T
     for (int64_t g = begin; g < end; ++g) {
       for (int64_t m0 = 0; m0 < M; m0 += kTile) {
         const int mt = static_cast<int>(std::min<int64_t>(kTile, M - m0));
-        for (int m = 0; m < mt; ++m)
-          xr[m] = {xq + (m0 + m) * K, dx + (m0 + m) * J, corr + (m0 + m) * J * 4};
+        for (int m = 0; m < mt; ++m) xr[m] = {xq + (m0 + m) * K, dx + (m0 + m) * S};
         fns[mt](a, g, xr, yt);
         for (int r = 0; r < kRows; ++r) {
           const int64_t n = g * kRows + r;
@@ -406,20 +415,20 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& codes, const at::T
   return out;
 }
 
-// (xq int8 [M, K], dx float32 [M, K/32]) of float32/bfloat16 x [M, K], K % 32 == 0: the
-// quantization int8_matmul applies, for tests. Empty tensors where int8_matmul declines.
+// (xq int16 [M, K], dx float32 [M, K/64]) of float32/bfloat16 x [M, K], K % 64 == 0: the
+// quantization int16_matmul applies, for tests. Empty tensors where int16_matmul declines.
 std::vector<at::Tensor> quantize_activations(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % kBlock == 0, "x: contiguous [M, K], K % 32 == 0");
-  const int64_t M = x.size(0), K = x.size(1), J = K / kBlock;
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor dx = at::empty({M, J}, x.options().dtype(at::kFloat));
-  std::vector<int32_t> corr(J * 4);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % kSuper == 0, "x: contiguous [M, K], K % 64 == 0");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), S = K / kSuper;
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kShort));
+  at::Tensor dx = at::empty({M, S}, x.options().dtype(at::kFloat));
   for (int64_t m = 0; m < M; ++m) {
     const bool ok = x.scalar_type() == at::kBFloat16
                         ? quantize_row(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + m * K, K,
-                                       xq.data_ptr<int8_t>() + m * K, dx.data_ptr<float>() + m * J, corr.data())
-                        : quantize_row(x.data_ptr<float>() + m * K, K, xq.data_ptr<int8_t>() + m * K,
-                                       dx.data_ptr<float>() + m * J, corr.data());
+                                       xq.data_ptr<int16_t>() + m * K, dx.data_ptr<float>() + m * S)
+                        : quantize_row(x.data_ptr<float>() + m * K, K, xq.data_ptr<int16_t>() + m * K,
+                                       dx.data_ptr<float>() + m * S);
     if (!ok) return {at::empty({0}, xq.options()), at::empty({0}, dx.options())};
   }
   return {xq, dx};
@@ -597,9 +606,9 @@ int64_t bf16_dot() {
 
 QLORA_LIBRARY(QLORA_NAMESPACE, m) {
   m.def(
-      "int8_matmul(Tensor x, Tensor codes, Tensor scales, Tensor table, int out_features, "
+      "int16_matmul(Tensor x, Tensor codes, Tensor scales, Tensor table, int out_features, "
       "float out_scale, Tensor? bias, bool bf16_out) -> Tensor",
-      &int8_matmul);
+      &int16_matmul);
   m.def("quantize_activations(Tensor x) -> Tensor[]", &quantize_activations);
   m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias, bool bf16_out) -> Tensor", &gemv_bf16);
   m.def("isa() -> int", &isa);
