@@ -88,6 +88,7 @@ def load_demo(spec: DemoSpec, runner=None) -> Demo:
     if int16_kernel is not None:  # the 16-bit output layer as our GEMV while decoding
         for m in {id(model): model, id(tuned): tuned}.values():
             int16_decode.use_gemv_head(m)
+            int16_decode.serve_repacked(m)  # the demo never trains: one layout, not two
     release_freed_memory()
     generator = PairGenerator(model, tuned, tokenizer, spec.max_new_tokens_cap, runner)
 

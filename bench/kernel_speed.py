@@ -3,14 +3,14 @@
     machine   read bandwidth (sum of a 1 GiB float32 tensor) and GEMM peak (torch.mm, 3072^3,
               float32 and bfloat16), on the same threads
     decode    Phi-2's three shapes, 1 and 2 bfloat16 input rows: ours (kernel.nf4_linear: the
-              exact fused kernel), ours int8 (int8_decode: int8 activations and code table, the
+              exact fused kernel), ours int16 (int16_decode: int16 activations and code table, the
               repacked weight) vs bitsandbytes Linear4bit (nf4, double quant, its fused
               AVX512-BF16 CPU gemv in eval/no_grad) vs our pure-PyTorch path (decode, cast,
               F.linear); read bandwidth = bytes each reads (codes and scales) / time, and its
               fraction of the probe
     lm_head   a 51200 x 2560 bfloat16 weight with bias, 1 and 2 rows: torch's F.linear vs our
-              GEMV (int8_decode.gemv)
-    prefill   300 rows: fused vs decode + torch GEMM, float32 and bfloat16, and the int8 kernel;
+              GEMV (int16_decode.gemv)
+    prefill   300 rows: fused vs decode + torch GEMM, float32 and bfloat16, and the int16 kernel;
               GFLOP/s and the fraction of the GEMM peak
     switch    fused / (decode + GEMM) time for 2..64 bfloat16 rows: where nf4_linear switches
 
@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.qlora_timing import bnb_linear4bit
-from qlora import int8_decode, kernel
+from qlora import int16_decode, kernel
 from qlora.nf4 import NF4Weight, dequantize_into, quantize_nf4
 
 from .measure import MIN_REPEATS, exact, figure, paired_ratio, ratio_of
@@ -136,9 +136,9 @@ def ours_linear(q: NF4Weight, x: torch.Tensor) -> torch.Tensor:
     return kernel.nf4_linear(x, q)
 
 
-def ours_int8(w: int8_decode.Int8Weight, x: torch.Tensor) -> torch.Tensor:
-    """The int8 kernel on a repacked weight, bfloat16 out (as nf4_linear for bfloat16 x)."""
-    return int8_decode.default_kernel().matmul(x, w, None, x.dtype == torch.bfloat16)
+def ours_int16(w: int16_decode.Int16Weight, x: torch.Tensor) -> torch.Tensor:
+    """The int16 kernel on a repacked weight, bfloat16 out (as nf4_linear for bfloat16 x)."""
+    return int16_decode.default_kernel().matmul(x, w, None, x.dtype == torch.bfloat16)
 
 
 def ours_fused(q: NF4Weight, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +183,7 @@ def machine(repeats: int, log) -> dict:
 
 
 def decode(repeats: int, probe: dict, log) -> dict:
-    int8 = int8_decode.default_kernel() is not None
+    int16 = int16_decode.default_kernel() is not None
     results = {}
     for out_f, in_f in PHI2_SHAPES:
         g = torch.Generator().manual_seed(out_f + in_f)
@@ -196,7 +196,7 @@ def decode(repeats: int, probe: dict, log) -> dict:
         with torch.no_grad():
             theirs(torch.zeros(1, in_f, dtype=torch.bfloat16))  # repacks for its CPU gemv
         ours_copies = [q] + [clone_weight(q) for _ in range(n_copies(q.nbytes) - 1)]
-        int8_copies = [int8_decode.repack(c) for c in ours_copies] if int8 else []
+        int16_copies = [int16_decode.repack(c) for c in ours_copies] if int16 else []
         bnb_copies = [theirs] + [copy.deepcopy(theirs) for _ in range(n_copies(q.nbytes) - 1)]
         pure = PureDecode(q)
         per_rows = {}
@@ -207,8 +207,8 @@ def decode(repeats: int, probe: dict, log) -> dict:
                 "bnb": Rotate(call_layer, bnb_copies, x),
                 "pure": Rotate(pure, ours_copies, x),
             }
-            if int8:
-                calls["int8"] = Rotate(ours_int8, int8_copies, x)
+            if int16:
+                calls["int16"] = Rotate(ours_int16, int16_copies, x)
             with torch.no_grad():
                 s = interleaved(calls, repeats)
             ours_bw = rate(s["ours"], q.nbytes, "GB/s", label="ours: codes + scales / time")
@@ -231,23 +231,26 @@ def decode(repeats: int, probe: dict, log) -> dict:
                 },
             }
             r = per_rows[f"rows={rows}"]
-            if int8:
-                int8_bw = rate(s["int8"], int8_copies[0].nbytes, "GB/s", label="int8: its bytes")
-                r["ms"]["int8"] = ms(s["int8"], label="int8_decode kernel (repacked weight)")
-                r["read_GBps"]["int8"] = int8_bw
-                r["ratios"]["int8_vs_bnb"] = paired_ratio(s["int8"], s["bnb"], "int8", "bnb")
-                r["ratios"]["int8_vs_ours"] = paired_ratio(s["int8"], s["ours"], "int8", "exact")
-                r["ratios"]["int8_bandwidth_fraction"] = ratio_of(
-                    int8_bw, probe, "int8 GB/s", "read bandwidth probe"
+            if int16:
+                int16_bw = rate(
+                    s["int16"], int16_copies[0].nbytes, "GB/s", label="int16: its bytes"
+                )
+                r["ms"]["int16"] = ms(s["int16"], label="int16_decode kernel (repacked weight)")
+                r["read_GBps"]["int16"] = int16_bw
+                r["ratios"]["int16_vs_bnb"] = paired_ratio(s["int16"], s["bnb"], "int16", "bnb")
+                r["ratios"]["int16_vs_ours"] = paired_ratio(s["int16"], s["ours"], "int16", "exact")
+                r["ratios"]["int16_bandwidth_fraction"] = ratio_of(
+                    int16_bw, probe, "int16 GB/s", "read bandwidth probe"
                 )
             log(
                 f"  decode {shape_key(out_f, in_f):>10} rows={rows}: ours "
                 f"{r['ms']['ours']['median']:.3f} ms ({ours_bw['median']:.1f} GB/s, "
                 f"{r['ratios']['bandwidth_fraction']['median']:.2f} of the probe), "
                 + (
-                    f"int8 {r['ms']['int8']['median']:.3f} ms "
-                    f"({r['ratios']['int8_bandwidth_fraction']['median']:.2f}), "
-                    if int8
+                    f"int16 {r['ms']['int16']['median']:.3f} ms "
+                    f"({r['ratios']['int16_bandwidth_fraction']['median']:.2f}; "
+                    f"{r['ratios']['int16_vs_ours']['median']:.2f}x ours), "
+                    if int16
                     else ""
                 )
                 + f"bnb {r['ms']['bnb']['median']:.3f} ms, pure {r['ms']['pure']['median']:.1f} ms"
@@ -256,8 +259,10 @@ def decode(repeats: int, probe: dict, log) -> dict:
             "bytes": {"ours": exact(q.nbytes, "bytes"), "bnb": exact(bnb_bytes(theirs), "bytes")},
             **per_rows,
         }
-        if int8:
-            results[shape_key(out_f, in_f)]["bytes"]["int8"] = exact(int8_copies[0].nbytes, "bytes")
+        if int16:
+            results[shape_key(out_f, in_f)]["bytes"]["int16"] = exact(
+                int16_copies[0].nbytes, "bytes"
+            )
     return results
 
 
@@ -268,12 +273,12 @@ def lm_head(repeats: int, probe: dict, log) -> dict:
     bias = torch.randn(out_f, generator=g).bfloat16()
     nbytes = (weight.numel() + bias.numel()) * 2
     results = {"bytes": exact(nbytes, "bytes")}
-    gemv = int8_decode.default_kernel() is not None
+    gemv = int16_decode.default_kernel() is not None
     for rows in DECODE_ROWS:
         x = torch.randn(rows, in_f, generator=g).bfloat16()
         calls = {"F.linear": partial(F.linear, x, weight, bias)}
         if gemv:
-            calls["gemv"] = partial(int8_decode.gemv, x, weight, bias)
+            calls["gemv"] = partial(int16_decode.gemv, x, weight, bias)
         with torch.no_grad():
             s = interleaved(calls, repeats)
         bw = rate(s["F.linear"], nbytes, "GB/s", label="bf16 weight + bias / time")
@@ -287,7 +292,7 @@ def lm_head(repeats: int, probe: dict, log) -> dict:
         if gemv:
             gbw = rate(s["gemv"], nbytes, "GB/s", label="bf16 weight + bias / time")
             r["gemv"] = {
-                "ms": ms(s["gemv"], label="int8_decode.gemv (ours) 51200x2560 + bias"),
+                "ms": ms(s["gemv"], label="int16_decode.gemv (ours) 51200x2560 + bias"),
                 "read_GBps": gbw,
                 "bandwidth_fraction": ratio_of(gbw, probe, "gemv GB/s", "read bandwidth probe"),
                 "vs_F.linear": paired_ratio(s["gemv"], s["F.linear"], "gemv", "F.linear"),
@@ -313,15 +318,15 @@ def prefill(repeats: int, peak: dict, log) -> dict:
             "decode_gemm_bf16": partial(decode_gemm, x16, q),
             "decode_bf16": partial(kernel.decode, q, torch.bfloat16),
         }
-        int8 = int8_decode.default_kernel() is not None
-        if int8:
-            calls["int8_bf16"] = partial(ours_int8, int8_decode.repack(q), x16)
+        int16 = int16_decode.default_kernel() is not None
+        if int16:
+            calls["int16_bf16"] = partial(ours_int16, int16_decode.repack(q), x16)
         with torch.no_grad():
             s = interleaved(calls, repeats)
         flops = 2 * PREFILL_ROWS * out_f * in_f
         gflops = {
             name: rate(s[name], flops, "GFLOP/s")
-            for name in ("fused_fp32", "decode_gemm_fp32", "decode_gemm_bf16", "int8_bf16")
+            for name in ("fused_fp32", "decode_gemm_fp32", "decode_gemm_bf16", "int16_bf16")
             if name in s
         }
         results[shape_key(out_f, in_f)] = {
@@ -340,9 +345,9 @@ def prefill(repeats: int, peak: dict, log) -> dict:
             },
         }
         r = results[shape_key(out_f, in_f)]
-        if int8:
-            r["ratios"]["int8_vs_decode_gemm_bf16"] = paired_ratio(
-                s["int8_bf16"], s["decode_gemm_bf16"], "int8", "decode + GEMM bf16"
+        if int16:
+            r["ratios"]["int16_vs_decode_gemm_bf16"] = paired_ratio(
+                s["int16_bf16"], s["decode_gemm_bf16"], "int16", "decode + GEMM bf16"
             )
         log(
             f"  prefill {shape_key(out_f, in_f):>10} rows={PREFILL_ROWS}: fused fp32 "
@@ -352,7 +357,7 @@ def prefill(repeats: int, peak: dict, log) -> dict:
             f"({gflops['decode_gemm_bf16']['median']:.0f} GFLOP/s, "
             f"{r['ratios']['bf16_fraction_of_peak']['median']:.2f} of peak; decode alone "
             f"{r['ms']['decode_bf16']['median']:.1f} ms)"
-            + (f", int8 {r['ms']['int8_bf16']['median']:.1f} ms" if int8 else "")
+            + (f", int16 {r['ms']['int16_bf16']['median']:.1f} ms" if int16 else "")
         )
     return results
 
@@ -403,12 +408,12 @@ def run(threads: int, repeats: int, log=print, machine_probe: dict | None = None
     torch.set_num_threads(threads)
     try:
         start = time.perf_counter()
-        k8 = int8_decode.default_kernel()
+        k16 = int16_decode.default_kernel()
         results = {
             "threads": threads,
             "isa": k.isa,
             "kernel_load_seconds": exact(k.load_seconds, "s"),
-            "int8_isa": None if k8 is None else k8.isa,
+            "int16_isa": None if k16 is None else k16.isa,
         }
         results["machine"] = machine_probe or machine(repeats, log)
         probe = results["machine"]["read_bandwidth"]

@@ -32,9 +32,16 @@ blocksize that is not a multiple of 64, non-finite activations, CUDA, ...) takes
 instead. The repacked weight is built on first use and kept beside the NF4 bytes (which stay as
 they are, for saving, training and the exact path).
 
+Serving. A model that only decodes (the demo) need not keep both layouts: `serve_repacked`
+replaces each NF4 linear's weight by a RepackedNF4Weight, which holds the repacked codes and
+float16 scales beside the NF4 block scales and rebuilds the element-order bytes (`packed`) when
+the exact path asks for them (prefill, inputs the int16 path declines), so the exact path's
+results stay the same bits and the NF4 bytes are not held twice.
+
     linear(x, q, bias)       the int16 path for one NF4 weight, or None (then: exact path)
     gemv(x, w, bias)         y = x w^T for a bfloat16 weight and 1..GEMV_MAX_ROWS rows, or None
     GemvLinear               an nn.Linear whose no-grad CPU calls use gemv (output layers)
+    serve_repacked(model)    every NF4 weight stored in the repacked layout only
 """
 
 from __future__ import annotations
@@ -164,12 +171,72 @@ def unpack(w: Int16Weight) -> tuple[Tensor, Tensor]:
     return codes.reshape(n, k), scales
 
 
+def element_order_bytes(w: Int16Weight) -> Tensor:
+    """uint8 [N K / 2]: the NF4 bytes in element order (NF4Weight.packed) back from the repacked
+    layout: element 2i in the high nibble of byte i, 2i + 1 in the low one."""
+    k = default_kernel()
+    if k is not None and w.codes.device.type == "cpu":
+        return k.ops.nf4_bytes(w.codes, *w.shape)
+    codes = unpack(w)[0].view(-1, 2)  # [N K / 2, 2]
+    return (codes[:, 0] << 4) | codes[:, 1]
+
+
+class RepackedNF4Weight(NF4Weight):
+    """An NF4 weight stored only in the repacked layout (plus its own block scales): the int16
+    path reads `repacked`; `packed`, what the exact path, dequantize_nf4 and `to` read, is
+    rebuilt from it on each access (element_order_bytes), a temporary N K / 2 bytes."""
+
+    def __init__(self, q: NF4Weight, w: Int16Weight):
+        # NF4Weight's fields but `packed` (a property here)
+        self.absmax, self.shape, self.dtype, self.blocksize = (
+            q.absmax,
+            q.shape,
+            q.dtype,
+            q.blocksize,
+        )
+        self.absmax_scale, self.absmax_offset = q.absmax_scale, q.absmax_offset
+        self.repacked = w
+
+    @property
+    def packed(self) -> Tensor:
+        return element_order_bytes(self.repacked)
+
+    @property
+    def device(self) -> torch.device:
+        return self.repacked.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.absmax, self.absmax_scale, self.absmax_offset)
+        return self.repacked.nbytes + sum(
+            t.numel() * t.element_size() for t in tensors if t is not None
+        )
+
+
+def serve_repacked(model: nn.Module) -> int:
+    """Replace, one layer at a time, the weight of every NF4 linear in `model` that the int16
+    path takes by a RepackedNF4Weight (its NF4 bytes are freed once nothing else holds them).
+    For models that only decode: training reads `packed` on every step. Returns the count."""
+    from .layers import NF4Linear  # layers imports this module
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, NF4Linear) and not isinstance(module.qweight, RepackedNF4Weight):
+            w = repacked(module.qweight)
+            if w is not None:
+                module.qweight = RepackedNF4Weight(module.qweight, w)
+                count += 1
+    return count
+
+
 _repacked: dict[int, tuple[weakref.ref, Int16Weight | None]] = {}
 _repack_lock = threading.Lock()
 
 
 def repacked(q: NF4Weight) -> Int16Weight | None:
     """q's repacked copy, built on first use and kept while q lives; None if q cannot be."""
+    if isinstance(q, RepackedNF4Weight):
+        return q.repacked
     key = id(q)
     entry = _repacked.get(key)
     if entry is not None and entry[0]() is q:
@@ -253,7 +320,9 @@ class Int16Kernel:
     def matmul(self, x: Tensor, w: Int16Weight, bias: Tensor | None, bf16_out: bool) -> Tensor:
         """int16_matmul on contiguous float32/bfloat16 x [M, K]; 0 elements if it declines."""
         n = w.shape[0]
-        return self.ops.int16_matmul(x, w.codes, w.scales, INT16_CODE, n, w.out_scale, bias, bf16_out)
+        return self.ops.int16_matmul(
+            x, w.codes, w.scales, INT16_CODE, n, w.out_scale, bias, bf16_out
+        )
 
 
 def extension_name(isa: str | None) -> str:

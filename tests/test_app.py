@@ -333,5 +333,9 @@ def test_demo_decodes_exact_unless_int16_is_asked_for(run_dir):
     head = demo.generator.base_model.get_output_embeddings()
     assert int16_decode.enabled() and demo.info["decode"].startswith("int16 (")
     assert isinstance(head, int16_decode.GemvLinear)
+    weights = [m.qweight for m in demo.generator.base_model.modules() if hasattr(m, "qweight")]
+    served = [q for q in weights if isinstance(q, int16_decode.RepackedNF4Weight)]
+    # every NF4 weight the int16 path takes is held in its layout only
+    assert served and len(served) == sum(int16_decode.repack_reason(q) is None for q in weights)
     demo = load_demo(resolve_spec(str(run_dir)))
     assert not int16_decode.enabled() and demo.info["decode"] == "exact"

@@ -355,3 +355,43 @@ def test_gemv_head_shares_parameters_and_switches(int16_on):
         assert torch.equal(y, int16_decode.default_kernel().ops.gemv_bf16(x, original, None, True))
         int16_decode.set_enabled(False)
         assert torch.equal(model.lm_head(x), F.linear(x, original))
+
+
+@pytest.mark.parametrize("shape,blocksize", [((4, 64), 64), ((12, 192), 64), ((64, 512), 256)])
+def test_element_order_bytes_undo_the_repacking(kernels, shape, blocksize):
+    q = weight(*shape, blocksize=blocksize)
+    w = int16_decode.repack(q)
+    for k in kernels.values():
+        assert torch.equal(k.ops.nf4_bytes(w.codes, *shape), q.packed)
+    assert torch.equal(int16_decode.element_order_bytes(w), q.packed)
+
+
+def test_serving_from_the_repacked_layout_gives_the_same_bits(int16_on):
+    torch.manual_seed(10)
+    model = nn.Sequential(
+        LoRALinear(exact_layer(64, 128, seed=11), r=4, alpha=8), nn.GELU(), exact_layer(128, 64)
+    )
+    nn.init.normal_(model[0].lora_B.weight)
+    model.append(NF4Linear.from_linear(nn.Linear(128, 30)))  # 30 rows: not repackable, stays
+    x_decode, x_prefill = torch.randn(2, 128), torch.randn(40, 128)
+    with torch.no_grad():
+        before = [model(x_decode), model(x_prefill)]
+        int16_decode.set_enabled(False)
+        before.append(model(x_decode))
+        int16_decode.set_enabled(True)
+    q0 = model[0].base.qweight
+    nbytes = q0.nbytes
+    assert int16_decode.serve_repacked(model) == 2
+    served = model[0].base.qweight
+    assert isinstance(served, int16_decode.RepackedNF4Weight) and served.device.type == "cpu"
+    assert not isinstance(model[3].qweight, int16_decode.RepackedNF4Weight)
+    # the element-order bytes are gone: the repacked codes (the same size) and the float16
+    # scales [N/4, S_pad, 4] (S = 128/64 = 2 padded to 4) replace them
+    assert served.nbytes == nbytes + (64 // 4) * 4 * 4 * 2
+    assert torch.equal(served.packed, q0.packed) and torch.equal(served.absmax, q0.absmax)
+    assert torch.equal(dequantize_nf4(served), dequantize_nf4(q0))
+    with torch.no_grad():
+        assert torch.equal(model(x_decode), before[0])  # the int16 path
+        assert torch.equal(model(x_prefill), before[1])  # the exact path, rebuilt bytes
+        int16_decode.set_enabled(False)
+        assert torch.equal(model(x_decode), before[2])

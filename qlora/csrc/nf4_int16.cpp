@@ -434,6 +434,33 @@ std::vector<at::Tensor> quantize_activations(const at::Tensor& x) {
   return {xq, dx};
 }
 
+// packed uint8 [N K / 2]: the NF4 bytes in element order (element e in the high nibble of byte
+// e/2 when e is even, the low nibble when odd) from the repacked codes, the inverse of
+// int16_decode.repack's permutation. The exact path reads these; a weight served from the
+// repacked layout alone (int16_decode.RepackedNF4Weight) rebuilds them per call.
+at::Tensor nf4_bytes(const at::Tensor& codes, int64_t N, int64_t K) {
+  TORCH_CHECK(N % kRows == 0 && K % kSuper == 0, "N must be a multiple of 4 and K of 64");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() == N * K / 2,
+              "codes must be contiguous uint8 of N K / 2 bytes");
+  at::Tensor out = at::empty({N * K / 2}, codes.options());
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const int64_t G = N / kRows, J = K / 32;
+  at::parallel_for(0, G, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t j = 0; j < J; ++j)
+        for (int r = 0; r < kRows; ++r) {
+          const uint8_t* p = c + (g * J + j) * 64 + 16 * r;  // byte p: k = 32j + p | 32j + 16 + p
+          uint8_t* row = o + ((g * kRows + r) * K + 32 * j) / 2;
+          for (int i = 0; i < 8; ++i) {
+            row[i] = static_cast<uint8_t>(((p[2 * i] & 0xF) << 4) | (p[2 * i + 1] & 0xF));
+            row[8 + i] = static_cast<uint8_t>((p[2 * i] & 0xF0) | (p[2 * i + 1] >> 4));
+          }
+        }
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // bfloat16 GEMV
 // ---------------------------------------------------------------------------------------------
@@ -610,6 +637,7 @@ QLORA_LIBRARY(QLORA_NAMESPACE, m) {
       "float out_scale, Tensor? bias, bool bf16_out) -> Tensor",
       &int16_matmul);
   m.def("quantize_activations(Tensor x) -> Tensor[]", &quantize_activations);
+  m.def("nf4_bytes(Tensor codes, int out_features, int in_features) -> Tensor", &nf4_bytes);
   m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias, bool bf16_out) -> Tensor", &gemv_bf16);
   m.def("isa() -> int", &isa);
   m.def("bf16_dot() -> int", &bf16_dot);
