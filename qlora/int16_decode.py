@@ -6,24 +6,23 @@ sums integer products instead, with AVX-512 VNNI's vpdpwssd (two int16 x int16 p
 call, and the products of each 64-weight block are summed as exact integers.
 
     T[q]        = round(16383 NF4_CODE[q])                                  INT16_CODE, int16 [16]
-    scale[n, s] = fp16(absmax(row n, k in [64s, 64s+64)) 2^e / 16383)       repack (once)
+    scale[n, s] = fp32(absmax(row n, k in [64s, 64s+64)) / 16383)           repack (once)
     dx_s        = amax_s / 16383,  xq_k = round_even(x_k 16383 / amax_s)    per block s of 64 k
     D[s]        = sum_{k in block s} T[q_nk] xq_k                           exact integers
-    y_n         = 2^-e sum_s scale[n, s] dx_s D[s]   (+ bias_n)              float32
+    y_n         = sum_s scale[n, s] dx_s D[s]   (+ bias_n)                   float32
 
 (D[s] is summed in eight lanes of eight products, |lane| <= 8 16383^2 < 2^31.) `reference_matmul`
 computes exactly the C++ kernel's float32 operations in its order (lanes, fused multiply-adds,
 the final sums), so the two agree bit for bit; `tests/test_int16_decode.py` checks it on every
 code path this CPU runs and bounds the error against the exact path.
 
-Error. T rounds each level by at most 0.5/16383 of absmax, the float16 scale by a relative
-2^-12, xq each activation by at most half a step dx_s. Per output the worst case is
+Error. T rounds each level by at most 0.5/16383 of absmax, xq each activation by at most half a
+step dx_s (the float32 scales and sums add roundings of 2^-24 each). Per output the worst case is
 
-    |y - y_exact| <= (0.5/16383 + 2^-11) sum_k |x_k| absmax_b(k)
-                     + (0.5/16383) sum_k |W'_k| amax_s(k)
+    |y - y_exact| <= 0.5/16383 (sum_k |x_k| absmax_b(k) + sum_k |W'_k| amax_s(k)) + fp32
 
-(tests/test_int16_decode.py checks it at Phi-2's shapes): the float16 scale's 2^-12 dominates,
-and the rounding is far below the bfloat16 rounding of the layer's output.
+(tests/test_int16_decode.py checks it at Phi-2's shapes); typically about 6e-5 of y, far below
+the bfloat16 rounding of a layer's output (2^-9).
 
 Use. Off by default: training and every exactness test run the exact kernel. `set_enabled(True)`
 (the demo does with `--int16`) routes no-grad CPU calls of 1..MAX_ROWS float32/bfloat16 rows
@@ -34,7 +33,7 @@ they are, for saving, training and the exact path).
 
 Serving. A model that only decodes (the demo) need not keep both layouts: `serve_repacked`
 replaces each NF4 linear's weight by a RepackedNF4Weight, which holds the repacked codes and
-float16 scales beside the NF4 block scales and rebuilds the element-order bytes (`packed`) when
+float32 scales beside the NF4 block scales and rebuilds the element-order bytes (`packed`) when
 the exact path asks for them (prefill, inputs the int16 path declines), so the exact path's
 results stay the same bits and the NF4 bytes are not held twice.
 
@@ -102,16 +101,15 @@ def enabled() -> bool:
 @dataclass(frozen=True)
 class Int16Weight:
     """A repacked NF4 weight [N, K]: codes uint8 [N/4 * K/32 * 64] (see nf4_int16.cpp's layout),
-    scales float16 [N/4, S_pad, 4] (S = K/64 padded to a multiple of 4), out_scale = 2^-e."""
+    scales float32 [N/4, K/64, 4]."""
 
     codes: Tensor
     scales: Tensor
-    out_scale: float
     shape: tuple[int, int]
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() + self.scales.numel() * 2
+        return self.codes.numel() + self.scales.numel() * 4
 
 
 def repack_reason(q: NF4Weight) -> str | None:
@@ -151,14 +149,9 @@ def repack(q: NF4Weight) -> Int16Weight:
     block_scale = absmax[first // q.blocksize].view(n, s)  # [N, S]
     if not torch.isfinite(block_scale).all():
         raise ValueError("cannot repack this NF4 weight: a block scale is not finite")
-    top = block_scale.max().item() / LEVEL
-    # 2^e puts the largest scale in [2^14, 2^15) (float16 holds up to 65504)
-    e = 0 if top == 0 else 15 - int(torch.frexp(torch.tensor(top, dtype=torch.float64))[1])
-    scales = (block_scale * 2.0**e / LEVEL).to(torch.float16)  # [N, S]
-    s_pad = -(-s // 4) * 4
-    scales = scales.view(g, ROWS, s).permute(0, 2, 1)  # [g, S, r]
-    scales = F.pad(scales, (0, 0, 0, s_pad - s)).contiguous()  # [g, S_pad, r]
-    return Int16Weight(packed, scales, 2.0**-e, (n, k))
+    scales = (block_scale / LEVEL).float()  # [N, S], one rounding (float64 -> float32)
+    scales = scales.view(g, ROWS, s).permute(0, 2, 1).contiguous()  # [g, S, r]
+    return Int16Weight(packed, scales, (n, k))
 
 
 def unpack(w: Int16Weight) -> tuple[Tensor, Tensor]:
@@ -167,7 +160,7 @@ def unpack(w: Int16Weight) -> tuple[Tensor, Tensor]:
     g, j, s = n // ROWS, k // 32, k // SUPER
     byte = w.codes.view(g, j, ROWS, 16).permute(0, 2, 1, 3)  # [g, r, j, p]
     codes = torch.stack([byte & 0xF, byte >> 4], dim=3)  # [g, r, j, half, p]
-    scales = w.scales[:, :s, :].permute(0, 2, 1).reshape(n, s).float()
+    scales = w.scales.permute(0, 2, 1).reshape(n, s)
     return codes.reshape(n, k), scales
 
 
@@ -301,7 +294,7 @@ def reference_matmul(x: Tensor, w: Int16Weight, bias: Tensor | None = None) -> T
     for ss in range(s):
         acc = _fma32(lanes[:, :, ss], f[:, :, ss, None], acc)
     a = acc.unbind(-1)
-    y = (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) * w.out_scale
+    y = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
     return y if bias is None else y + bias.float()
 
 
@@ -320,9 +313,7 @@ class Int16Kernel:
     def matmul(self, x: Tensor, w: Int16Weight, bias: Tensor | None, bf16_out: bool) -> Tensor:
         """int16_matmul on contiguous float32/bfloat16 x [M, K]; 0 elements if it declines."""
         n = w.shape[0]
-        return self.ops.int16_matmul(
-            x, w.codes, w.scales, INT16_CODE, n, w.out_scale, bias, bf16_out
-        )
+        return self.ops.int16_matmul(x, w.codes, w.scales, INT16_CODE, n, bias, bf16_out)
 
 
 def extension_name(isa: str | None) -> str:

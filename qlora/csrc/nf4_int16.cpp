@@ -7,13 +7,11 @@
 // K % 64 == 0. Output rows are taken four at a time (a "group" g: rows 4g..4g+3) and K in blocks
 // of 32 (block j: k = 32j..32j+31). For each (g, j) 64 bytes; byte 16r + p (r = 0..3, p = 0..15)
 // holds the 4-bit code of W[4g+r, 32j+p] in its low nibble and of W[4g+r, 32j+16+p] in its high
-// nibble. One scale per (row, superblock s of 64 weights: blocks 2s and 2s+1), float16:
+// nibble. One scale per (row, superblock s of 64 weights: blocks 2s and 2s+1), float32:
 //
-//     scale[g, s, r] = fp16(absmax(row 4g+r, k = 64s..64s+63) * 2^e / 16383)
+//     scale[g, s, r] = fp32(absmax(row 4g+r, k = 64s..64s+63) / 16383)
 //
-// (e: one exponent per weight that keeps every scale in float16's normal range; the output is
-// multiplied by out_scale = 2^-e, exactly). scales are [N/4, S_pad, 4], S = K/64 padded with
-// zeros to a multiple of 4 (S_pad).
+// (absmax: the NF4 block scale as the exact path restores it). scales are [N/4, S, 4], S = K/64.
 //
 // The 16 NF4 levels as int16: T[q] = round(16383 NF4_CODE[q]), in [-16383, 16383].
 //
@@ -32,8 +30,7 @@
 //
 //     f_s      = scale[g, s, r] * dx_s                       (one float32 product)
 //     acc[c]   = fma(float(D[s, c]), f_s, acc[c])             (s = 0, 1, ..., from acc = 0)
-//     y[m, n]  = (((acc0 + acc1) + (acc2 + acc3)) + ((acc4 + acc5) + (acc6 + acc7))) * out_scale
-//                (+ bias[n])
+//     y[m, n]  = ((acc0 + acc1) + (acc2 + acc3)) + ((acc4 + acc5) + (acc6 + acc7))  (+ bias[n])
 //
 // float(D) rounds to nearest (D may exceed 2^24). Every code path computes exactly these
 // operations in this order, so the three builds give the same bits, and the reference
@@ -54,7 +51,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -104,8 +100,6 @@ constexpr int kSuper = 64;    // weights per scale, activations per scale
 constexpr int kLevel = 16383; // the largest |T| and |xq|
 constexpr int kMaxTile = 4;   // input rows that share one decode of the weights
 
-inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
-
 inline float bf16_to_float(uint16_t bits) {
   const uint32_t u = static_cast<uint32_t>(bits) << 16;
   float f;
@@ -129,8 +123,8 @@ struct XRow {
 
 struct Args {
   const uint8_t* codes;    // [N/4][K/32][64]
-  const uint16_t* scales;  // [N/4][S_pad][4] float16 bits
-  int64_t K, S, S_pad;     // S = K/64 superblocks
+  const float* scales;     // [N/4][S][4]
+  int64_t K, S;            // S = K/64 superblocks
   int16_t table[16];       // T
 };
 
@@ -166,7 +160,7 @@ bool quantize_row(const In* x, int64_t K, int16_t* xq, float* dx) {
 template <int MT>
 void group_dot(const Args& a, int64_t g, const XRow* xr, float* y) {
   const uint8_t* codes = a.codes + g * a.S * 128;
-  const uint16_t* sc = a.scales + g * a.S_pad * 4;
+  const float* sc = a.scales + g * a.S * 4;
   // T in words 0-15 and again in 16-31: vpermw reads 5 index bits
   __m512i table;
   {
@@ -204,8 +198,7 @@ void group_dot(const Args& a, int64_t g, const XRow* xr, float* y) {
         d23[m] = _mm512_dpwssd_epi32(d23[m], hi23, xh);
       }
     }
-    const __m512 s4 = _mm512_castps128_ps512(
-        _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + s * 4))));
+    const __m512 s4 = _mm512_castps128_ps512(_mm_loadu_ps(sc + s * 4));
     const __m512 s01 = _mm512_permutexvar_ps(pick01, s4), s23 = _mm512_permutexvar_ps(pick23, s4);
     for (int m = 0; m < MT; ++m) {
       const __m512 dx = _mm512_set1_ps(xr[m].dx[s]);
@@ -231,7 +224,7 @@ constexpr int kTile = 4;
 template <int MT>
 void group_dot(const Args& a, int64_t g, const XRow* xr, float* y) {
   const uint8_t* codes = a.codes + g * a.S * 128;
-  const uint16_t* sc = a.scales + g * a.S_pad * 4;
+  const float* sc = a.scales + g * a.S * 4;
   // T's low bytes and high bytes, each in both 128-bit lanes (vpshufb looks up within a lane)
   __m256i tlo, thi;
   {
@@ -259,9 +252,7 @@ void group_dot(const Args& a, int64_t g, const XRow* xr, float* y) {
         xu[h][m] = _mm256_permute2x128_si256(a0, a1, 0x20);
         xv[h][m] = _mm256_permute2x128_si256(a0, a1, 0x31);
       }
-    const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + s * 4)));
-    alignas(16) float sr[4];
-    _mm_store_ps(sr, s4);
+    const float* sr = sc + s * 4;
     _mm_prefetch(reinterpret_cast<const char*>(codes + s * 128 + QLORA_PREFETCH), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(codes + s * 128 + QLORA_PREFETCH + 64), _MM_HINT_T0);
     for (int r = 0; r < kRows; ++r) {
@@ -302,12 +293,12 @@ constexpr int kTile = 2;
 template <int MT>
 void group_dot(const Args& a, int64_t g, const XRow* xr, float* y) {
   const uint8_t* codes = a.codes + g * a.S * 128;
-  const uint16_t* sc = a.scales + g * a.S_pad * 4;
+  const float* sc = a.scales + g * a.S * 4;
   for (int m = 0; m < MT; ++m) {
     for (int r = 0; r < kRows; ++r) {
       float acc[8] = {};
       for (int64_t s = 0; s < a.S; ++s) {
-        const float f = half_to_float(sc[s * 4 + r]) * xr[m].dx[s];
+        const float f = sc[s * 4 + r] * xr[m].dx[s];
         for (int c = 0; c < 8; ++c) {
           int32_t d = 0;
           for (int64_t j = 2 * s; j < 2 * s + 2; ++j) {
@@ -335,17 +326,17 @@ using GroupFn = void (*)(const Args&, int64_t, const XRow*, float*);
 // once to bfloat16 if bf16_out. A 0-element result: x holds a value the quantization does not
 // take (not finite, or a superblock below 1e-30): the caller takes the exact path.
 at::Tensor int16_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                        const at::Tensor& table, int64_t out_features, double out_scale,
-                        const std::optional<at::Tensor>& bias, bool bf16_out) {
+                        const at::Tensor& table, int64_t out_features, const std::optional<at::Tensor>& bias,
+                        bool bf16_out) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be contiguous 2-D CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
   TORCH_CHECK(K % kSuper == 0 && N % kRows == 0, "K must be a multiple of 64 and N of 4, got ", K, ", ", N);
-  const int64_t G = N / kRows, S = K / kSuper, S_pad = (S + 3) / 4 * 4;
+  const int64_t G = N / kRows, S = K / kSuper;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() == G * S * 128,
               "codes must be contiguous uint8 of N K / 2 bytes");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == G * S_pad * 4,
-              "scales must be contiguous float16 [N/4, S_pad, 4]");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == G * S * 4,
+              "scales must be contiguous float32 [N/4, K/64, 4]");
   TORCH_CHECK(table.scalar_type() == at::kShort && table.numel() == 16, "table must be int16 [16]");
   const float* bias_f32 = nullptr;
   const uint16_t* bias_bf16 = nullptr;
@@ -360,10 +351,9 @@ at::Tensor int16_matmul(const at::Tensor& x, const at::Tensor& codes, const at::
   }
   Args a{};
   a.codes = codes.data_ptr<uint8_t>();
-  a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  a.scales = scales.data_ptr<float>();
   a.K = K;
   a.S = S;
-  a.S_pad = S_pad;
   std::memcpy(a.table, table.data_ptr<int16_t>(), 32);
   for (int i = 0; i < 16; ++i)
     TORCH_CHECK(std::abs(a.table[i]) <= kLevel, "table entries must lie in [-16383, 16383]");
@@ -386,7 +376,6 @@ at::Tensor int16_matmul(const at::Tensor& x, const at::Tensor& codes, const at::
   uint16_t* y_bf16 = bf16_out ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   const GroupFn fns[5] = {nullptr, group_dot<1>, group_dot<2>, kTile >= 3 ? group_dot<3> : nullptr,
                           kTile >= 4 ? group_dot<4> : nullptr};
-  const float post = static_cast<float>(out_scale);
   const int64_t grain = std::max<int64_t>(1, 16384 / K);  // groups per task: >= 64k weights
   at::parallel_for(0, G, grain, [&](int64_t begin, int64_t end) {
     XRow xr[kMaxTile];
@@ -399,7 +388,7 @@ at::Tensor int16_matmul(const at::Tensor& x, const at::Tensor& codes, const at::
         for (int r = 0; r < kRows; ++r) {
           const int64_t n = g * kRows + r;
           for (int m = 0; m < mt; ++m) {
-            float v = yt[r * mt + m] * post;
+            float v = yt[r * mt + m];
             if (bias_f32) v += bias_f32[n];
             if (bias_bf16) v += bf16_to_float(bias_bf16[n]);
             const int64_t at = (m0 + m) * N + n;
@@ -634,7 +623,7 @@ int64_t bf16_dot() {
 QLORA_LIBRARY(QLORA_NAMESPACE, m) {
   m.def(
       "int16_matmul(Tensor x, Tensor codes, Tensor scales, Tensor table, int out_features, "
-      "float out_scale, Tensor? bias, bool bf16_out) -> Tensor",
+      "Tensor? bias, bool bf16_out) -> Tensor",
       &int16_matmul);
   m.def("quantize_activations(Tensor x) -> Tensor[]", &quantize_activations);
   m.def("nf4_bytes(Tensor codes, int out_features, int in_features) -> Tensor", &nf4_bytes);
