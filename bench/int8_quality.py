@@ -17,9 +17,10 @@ and we report top-1 agreement of next-token predictions (int16 vs exact, exact v
 perplexity of each on the text, and their ratio. The logits are bfloat16, so near-ties are
 common; exact_gemv (the exact kernel with the GEMV output layer: the same products, summed in
 another order) shows how many predictions a change at float32 rounding alone moves. With
---what-if, two more paths say what the other fast routes would give; they are float32 matmuls
-on weights decoded each way, their error and not their speed:
+--what-if, three more paths say what other routes would give; they are float32 matmuls on
+weights decoded each way, their error and not their speed:
 
+    f32_reorder  y = x W^T by F.linear in float32: the exact products, another summation order
     bf16_table   y = x W_b^T,  W_b = bf16(NF4_CODE)[q] absmax     (bitsandbytes' CPU route)
     int8_dot     y = x' W'^T,  W' = round(127 NF4_CODE)[q] / 127 absmax,  x' = int8 per 32 k
                  (llama.cpp's IQ4_NL route: int8 table, int8 activations)
@@ -111,27 +112,31 @@ def continuations(model, tokenizer, tokens: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def decode_logprobs(model, seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(argmax [T-1], log p(next token) [T-1]) decoding seq one token at a time with the cache."""
+def decode_logprobs(model, seq: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(argmax [T-1], log p(next token) [T-1], tied [T-1]) decoding seq one token at a time with
+    the cache; tied: the two largest (bfloat16) logits are equal, argmax takes the lower id."""
     past = None
-    top, logp = [], []
+    top, logp, tied = [], [], []
     for t in range(len(seq) - 1):
         out = model(torch.tensor([[seq[t]]]), past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[0, -1].float()  # [vocab]
         top.append(int(logits.argmax()))
         logp.append(torch.log_softmax(logits, -1)[seq[t + 1]].item())
-    return torch.tensor(top), torch.tensor(logp, dtype=torch.float64)
+        first, second = logits.topk(2).values.tolist()
+        tied.append(first == second)
+    return torch.tensor(top), torch.tensor(logp, dtype=torch.float64), torch.tensor(tied)
 
 
-def run_all(model, seqs, log) -> tuple[torch.Tensor, torch.Tensor, float]:
+def run_all(model, seqs, log) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
     start = time.perf_counter()
     pieces = [decode_logprobs(model, s) for s in seqs]
     top = torch.cat([p[0] for p in pieces])
     logp = torch.cat([p[1] for p in pieces])
+    tied = torch.cat([p[2] for p in pieces])
     seconds = time.perf_counter() - start
     log(f"  {len(top)} positions in {seconds:.0f} s, ppl {math.exp(-logp.mean()):.3f}")
-    return top, logp, seconds
+    return top, logp, seconds, tied
 
 
 def what_if_weight(q: NF4Weight, table: torch.Tensor) -> torch.Tensor:
@@ -152,6 +157,7 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 def what_if_linear(variant: str):
     """A stand-in for int16_decode.linear computing one what-if path (module docstring)."""
     tables = {
+        "f32_reorder": NF4_CODE,
         "bf16_table": NF4_CODE.bfloat16().float(),
         "int8_dot": torch.round(127 * NF4_CODE) / 127,
     }
@@ -169,14 +175,14 @@ def what_if_linear(variant: str):
     return linear
 
 
-WHAT_IF = ("bf16_table", "int8_dot")
+WHAT_IF = ("f32_reorder", "bf16_table", "int8_dot")
 
 
 def measure(gguf_dir: Path, tokens: int, what_if: bool = False, log=print) -> dict:
     model, tokenizer = load_model(gguf_dir)
     seqs = [tokenizer(t).input_ids for t in TEXTS] + continuations(model, tokenizer, tokens)
     log(f"bf16 (unquantized), {len(seqs)} sequences:")
-    top_bf16, logp_bf16, _ = run_all(model, seqs, log)
+    top_bf16, logp_bf16, _, _ = run_all(model, seqs, log)
     prepare_qlora(model, target_modules=LLAMA_TARGETS, r=8, alpha=16, dropout=0.0)
     int16_decode.use_gemv_head(model)
     model.eval()
@@ -199,8 +205,9 @@ def measure(gguf_dir: Path, tokens: int, what_if: bool = False, log=print) -> di
         int16_decode.linear = real
     int16_decode.set_enabled(False)
     k = int16_decode.default_kernel()
-    (top_e, logp_e, sec_e), (top_i, logp_i, sec_i) = results["exact"], results["int16"]
-    top_g, logp_g, _ = results["exact_gemv"]
+    (top_e, logp_e, sec_e, tied_e), (top_i, logp_i, sec_i, _) = results["exact"], results["int16"]
+    top_g, logp_g, _, _ = results["exact_gemv"]
+    untied = ~tied_e  # positions whose exact argmax is not a bfloat16 tie
     ppl = {n: math.exp(-lp.mean().item()) for n, lp in (("bf16", logp_bf16), ("exact", logp_e),
                                                          ("int16", logp_i),
                                                          ("exact_gemv", logp_g))}  # fmt: skip
@@ -211,6 +218,8 @@ def measure(gguf_dir: Path, tokens: int, what_if: bool = False, log=print) -> di
         "kernel": None if k is None else k.isa,
         "threads": torch.get_num_threads(),
         "top1_agreement_int16_vs_exact": (top_i == top_e).double().mean().item(),
+        "top1_agreement_int16_vs_exact_untied": (top_i == top_e)[untied].double().mean().item(),
+        "exact_tied_fraction": tied_e.double().mean().item(),
         "top1_agreement_exact_gemv_vs_exact": (top_g == top_e).double().mean().item(),
         "top1_agreement_int16_vs_exact_gemv": (top_i == top_g).double().mean().item(),
         "top1_agreement_exact_vs_bf16": (top_e == top_bf16).double().mean().item(),
@@ -222,19 +231,23 @@ def measure(gguf_dir: Path, tokens: int, what_if: bool = False, log=print) -> di
         "decode_seconds": {"exact": round(sec_e, 1), "int16": round(sec_i, 1)},
     }
     for variant in WHAT_IF if what_if else ():
-        top_v, logp_v, _ = results[variant]
+        top_v, logp_v, _, _ = results[variant]
         ppl[variant] = math.exp(-logp_v.mean().item())
         report[f"what_if_{variant}"] = {
             "top1_agreement_vs_exact": (top_v == top_e).double().mean().item(),
+            "top1_agreement_vs_exact_untied": (top_v == top_e)[untied].double().mean().item(),
             "ppl_ratio_vs_exact": ppl[variant] / ppl["exact"],
         }
         log(
             f"what-if {variant}: top-1 agreement vs exact "
-            f"{report[f'what_if_{variant}']['top1_agreement_vs_exact']:.4f}, ppl ratio "
+            f"{report[f'what_if_{variant}']['top1_agreement_vs_exact']:.4f} (untied "
+            f"{report[f'what_if_{variant}']['top1_agreement_vs_exact_untied']:.4f}), ppl ratio "
             f"{report[f'what_if_{variant}']['ppl_ratio_vs_exact']:.4f}"
         )
     log(
         f"top-1 agreement int16 vs exact {report['top1_agreement_int16_vs_exact']:.4f} "
+        f"({report['top1_agreement_int16_vs_exact_untied']:.4f} where exact's top two logits "
+        f"differ; {report['exact_tied_fraction']:.4f} of positions are bfloat16 ties) "
         f"(exact_gemv vs exact {report['top1_agreement_exact_gemv_vs_exact']:.4f}, int16 vs "
         f"exact_gemv {report['top1_agreement_int16_vs_exact_gemv']:.4f}, exact vs bf16 "
         f"{report['top1_agreement_exact_vs_bf16']:.4f}) over {report['positions']} positions; "
@@ -249,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gguf", type=Path, default=GGUF, help=f"directory holding {GGUF_NAME}")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=160, help="tokens per greedy continuation")
-    parser.add_argument("--what-if", action="store_true", help="also the two what-if paths")
+    parser.add_argument("--what-if", action="store_true", help="also the three what-if paths")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.tokens < 1:

@@ -211,6 +211,7 @@ def serve_repacked(model: nn.Module) -> int:
     path takes by a RepackedNF4Weight (its NF4 bytes are freed once nothing else holds them).
     For models that only decode: training reads `packed` on every step. Returns the count."""
     from .layers import NF4Linear  # layers imports this module
+    from .loading import release_freed_memory
 
     count = 0
     for module in model.modules():
@@ -219,6 +220,9 @@ def serve_repacked(model: nn.Module) -> int:
             if w is not None:
                 module.qweight = RepackedNF4Weight(module.qweight, w)
                 count += 1
+                # the freed bytes and repack's temporaries back to the OS now, not at the end:
+                # glibc's heap would otherwise hold them (a peak of both layouts)
+                release_freed_memory()
     return count
 
 
