@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         "dequantized copy (W + s B A): faster CPU generation, more memory",
     )
     p.add_argument(
-        "--int8",
+        "--int16",
         action="store_true",
-        help="decode with the int8 NF4 kernel (int8 activations and code table, a bfloat16 GEMV "
+        help="decode with the int16 NF4 kernel (int16 activations and code table, a bfloat16 GEMV "
         "for the output layer): faster than the default exact kernel, within a bounded rounding "
         "of it (the README gives its effect on predictions)",
     )
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             args.adapter,
             quantize=args.quantize,
             merge=args.merge,
-            int8=args.int8,
+            int16=args.int16,
             task=args.task,
             max_new_tokens_cap=args.max_new_tokens_cap,
             dtype=args.dtype,
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # stderr is for errors: one line each
     mode = ("NF4" if spec.quantize else "not quantized") + (", merged" if spec.merge else "")
-    mode += ", int8 decoding" if spec.int8 and spec.quantize else ""
+    mode += ", int16 decoding" if spec.int16 and spec.quantize else ""
     print(f"demo: loading {spec.model} + adapter {spec.adapter} ({mode})", flush=True)
     # the model is loaded on, and every forward pass runs on, this one thread (app/worker.py)
     worker = ModelThread()

@@ -15,7 +15,7 @@ from grpo.tasks import Task, load_task
 from qlora import (
     AdapterError,
     footprint,
-    int8_decode,
+    int16_decode,
     kernel,
     load_adapter,
     merge_adapters,
@@ -66,8 +66,8 @@ def load_demo(spec: DemoSpec, runner=None) -> Demo:
     stored = footprint(model)
     # built now (once per machine, cached), not inside the first request
     cpu_kernel = kernel.default_kernel() if spec.quantize and _on_cpu(model) else None
-    int8_kernel = int8_decode.default_kernel() if cpu_kernel and spec.int8 else None
-    int8_decode.set_enabled(int8_kernel is not None)  # --int8; else the exact kernel decodes
+    int16_kernel = int16_decode.default_kernel() if cpu_kernel and spec.int16 else None
+    int16_decode.set_enabled(int16_kernel is not None)  # --int16; else the exact kernel decodes
     info = {
         "model": spec.model,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -80,15 +80,16 @@ def load_demo(spec: DemoSpec, runner=None) -> Demo:
         "bits_per_param": stored["bits_per_param"],
         "summary": spec.summary,
         "kernel": cpu_kernel.isa if cpu_kernel is not None else None,
-        "decode": f"int8 ({int8_kernel.isa})" if int8_kernel is not None else "exact",
+        "decode": f"int16 ({int16_kernel.isa})" if int16_kernel is not None else "exact",
     }
     tuned = model
     if spec.merge:
         tuned = merge_adapters(model).eval()
         info["merged_footprint_mb"] = footprint(tuned)["bytes"] / 1e6
-    if int8_kernel is not None:  # the 16-bit output layer as our GEMV while decoding
+    if int16_kernel is not None:  # the 16-bit output layer as our GEMV while decoding
         for m in {id(model): model, id(tuned): tuned}.values():
-            int8_decode.use_gemv_head(m)
+            int16_decode.use_gemv_head(m)
+            int16_decode.serve_repacked(m)  # the demo never trains: one layout, not two
     release_freed_memory()
     generator = PairGenerator(model, tuned, tokenizer, spec.max_new_tokens_cap, runner)
 

@@ -28,7 +28,7 @@ class DemoSpec:
     adapter: Path
     quantize: bool = True
     merge: bool = False
-    int8: bool = False  # decode with the int8 NF4 kernel (qlora.int8_decode), not the exact one
+    int16: bool = False  # decode with the int16 NF4 kernel (qlora.int16_decode), not the exact one
     dtype: str = "auto"  # the run's, else by size: float32 for the tiny Phi, bf16 for Phi-2
     task: str | None = None  # examples and gold answers come from this task's splits
     config: GRPOConfig | None = None  # the run's config, when loading a run directory
@@ -44,7 +44,7 @@ def resolve_spec(
     *,
     quantize: bool = True,
     merge: bool = False,
-    int8: bool = False,
+    int16: bool = False,
     task: str | None = None,
     max_new_tokens_cap: int = 256,
     dtype: str | None = None,
@@ -67,7 +67,7 @@ def resolve_spec(
         adapter=adapter_dir,
         quantize=quantize,
         merge=merge,
-        int8=int8,
+        int16=int16,
         dtype=dtype or (cfg.dtype if cfg else "auto"),
         task=task,
         config=cfg,

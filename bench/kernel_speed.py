@@ -1,13 +1,14 @@
-"""Part 5: the NF4 CPU kernels (qlora/kernel.py, qlora/int8_decode.py) at Phi-2's shapes, against
+"""Part 5: the NF4 CPU kernels (qlora/kernel.py, qlora/int16_decode.py) at Phi-2's shapes, against
 the machine and the peers.
 
     machine   read bandwidth (sum of a 1 GiB float32 tensor) and GEMM peak (torch.mm 3072^3,
               float32 and bfloat16), on the same threads
-    decode    1 and 2 bfloat16 rows: kernel.nf4_linear (the exact fused kernel), the int8 kernel
-              on the repacked weight, bitsandbytes Linear4bit (its CPU gemv) and our pure-PyTorch
-              path (decode, cast, F.linear); GB/s = the bytes each reads / time
+    decode    1 and 2 bfloat16 rows: kernel.nf4_linear (the exact fused kernel), the int16 kernel
+              (int16 activations and code table) on the repacked weight, bitsandbytes Linear4bit
+              (its CPU gemv) and our pure-PyTorch path (decode, cast, F.linear); GB/s = the bytes
+              each reads / time
     lm_head   a 51200 x 2560 bfloat16 weight with bias: torch's F.linear vs our GEMV
-    prefill   300 rows: fused vs decode + torch GEMM (float32, bfloat16), and the int8 kernel
+    prefill   300 rows: fused vs decode + torch GEMM (float32, bfloat16), and the int16 kernel
     switch    fused / (decode + GEMM) for 2..64 bfloat16 rows: where nf4_linear switches
 
 Decode and switch calls rotate through copies of the weight (>= 96 MiB in all, more than a
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qlora import int8_decode, kernel
+from qlora import int16_decode, kernel
 from qlora.atomic import atomic_write_text
 from qlora.nf4 import NF4Weight, dequantize_into, quantize_nf4
 
@@ -100,8 +101,8 @@ def call_layer(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return layer(x)
 
 
-def int8_matmul(x: torch.Tensor, w: int8_decode.Int8Weight) -> torch.Tensor:
-    return int8_decode.default_kernel().matmul(x, w, None, x.dtype == torch.bfloat16)
+def int16_matmul(x: torch.Tensor, w: int16_decode.Int16Weight) -> torch.Tensor:
+    return int16_decode.default_kernel().matmul(x, w, None, x.dtype == torch.bfloat16)
 
 
 def bnb_bytes(layer: nn.Module) -> int:
@@ -136,7 +137,7 @@ def machine(repeats: int, log=print) -> dict:
 
 def decode_shape(out_f: int, in_f: int, repeats: int, probe: dict, log) -> dict:
     """Every decode path on one weight shape, 1 and 2 rows."""
-    int8 = int8_decode.default_kernel() is not None
+    int16 = int16_decode.default_kernel() is not None
     g = torch.Generator().manual_seed(out_f + in_f)
     linear = nn.Linear(in_f, out_f)
     with torch.no_grad():
@@ -153,9 +154,9 @@ def decode_shape(out_f: int, in_f: int, repeats: int, probe: dict, log) -> dict:
         "bnb": Way(call_layer, bnb, bnb_bytes(theirs), "bitsandbytes Linear4bit, CPU gemv"),
         "pure": Way(pure_pytorch(q), ours, q.nbytes, "pure PyTorch: decode + F.linear"),
     }
-    if int8:
-        repacked = [int8_decode.repack(c) for c in ours]
-        ways["int8"] = Way(int8_matmul, repacked, repacked[0].nbytes, "int8 kernel, repacked")
+    if int16:
+        repacked = [int16_decode.repack(c) for c in ours]
+        ways["int16"] = Way(int16_matmul, repacked, repacked[0].nbytes, "int16 kernel, repacked")
     result = {"bytes": {name: exact(w.nbytes, "bytes") for name, w in ways.items()}}
     for rows in DECODE_ROWS:
         x = torch.randn(rows, in_f, generator=g).bfloat16()
@@ -167,15 +168,18 @@ def decode_shape(out_f: int, in_f: int, repeats: int, probe: dict, log) -> dict:
             "ours_vs_pure": paired_ratio(s["ours"], s["pure"], "ours", "pure PyTorch"),
             "bandwidth_fraction": ratio_of(gbps["ours"], probe, "ours GB/s", "read probe"),
         }
-        if int8:
-            ratios["int8_vs_bnb"] = paired_ratio(s["int8"], s["bnb"], "int8", "bitsandbytes")
-            ratios["int8_vs_ours"] = paired_ratio(s["int8"], s["ours"], "int8", "exact")
-            ratios["int8_bandwidth_fraction"] = ratio_of(gbps["int8"], probe, "int8 GB/s", "probe")
+        if int16:
+            ratios["int16_vs_bnb"] = paired_ratio(s["int16"], s["bnb"], "int16", "bitsandbytes")
+            ratios["int16_vs_ours"] = paired_ratio(s["int16"], s["ours"], "int16", "exact")
+            ratios["int16_bandwidth_fraction"] = ratio_of(
+                gbps["int16"], probe, "int16 GB/s", "read probe"
+            )
         times = {n: ms(s[n], label=w.label) for n, w in ways.items()}
         result[f"rows={rows}"] = {"ms": times, "read_GBps": gbps, "ratios": ratios}
         log(
             f"  decode {out_f}x{in_f} rows={rows}: "
             + ", ".join(f"{n} {t['median']:.3f} ms" for n, t in times.items())
+            + (f" (int16 {ratios['int16_vs_ours']['median']:.2f}x ours)" if int16 else "")
         )
     return result
 
@@ -192,19 +196,19 @@ def lm_head(repeats: int, probe: dict, log) -> dict:
     weight = (torch.randn(out_f, in_f, generator=g) * 0.02).bfloat16()
     bias = torch.randn(out_f, generator=g).bfloat16()
     nbytes = (weight.numel() + bias.numel()) * 2
-    gemv = int8_decode.default_kernel() is not None
+    gemv = int16_decode.default_kernel() is not None
     results = {"bytes": exact(nbytes, "bytes")}
     for rows in DECODE_ROWS:
         x = torch.randn(rows, in_f, generator=g).bfloat16()
         calls = {"F.linear": partial(F.linear, x, weight, bias)}
         if gemv:
-            calls["gemv"] = partial(int8_decode.gemv, x, weight, bias)
+            calls["gemv"] = partial(int16_decode.gemv, x, weight, bias)
         with torch.no_grad():
             s = interleaved(calls, repeats)
         label = "torch bf16 F.linear 51200x2560 + bias"
         r = results[f"rows={rows}"] = lm_head_figures(s["F.linear"], nbytes, probe, label)
         if gemv:
-            label = "int8_decode.gemv (ours) 51200x2560 + bias"
+            label = "int16_decode.gemv (ours) 51200x2560 + bias"
             r["gemv"] = lm_head_figures(s["gemv"], nbytes, probe, label)
             r["gemv"]["vs_F.linear"] = paired_ratio(s["gemv"], s["F.linear"], "gemv", "F.linear")
         times = ", ".join(f"{n} {1e3 * median(t):.2f} ms" for n, t in s.items())
@@ -222,8 +226,8 @@ def prefill(out_f: int, in_f: int, repeats: int, peak: dict, log) -> dict:
         "decode_gemm_fp32": partial(decode_gemm, x32, q),
         "decode_gemm_bf16": partial(decode_gemm, x16, q),
     }
-    if int8_decode.default_kernel() is not None:
-        calls["int8_bf16"] = partial(int8_matmul, x16, int8_decode.repack(q))
+    if int16_decode.default_kernel() is not None:
+        calls["int16_bf16"] = partial(int16_matmul, x16, int16_decode.repack(q))
     with torch.no_grad():
         s = interleaved(calls, repeats)
     flops = 2 * PREFILL_ROWS * out_f * in_f
@@ -236,9 +240,9 @@ def prefill(out_f: int, in_f: int, repeats: int, peak: dict, log) -> dict:
             gflops["decode_gemm_bf16"], peak["gemm_bf16"], "decode + GEMM bf16", "torch.mm bf16"
         ),
     }
-    if "int8_bf16" in s:
-        ratios["int8_vs_decode_gemm_bf16"] = paired_ratio(
-            s["int8_bf16"], s["decode_gemm_bf16"], "int8", "decode + GEMM bf16"
+    if "int16_bf16" in s:
+        ratios["int16_vs_decode_gemm_bf16"] = paired_ratio(
+            s["int16_bf16"], s["decode_gemm_bf16"], "int16", "decode + GEMM bf16"
         )
     log(
         f"  prefill {out_f}x{in_f} rows={PREFILL_ROWS}: "
@@ -280,14 +284,14 @@ def run(threads: int, repeats: int, log=print, machine_probe=None, shapes=PHI2_S
             "the NF4 CPU kernel is not available (QLORA_KERNEL=0, or it failed to build: see "
             "the warning above); this part measures it, so it cannot run without it"
         )
-    k8 = int8_decode.default_kernel()
+    k16 = int16_decode.default_kernel()
     with torch_threads(threads):
         m = machine_probe or machine(repeats, log)
         probe = m["read_bandwidth"]
         return {
             "threads": threads,
             "isa": k.isa,
-            "int8_isa": None if k8 is None else k8.isa,
+            "int16_isa": None if k16 is None else k16.isa,
             "kernel_load_seconds": exact(k.load_seconds, "s"),
             "machine": m,
             "decode": {f"{o}x{i}": decode_shape(o, i, repeats, probe, log) for o, i in shapes},

@@ -201,7 +201,12 @@ KERNEL_HEADER = (
     "(decode + F.linear) ms | ours GB/s (of the read probe) | ours / bitsandbytes | ours / pure "
     "PyTorch"
 ).split(" | ")
-INT8_HEADER = ["ours, int8 ms", "int8 GB/s (of the read probe)", "int8 / bitsandbytes"]
+INT16_HEADER = [
+    "ours, int16 ms",
+    "int16 GB/s (of the read probe)",
+    "int16 / bitsandbytes",
+    "int16 / exact",
+]
 
 
 def serve_setup(v: dict) -> str:
@@ -260,9 +265,9 @@ def serve_derived(v: dict) -> list[str]:
 
 def kernel_setup(k: dict) -> str:
     m = k["machine"]
-    int8 = f" and `qlora/int8_decode.py` ({k['int8_isa']} build)" if k.get("int8_isa") else ""
+    int16 = f" and `qlora/int16_decode.py` ({k['int16_isa']} build)" if k.get("int16_isa") else ""
     return (
-        f"`qlora/kernel.py` ({k['isa']} build, loaded in {med(k['kernel_load_seconds'])} s){int8}"
+        f"`qlora/kernel.py` ({k['isa']} build, loaded in {med(k['kernel_load_seconds'])} s){int16}"
         f", {plural(k['threads'], 'torch thread')}, bfloat16 inputs, Phi-2's shapes, each call "
         "reading its weight from memory (copies rotated past the last-level cache). Machine "
         f"probes on the same threads: read {cell(m['read_bandwidth'])} GB/s "
@@ -273,8 +278,10 @@ def kernel_setup(k: dict) -> str:
 
 
 def kernel_table(k: dict) -> list[str]:
-    """One row per shape and row count; the int8 kernel's columns when it was measured."""
-    int8 = any("int8" in d["ms"] for per in k["decode"].values() for d in per.values() if "ms" in d)
+    """One row per shape and row count; the int16 kernel's columns when it was measured."""
+    int16 = any(
+        "int16" in d["ms"] for per in k["decode"].values() for d in per.values() if "ms" in d
+    )
     rows = []
     for shape, per in k["decode"].items():
         for key, d in per.items():
@@ -285,11 +292,12 @@ def kernel_table(k: dict) -> list[str]:
             bw = f"{med(gbps['ours'])} ({percent(ratios['bandwidth_fraction'])})"
             row += [cell(ms["pure"]), bw, ratio_cell(ratios["ours_vs_bnb"])]
             row += [ratio_cell(ratios["ours_vs_pure"])]
-            if int8:
-                bw = f"{med(gbps['int8'])} ({percent(ratios['int8_bandwidth_fraction'])})"
-                row += [cell(ms["int8"]), bw, ratio_cell(ratios["int8_vs_bnb"])]
+            if int16:
+                bw = f"{med(gbps['int16'])} ({percent(ratios['int16_bandwidth_fraction'])})"
+                row += [cell(ms["int16"]), bw, ratio_cell(ratios["int16_vs_bnb"])]
+                row += [ratio_cell(ratios["int16_vs_ours"])]
             rows.append(row)
-    return table(KERNEL_HEADER + (INT8_HEADER if int8 else []), rows)
+    return table(KERNEL_HEADER + (INT16_HEADER if int16 else []), rows)
 
 
 def kernel_lines(k: dict) -> list[str]:
@@ -317,9 +325,9 @@ def kernel_lines(k: dict) -> list[str]:
             f"({percent(ratios['bf16_fraction_of_peak'])} of the bf16 peak); fused / (decode + "
             f"GEMM) fp32 {ratio_cell(ratios['fused_vs_decode_gemm_fp32'])}"
         )
-        if "int8_vs_decode_gemm_bf16" in ratios:
+        if "int16_vs_decode_gemm_bf16" in ratios:
             text += (
-                f", int8 / (decode + GEMM) bf16 {ratio_cell(ratios['int8_vs_decode_gemm_bf16'])}"
+                f", int16 / (decode + GEMM) bf16 {ratio_cell(ratios['int16_vs_decode_gemm_bf16'])}"
             )
         prefill.append(text)
     lines.append("- Prefill (300 rows), decode + bf16 GEMM: " + "; ".join(prefill) + ".")

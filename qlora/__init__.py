@@ -8,7 +8,7 @@ bitsandbytes), LoRA adapters on top, adapters saved in peft's format.
     loading.py      load_quantized: a checkpoint read tensor by tensor straight into NF4
     adapter.py      save_adapter / load_adapter (peft format, safetensors only)
     kernel.py       the fused NF4 CPU kernel (C++, built on first use) and its dispatch
-    int8_decode.py  the opt-in int8 NF4 decode kernel and bf16 GEMV output layer (C++)
+    int16_decode.py the opt-in int16 NF4 decode kernel and bf16 GEMV output layer (C++)
     atomic.py       atomic_path / atomic_dir: a file or directory written whole or not at all
 
 This package never imports grpo/.

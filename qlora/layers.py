@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import int8_decode, kernel
+from . import int16_decode, kernel
 from .nf4 import NF4Weight, dequantize_nf4
 
 
@@ -56,7 +56,7 @@ class NF4Linear(nn.Module):
         no gradient to x, on CPU   kernel.nf4_linear: for <= kernel.FUSED_MAX_ROWS input rows
                                    the fused kernel, y = fl32(sum_k x_k W_nk) + b rounded once
                                    to compute_dtype; for more rows F.linear(x, W, b). With
-                                   int8_decode switched on, its int8 path where it applies
+                                   int16_decode switched on, its int16 path where it applies
         otherwise (training, CUDA) _NF4LinearFunction: F.linear(x, W, b), W decoded again in
                                    backward; grad_x = grad_y W
 
@@ -102,8 +102,8 @@ class NF4Linear(nn.Module):
         xc = x.to(self.compute_dtype)
         if self.qweight.device.type == "cpu" and not (torch.is_grad_enabled() and xc.requires_grad):
             y = None
-            if int8_decode.applies(xc, self.qweight):  # float32, or None: the exact path
-                y = int8_decode.linear(xc, self.qweight, bias)
+            if int16_decode.applies(xc, self.qweight):  # float32, or None: the exact path
+                y = int16_decode.linear(xc, self.qweight, bias)
             if y is None:
                 y = kernel.nf4_linear(xc, self.qweight, bias)
         else:
@@ -263,7 +263,7 @@ class LoRALinear(nn.Module):
     def _fused_decode(self, x: Tensor) -> Tensor | None:
         """Decoding on CPU (no gradient, no dropout, few rows, an NF4 base): base and update in
         one call of the NF4 kernel, kernel.nf4_linear(x, W, b, lora=...), added in float32 before
-        the one rounding to the output dtype (with int8_decode switched on: the int8 base, then
+        the one rounding to the output dtype (with int16_decode switched on: the int16 base, then
         the update); None where that path does not apply."""
         base, a, b = self.base, self.lora_A.weight, self.lora_B.weight
         if not isinstance(base, NF4Linear) or (self.training and self.dropout > 0):
@@ -271,8 +271,8 @@ class LoRALinear(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
             return None
         xc = x.to(base.compute_dtype)
-        if int8_decode.applies(xc, base.qweight):
-            y = int8_decode.linear(xc, base.qweight, base.compute_bias())  # float32 [..., out]
+        if int16_decode.applies(xc, base.qweight):
+            y = int16_decode.linear(xc, base.qweight, base.compute_bias())  # float32 [..., out]
             if y is not None:  # + s B A x on self.rows (all rows: None), in float32
                 xs = xc if self.rows is None else xc.index_select(0, self.rows)
                 u = self.lora_B(self.lora_A(xs.to(a.dtype))) * self.scaling

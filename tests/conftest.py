@@ -45,13 +45,13 @@ def run_cli_bad_input(module: str, *args: str) -> str:
 
 @pytest.fixture(autouse=True)
 def _exact_decoding_by_default():
-    """The int8 decode path is a process-wide switch (the demo turns it on): every test starts
+    """The int16 decode path is a process-wide switch (the demo turns it on): every test starts
     and ends with it off, so exactness tests never run after a demo test left it on."""
-    from qlora import int8_decode
+    from qlora import int16_decode
 
-    int8_decode.set_enabled(False)
+    int16_decode.set_enabled(False)
     yield
-    int8_decode.set_enabled(False)
+    int16_decode.set_enabled(False)
 
 
 # --- small builders shared by the qlora layer and model tests -------------------------------------

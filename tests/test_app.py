@@ -321,17 +321,21 @@ def test_breakdown_of_a_task_with_an_answer_format(tmp_path, monkeypatch):
     assert "format: **no**" in reward_breakdown(demo, "Q: 6*7?", "42")
 
 
-# --- the int8 switch -----------------------------------------------------------------------------
+# --- the int16 switch ----------------------------------------------------------------------------
 
 
-def test_demo_decodes_exact_unless_int8_is_asked_for(run_dir):
+def test_demo_decodes_exact_unless_int16_is_asked_for(run_dir):
     from app.serving import load_demo
     from app.spec import resolve_spec
-    from qlora import int8_decode
+    from qlora import int16_decode
 
-    demo = load_demo(resolve_spec(str(run_dir), int8=True))
+    demo = load_demo(resolve_spec(str(run_dir), int16=True))
     head = demo.generator.base_model.get_output_embeddings()
-    assert int8_decode.enabled() and demo.info["decode"].startswith("int8 (")
-    assert isinstance(head, int8_decode.GemvLinear)
+    assert int16_decode.enabled() and demo.info["decode"].startswith("int16 (")
+    assert isinstance(head, int16_decode.GemvLinear)
+    weights = [m.qweight for m in demo.generator.base_model.modules() if hasattr(m, "qweight")]
+    served = [q for q in weights if isinstance(q, int16_decode.RepackedNF4Weight)]
+    # every NF4 weight the int16 path takes is held in its layout only
+    assert served and len(served) == sum(int16_decode.repack_reason(q) is None for q in weights)
     demo = load_demo(resolve_spec(str(run_dir)))
-    assert not int8_decode.enabled() and demo.info["decode"] == "exact"
+    assert not int16_decode.enabled() and demo.info["decode"] == "exact"

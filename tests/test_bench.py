@@ -259,40 +259,48 @@ def fake_kernel() -> dict:
     }
 
 
-def with_int8(k: dict) -> dict:
-    """fake_kernel() with the int8 kernel's figures: 0.5 ms at 12 GB/s, half bitsandbytes' time;
-    the GEMV 20 ms against F.linear's 30."""
+def with_int16(k: dict) -> dict:
+    """fake_kernel() with the int16 kernel's figures: 0.5 ms at 12 GB/s, half bitsandbytes' time
+    and 0.5 / (1.00..1.04) of the exact kernel's; the GEMV 20 ms against F.linear's 30; prefill
+    at 1.5x decode + bf16 GEMM."""
     t = [0.0005] * 5
+    ours = [0.001 * (1 + 0.01 * i) for i in range(5)]  # fake_kernel()'s exact-kernel samples
     per = k["decode"]["2560x2560"]["rows=1"]
     bw = figure([12.0] * 5, "GB/s")
-    per["ms"]["int8"] = figure([1e3 * x for x in t], "ms")
-    per["read_GBps"]["int8"] = bw
-    per["ratios"]["int8_vs_bnb"] = paired_ratio(t, [0.001] * 5, "int8", "bitsandbytes")
-    per["ratios"]["int8_bandwidth_fraction"] = ratio_of(bw, MACHINE["read_bandwidth"], "i", "p")
+    per["ms"]["int16"] = figure([1e3 * x for x in t], "ms")
+    per["read_GBps"]["int16"] = bw
+    per["ratios"]["int16_vs_bnb"] = paired_ratio(t, [0.001] * 5, "int16", "bitsandbytes")
+    per["ratios"]["int16_vs_ours"] = paired_ratio(t, ours, "int16", "exact")
+    per["ratios"]["int16_bandwidth_fraction"] = ratio_of(bw, MACHINE["read_bandwidth"], "i", "p")
     k["lm_head"]["rows=1"]["gemv"] = {
         "ms": figure([20.0] * 5, "ms"),
         "read_GBps": figure([15.0] * 5, "GB/s"),
         "bandwidth_fraction": exact(0.6, "x"),
     }
-    k["int8_isa"] = "vnni"
+    prefill = k["prefill"]["2560x2560"]["ratios"]
+    prefill["int16_vs_decode_gemm_bf16"] = paired_ratio([0.03] * 5, [0.02] * 5, "int16", "bf16")
+    k["int16_isa"] = "vnni"
     return k
 
 
-def test_kernel_table_shows_the_int8_columns_when_measured():
+def test_kernel_table_shows_the_int16_columns_when_measured():
     header, _, row = kernel_table(fake_kernel())
-    assert header.count("|") == 9 and "int8" not in header  # results without the int8 kernel
+    assert header.count("|") == 9 and "int16" not in header  # results without the int16 kernel
     assert not any("lm_head" in line for line in kernel_lines(fake_kernel()))
-    header, _, row = kernel_table(with_int8(fake_kernel()))
+    assert not any("int16" in line for line in kernel_lines(fake_kernel()))
+    header, _, row = kernel_table(with_int16(fake_kernel()))
     read = MACHINE["read_bandwidth"]["median"]
-    assert header.count("|") == 12 and "int8 / bitsandbytes" in header
-    assert row.endswith(f"| 0.5 | 12 ({12 / read:.0%}) | 0.5x |")
-    lines = kernel_lines(with_int8(fake_kernel()))
+    assert header.count("|") == 13 and header.endswith("| int16 / bitsandbytes | int16 / exact |")
+    # 0.5 ms; 12 GB/s; 0.5 / 1 ms; 0.5 / (1.00, 1.01, ..., 1.04) ms: median 0.490, 0.481 to 0.5
+    assert row.endswith(f"| 0.5 | 12 ({12 / read:.0%}) | 0.5x | 0.49x (0.481–0.5) |")
+    lines = kernel_lines(with_int16(fake_kernel()))
     assert any("1 row 30 ms, 8 GB/s (25%) vs 20 ms, 15 GB/s (60%)" in line for line in lines)
+    assert any("int16 / (decode + GEMM) bf16 1.5x" in line for line in lines)
     env = {"cpu_model": "X", "cpu_count": 2, "threads": 1, "date_utc": "d"}
     env |= {"torch": "t", "bitsandbytes": "b", "transformers": "tr"}
     bare = {"quick": False, "command": "c", "environment": env, "wall_seconds": {"total": 1}}
-    md = render_markdown({**fake_results(bare), "kernel": with_int8(fake_kernel())})
-    assert "`qlora/int8_decode.py` (vnni build)" in md
+    md = render_markdown({**fake_results(bare), "kernel": with_int16(fake_kernel())})
+    assert "`qlora/int16_decode.py` (vnni build)" in md
 
 
 def fake_results(r: dict) -> dict:

@@ -1,38 +1,46 @@
-"""Decoding with int8 dot products over NF4 weights (csrc/nf4_int8.cpp), and a bfloat16 GEMV.
+"""Decoding with int16 dot products over NF4 weights (csrc/nf4_int16.cpp), and a bfloat16 GEMV.
 
 The exact path (kernel.py) computes y = x W^T in float32 from the NF4 weight itself. This path
-trades a bounded rounding for fewer instructions per weight, the design of llama.cpp's IQ4_NL
-dot products: the 16 NF4 levels become int8, the activations are quantized to int8 once per
-call, and the products are summed as integers.
+sums integer products instead, with AVX-512 VNNI's vpdpwssd (two int16 x int16 products per
+32-bit lane): the 16 NF4 levels become int16, the activations are quantized to int16 once per
+call, and the products of each 64-weight block are summed as exact integers.
 
-    T[q]        = round(127 NF4_CODE[q])                                    INT8_CODE, int8 [16]
-    scale[n, s] = fp16(absmax(row n, k in [64s, 64s+64)) 2^e / 127)         repack (once)
-    dx_j        = amax_j / 127,  xq_k = round_even(x_k 127 / amax_j)        per block j of 32 k
-    D[j]        = sum_{k in block j} T[q_nk] xq_k                           exact integers
-    y_n         = 2^-e sum_j scale[n, j/2] dx_j D[j]   (+ bias_n)            float32
+    T[q]        = round(16383 NF4_CODE[q])                                  INT16_CODE, int16 [16]
+    scale[n, s] = fp32(absmax(row n, k in [64s, 64s+64)) / 16383)           repack (once)
+    dx_s        = amax_s / 16383,  xq_k = round_even(x_k 16383 / amax_s)    per block s of 64 k
+    D[s]        = sum_{k in block s} T[q_nk] xq_k                           exact integers
+    y_n         = sum_s scale[n, s] dx_s D[s]   (+ bias_n)                   float32
 
-`reference_matmul` computes exactly the C++ kernel's float32 operations in its order (lanes,
-fused multiply-adds, the final sums), so the two agree bit for bit; `tests/test_int8_decode.py`
-checks it on every code path this CPU runs and bounds the error against the exact path.
+(D[s] is summed in eight lanes of eight products, |lane| <= 8 16383^2 < 2^31.) `reference_matmul`
+computes exactly the C++ kernel's float32 operations in its order (lanes, fused multiply-adds,
+the final sums), so the two agree bit for bit; `tests/test_int16_decode.py` checks it on every
+code path this CPU runs and bounds the error against the exact path.
 
-Error. T rounds each level by at most 0.5/127 of absmax, the float16 scale by a relative 2^-12,
-xq each activation by at most half a step dx_j. Per output the worst case is
+Error. T rounds each level by at most 0.5/16383 of absmax, xq each activation by at most half a
+step dx_s (the float32 scales and sums add roundings of 2^-24 each). Per output the worst case is
 
-    |y - y_exact| <= (0.5/127 + 2^-11) sum_k |x_k| absmax_b(k) + (0.5/127) sum_k |W'_k| amax_j(k)
+    |y - y_exact| <= 0.5/16383 (sum_k |x_k| absmax_b(k) + sum_k |W'_k| amax_s(k)) + fp32
 
-(tests/test_int8_decode.py checks it at Phi-2's shapes); the roundings are independent across k,
-so the typical error is far below it: about 0.8% RMS relative to y for Gaussian x and W.
+(tests/test_int16_decode.py checks it at Phi-2's shapes); typically about 6e-5 of y, far below
+the bfloat16 rounding of a layer's output (2^-9).
 
 Use. Off by default: training and every exactness test run the exact kernel. `set_enabled(True)`
-(the demo does, unless `--exact`) routes no-grad CPU calls of 1..INT8_MAX_ROWS float32/bfloat16
-rows through this path; any input the kernel does not take (shape not a multiple of 4 rows x 64,
-a blocksize that is not a multiple of 64, non-finite activations, CUDA, ...) takes the exact
-path instead. The repacked weight is built on first use and kept beside the NF4 bytes (which stay
-as they are, for saving, training and the exact path).
+(the demo does with `--int16`) routes no-grad CPU calls of 1..MAX_ROWS float32/bfloat16 rows
+through this path; any input the kernel does not take (shape not a multiple of 4 rows x 64, a
+blocksize that is not a multiple of 64, non-finite activations, CUDA, ...) takes the exact path
+instead. The repacked weight is built on first use and kept beside the NF4 bytes (which stay as
+they are, for saving, training and the exact path).
 
-    linear(x, q, bias)       the int8 path for one NF4 weight, or None (then: exact path)
+Serving. A model that only decodes (the demo) need not keep both layouts: `serve_repacked`
+replaces each NF4 linear's weight by a RepackedNF4Weight, which holds the repacked codes and
+float32 scales beside the NF4 block scales and rebuilds the element-order bytes (`packed`) when
+the exact path asks for them (prefill, inputs the int16 path declines), so the exact path's
+results stay the same bits and the NF4 bytes are not held twice.
+
+    linear(x, q, bias)       the int16 path for one NF4 weight, or None (then: exact path)
     gemv(x, w, bias)         y = x w^T for a bfloat16 weight and 1..GEMV_MAX_ROWS rows, or None
     GemvLinear               an nn.Linear whose no-grad CPU calls use gemv (output layers)
+    serve_repacked(model)    every NF4 weight stored in the repacked layout only
 """
 
 from __future__ import annotations
@@ -55,18 +63,18 @@ from .nf4 import NF4_CODE, NF4Weight, restore_absmax
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "nf4_int8.cpp"
-ISAS = {"vnni": 3, "avx2": 2, "scalar": 0}  # name -> QLORA_ISA in nf4_int8.cpp
-ENV = "QLORA_INT8"  # 0: never build (the exact path everywhere); vnni|avx2|scalar: force a path
+SOURCE = Path(__file__).resolve().parent / "csrc" / "nf4_int16.cpp"
+ISAS = {"vnni": 3, "avx2": 2, "scalar": 0}  # name -> QLORA_ISA in nf4_int16.cpp
+ENV = "QLORA_INT16"  # 0: never build (the exact path everywhere); vnni|avx2|scalar: force a path
 
 ROWS = 4  # output rows interleaved per group
-BLOCK = 32  # activations per int8 scale
-SUPER = 64  # weights per stored scale
-INT8_MAX_ROWS = 16  # input rows up to which the int8 path runs (above: prefill, exact path)
+SUPER = 64  # weights per stored scale, activations per int16 scale
+LEVEL = 16383  # the largest |T| and |xq|: eight products per lane stay below 2^31
+MAX_ROWS = 16  # input rows up to which the int16 path runs (above: prefill, exact path)
 GEMV_MAX_ROWS = 16
 
-# The 16 NF4 levels as int8: T[q] = round(127 NF4_CODE[q]), in [-127, 127].
-INT8_CODE = torch.round(127 * NF4_CODE).to(torch.int8)
+# The 16 NF4 levels as int16: T[q] = round(16383 NF4_CODE[q]), in [-16383, 16383].
+INT16_CODE = torch.round(LEVEL * NF4_CODE.double()).to(torch.int16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +85,7 @@ _enabled = [False]
 
 
 def set_enabled(on: bool) -> None:
-    """Route no-grad CPU decoding through the int8 path (True) or keep the exact path (False)."""
+    """Route no-grad CPU decoding through the int16 path (True) or keep the exact path (False)."""
     _enabled[0] = bool(on)
 
 
@@ -91,18 +99,17 @@ def enabled() -> bool:
 
 
 @dataclass(frozen=True)
-class Int8Weight:
-    """A repacked NF4 weight [N, K]: codes uint8 [N/4 * K/32 * 64] (see nf4_int8.cpp's layout),
-    scales float16 [N/4, S_pad, 4] (S = K/64 padded to a multiple of 4), out_scale = 2^-e."""
+class Int16Weight:
+    """A repacked NF4 weight [N, K]: codes uint8 [N/4 * K/32 * 64] (see nf4_int16.cpp's layout),
+    scales float32 [N/4, K/64, 4]."""
 
     codes: Tensor
     scales: Tensor
-    out_scale: float
     shape: tuple[int, int]
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() + self.scales.numel() * 2
+        return self.codes.numel() + self.scales.numel() * 4
 
 
 def repack_reason(q: NF4Weight) -> str | None:
@@ -126,14 +133,14 @@ def nibble_codes(q: NF4Weight) -> Tensor:
     return codes[: q.numel].view(q.shape)
 
 
-def repack(q: NF4Weight) -> Int8Weight:
-    """The interleaved layout of nf4_int8.cpp: byte 16r + p of block (g, j) holds row 4g+r's
+def repack(q: NF4Weight) -> Int16Weight:
+    """The interleaved layout of nf4_int16.cpp: byte 16r + p of block (g, j) holds row 4g+r's
     codes for k = 32j + p (low nibble) and 32j + 16 + p (high nibble)."""
     reason = repack_reason(q)
     if reason is not None:
         raise ValueError(f"cannot repack this NF4 weight: {reason}")
     n, k = q.shape
-    g, j, s = n // ROWS, k // BLOCK, k // SUPER
+    g, j, s = n // ROWS, k // 32, k // SUPER
     codes = nibble_codes(q).view(g, ROWS, j, 2, 16)  # [g, r, j, half, p]
     byte = codes[:, :, :, 0, :] | (codes[:, :, :, 1, :] << 4)  # [g, r, j, p]
     packed = byte.permute(0, 2, 1, 3).contiguous().view(-1)  # [g, j, r, p]
@@ -142,32 +149,91 @@ def repack(q: NF4Weight) -> Int8Weight:
     block_scale = absmax[first // q.blocksize].view(n, s)  # [N, S]
     if not torch.isfinite(block_scale).all():
         raise ValueError("cannot repack this NF4 weight: a block scale is not finite")
-    top = block_scale.max().item() / 127
-    # 2^e puts the largest scale in [2^14, 2^15) (float16 holds up to 65504)
-    e = 0 if top == 0 else 15 - int(torch.frexp(torch.tensor(top, dtype=torch.float64))[1])
-    scales = (block_scale * 2.0**e / 127).to(torch.float16)  # [N, S]
-    s_pad = -(-s // 4) * 4
-    scales = scales.view(g, ROWS, s).permute(0, 2, 1)  # [g, S, r]
-    scales = F.pad(scales, (0, 0, 0, s_pad - s)).contiguous()  # [g, S_pad, r]
-    return Int8Weight(packed, scales, 2.0**-e, (n, k))
+    scales = (block_scale / LEVEL).float()  # [N, S], one rounding (float64 -> float32)
+    scales = scales.view(g, ROWS, s).permute(0, 2, 1).contiguous()  # [g, S, r]
+    return Int16Weight(packed, scales, (n, k))
 
 
-def unpack(w: Int8Weight) -> tuple[Tensor, Tensor]:
+def unpack(w: Int16Weight) -> tuple[Tensor, Tensor]:
     """(codes uint8 [N, K], scales float32 [N, K/64]) back from the repacked layout."""
     n, k = w.shape
-    g, j, s = n // ROWS, k // BLOCK, k // SUPER
+    g, j, s = n // ROWS, k // 32, k // SUPER
     byte = w.codes.view(g, j, ROWS, 16).permute(0, 2, 1, 3)  # [g, r, j, p]
     codes = torch.stack([byte & 0xF, byte >> 4], dim=3)  # [g, r, j, half, p]
-    scales = w.scales[:, :s, :].permute(0, 2, 1).reshape(n, s).float()
+    scales = w.scales.permute(0, 2, 1).reshape(n, s)
     return codes.reshape(n, k), scales
 
 
-_repacked: dict[int, tuple[weakref.ref, Int8Weight | None]] = {}
+def element_order_bytes(w: Int16Weight) -> Tensor:
+    """uint8 [N K / 2]: the NF4 bytes in element order (NF4Weight.packed) back from the repacked
+    layout: element 2i in the high nibble of byte i, 2i + 1 in the low one."""
+    k = default_kernel()
+    if k is not None and w.codes.device.type == "cpu":
+        return k.ops.nf4_bytes(w.codes, *w.shape)
+    codes = unpack(w)[0].view(-1, 2)  # [N K / 2, 2]
+    return (codes[:, 0] << 4) | codes[:, 1]
+
+
+class RepackedNF4Weight(NF4Weight):
+    """An NF4 weight stored only in the repacked layout (plus its own block scales): the int16
+    path reads `repacked`; `packed`, what the exact path, dequantize_nf4 and `to` read, is
+    rebuilt from it on each access (element_order_bytes), a temporary N K / 2 bytes."""
+
+    def __init__(self, q: NF4Weight, w: Int16Weight):
+        # NF4Weight's fields but `packed` (a property here)
+        self.absmax, self.shape, self.dtype, self.blocksize = (
+            q.absmax,
+            q.shape,
+            q.dtype,
+            q.blocksize,
+        )
+        self.absmax_scale, self.absmax_offset = q.absmax_scale, q.absmax_offset
+        self.repacked = w
+
+    @property
+    def packed(self) -> Tensor:
+        return element_order_bytes(self.repacked)
+
+    @property
+    def device(self) -> torch.device:
+        return self.repacked.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.absmax, self.absmax_scale, self.absmax_offset)
+        return self.repacked.nbytes + sum(
+            t.numel() * t.element_size() for t in tensors if t is not None
+        )
+
+
+def serve_repacked(model: nn.Module) -> int:
+    """Replace, one layer at a time, the weight of every NF4 linear in `model` that the int16
+    path takes by a RepackedNF4Weight (its NF4 bytes are freed once nothing else holds them).
+    For models that only decode: training reads `packed` on every step. Returns the count."""
+    from .layers import NF4Linear  # layers imports this module
+    from .loading import release_freed_memory
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, NF4Linear) and not isinstance(module.qweight, RepackedNF4Weight):
+            w = repacked(module.qweight)
+            if w is not None:
+                module.qweight = RepackedNF4Weight(module.qweight, w)
+                count += 1
+                # the freed bytes and repack's temporaries back to the OS now, not at the end:
+                # glibc's heap would otherwise hold them (a peak of both layouts)
+                release_freed_memory()
+    return count
+
+
+_repacked: dict[int, tuple[weakref.ref, Int16Weight | None]] = {}
 _repack_lock = threading.Lock()
 
 
-def repacked(q: NF4Weight) -> Int8Weight | None:
+def repacked(q: NF4Weight) -> Int16Weight | None:
     """q's repacked copy, built on first use and kept while q lives; None if q cannot be."""
+    if isinstance(q, RepackedNF4Weight):
+        return q.repacked
     key = id(q)
     entry = _repacked.get(key)
     if entry is not None and entry[0]() is q:
@@ -184,47 +250,55 @@ def repacked(q: NF4Weight) -> Int8Weight | None:
 
 
 def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor] | None:
-    """(xq int8 [M, K], dx float32 [M, K/32]) for x [M, K], K % 32 == 0:
+    """(xq int16 [M, K], dx float32 [M, K/64]) for x [M, K], K % 64 == 0:
 
-        amax_j = max_k |x_k|,  dx_j = amax_j / 127,  xq_k = round_even(x_k * (127 / amax_j))
+        amax_s = max_k |x_k|,  dx_s = amax_s / 16383,  xq_k = round_even(x_k * (16383 / amax_s))
 
     (a zero block: xq = 0, dx = 0). None where the kernel declines: x not finite, or a block
     with 0 < amax < 1e-30."""
     m, k = x.shape
-    xb = x.float().view(m, k // BLOCK, BLOCK)  # [M, J, 32]
-    amax = xb.abs().amax(-1)  # [M, J]
+    xb = x.float().view(m, k // SUPER, SUPER)  # [M, S, 64]
+    amax = xb.abs().amax(-1)  # [M, S]
     if not torch.isfinite(amax).all() or ((amax > 0) & (amax < 1e-30)).any():
         return None
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-    xq = torch.round(xb * inv[..., None]).clamp(-127, 127).to(torch.int8)
-    return xq.view(m, k), amax / 127
+    inv = torch.where(amax > 0, torch.full_like(amax, float(LEVEL)) / amax, torch.zeros_like(amax))
+    xq = torch.round(xb * inv[..., None]).clamp(-LEVEL, LEVEL).to(torch.int16)
+    return xq.view(m, k), amax / LEVEL
 
 
 def _fma32(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    """fl32(a b + c) with one rounding, for float32 a, b, c (a holds integers below 2^24, so
-    a b is exact in float64 and float64 -> float32 is the only rounding that matters)."""
+    """fl32(a b + c) with one rounding, for float32 a, b, c (a b is exact in float64, and so is
+    its sum with c in every case these sums meet, so float64 -> float32 is the one rounding)."""
     return (a.double() * b.double() + c.double()).float()
 
 
-def reference_matmul(x: Tensor, w: Int8Weight, bias: Tensor | None = None) -> Tensor | None:
-    """y float32 [M, N] for x [M, K]: nf4_int8.cpp's int8_matmul, the same float32 operations
+def lane_sums(codes: Tensor, xq: Tensor) -> Tensor:
+    """D float64 [M, N, S, 8] (exact integers): lane c of block s of row n sums the eight
+    products at k = 64s + 32h + 16i + 2c + t (h, i, t in {0, 1}), nf4_int16.cpp's D[s, c]."""
+    n, k = codes.shape
+    m, s = xq.shape[0], k // SUPER
+    t = INT16_CODE.double()[codes.long()].view(n, s, 2, 2, 8, 2)  # [n, s, h, i, c, t]
+    xd = xq.double().view(m, s, 2, 2, 8, 2)
+    return torch.einsum("nshict,mshict->mnsc", t, xd)
+
+
+def reference_matmul(x: Tensor, w: Int16Weight, bias: Tensor | None = None) -> Tensor | None:
+    """y float32 [M, N] for x [M, K]: nf4_int16.cpp's int16_matmul, the same float32 operations
     in the same order (see its header); None where it declines (quantize_activations)."""
     quantized = quantize_activations(x)
     if quantized is None:
         return None
     xq, dx = quantized
     n, k = w.shape
-    m, j = x.shape[0], k // BLOCK
+    m, s = x.shape[0], k // SUPER
     codes, scales = unpack(w)  # [N, K], [N, S]
-    t = INT8_CODE.double()[codes.long()].view(n, j, 2, 4, 4)  # [n, j, half, c, b]
-    xd = xq.double().view(m, j, 2, 4, 4)
-    lanes = torch.einsum("njhcb,mjhcb->mnjc", t, xd).float()  # [M, N, J, 4], exact integers
-    f = scales.repeat_interleave(2, dim=1)[None] * dx[:, None, :]  # [M, N, J] float32
-    acc = torch.zeros(2, m, n, 4)
-    for jj in range(j):
-        acc[jj & 1] = _fma32(lanes[:, :, jj], f[:, :, jj, None], acc[jj & 1])
-    lane = acc[0] + acc[1]  # [M, N, 4]
-    y = ((lane[..., 0] + lane[..., 1]) + (lane[..., 2] + lane[..., 3])) * w.out_scale
+    lanes = lane_sums(codes, xq).float()  # [M, N, S, 8], rounded to nearest like cvtdq2ps
+    f = scales[None] * dx[:, None, :]  # [M, N, S] float32
+    acc = torch.zeros(m, n, 8)
+    for ss in range(s):
+        acc = _fma32(lanes[:, :, ss], f[:, :, ss, None], acc)
+    a = acc.unbind(-1)
+    y = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
     return y if bias is None else y + bias.float()
 
 
@@ -234,21 +308,21 @@ def reference_matmul(x: Tensor, w: Int8Weight, bias: Tensor | None = None) -> Te
 
 
 @dataclass(frozen=True)
-class Int8Kernel:
-    ops: object  # its torch.ops namespace: int8_matmul, quantize_activations, gemv_bf16, isa
+class Int16Kernel:
+    ops: object  # its torch.ops namespace: int16_matmul, quantize_activations, gemv_bf16, isa
     isa: str  # "vnni", "avx2" or "scalar"
     bf16_dot: bool  # the GEMV uses AVX-512 BF16's vdpbf16ps
     load_seconds: float
 
-    def matmul(self, x: Tensor, w: Int8Weight, bias: Tensor | None, bf16_out: bool) -> Tensor:
-        """int8_matmul on contiguous float32/bfloat16 x [M, K]; 0 elements if it declines."""
+    def matmul(self, x: Tensor, w: Int16Weight, bias: Tensor | None, bf16_out: bool) -> Tensor:
+        """int16_matmul on contiguous float32/bfloat16 x [M, K]; 0 elements if it declines."""
         n = w.shape[0]
-        return self.ops.int8_matmul(x, w.codes, w.scales, INT8_CODE, n, w.out_scale, bias, bf16_out)
+        return self.ops.int16_matmul(x, w.codes, w.scales, INT16_CODE, n, bias, bf16_out)
 
 
 def extension_name(isa: str | None) -> str:
-    """qlora_int8_<native|vnni|avx2|scalar>_<the exact kernel's CPU signature>."""
-    return f"qlora_int8_{isa or 'native'}_{exact_kernel._cpu_signature()}"
+    """qlora_int16_<native|vnni|avx2|scalar>_<the exact kernel's CPU signature>."""
+    return f"qlora_int16_{isa or 'native'}_{exact_kernel._cpu_signature()}"
 
 
 def _compile(isa: str | None):
@@ -262,15 +336,15 @@ def _compile(isa: str | None):
     return exact_kernel.build_extension(name, SOURCE, cflags + openmp, openmp)
 
 
-_loaded: dict[str | None, Int8Kernel | None] = {}
+_loaded: dict[str | None, Int16Kernel | None] = {}
 _lock = threading.Lock()
 
 
-def load(isa: str | None = None) -> Int8Kernel | None:
-    """The int8 kernel built for `isa` (None: the best path this CPU has), built on first call
+def load(isa: str | None = None) -> Int16Kernel | None:
+    """The int16 kernel built for `isa` (None: the best path this CPU has), built on first call
     and kept; None, after one warning line, when it cannot be built."""
     if isa is not None and isa not in ISAS:
-        raise ValueError(f"isa={isa!r} is not an int8 code path; use one of {sorted(ISAS)}")
+        raise ValueError(f"isa={isa!r} is not an int16 code path; use one of {sorted(ISAS)}")
     with _lock:
         if isa in _loaded:
             return _loaded[isa]
@@ -279,11 +353,11 @@ def load(isa: str | None = None) -> Int8Kernel | None:
         try:
             ops = _compile(isa)
             compiled = {v: name for name, v in ISAS.items()}[int(ops.isa())]
-            k = Int8Kernel(ops, compiled, bool(ops.bf16_dot()), time.perf_counter() - start)
-            log.info("int8 NF4 kernel (%s) ready in %.1f s", compiled, k.load_seconds)
+            k = Int16Kernel(ops, compiled, bool(ops.bf16_dot()), time.perf_counter() - start)
+            log.info("int16 NF4 kernel (%s) ready in %.1f s", compiled, k.load_seconds)
         except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as err:
             log.warning(
-                "qlora.int8_decode: the int8 kernel could not be built (%s); decoding uses the "
+                "qlora.int16_decode: the int16 kernel could not be built (%s); decoding uses the "
                 "exact kernel. Fix: install g++ and ninja, or set %s=0.",
                 exact_kernel._one_line(err),
                 ENV,
@@ -292,11 +366,11 @@ def load(isa: str | None = None) -> Int8Kernel | None:
         return k
 
 
-_default: list[Int8Kernel | None] = []
+_default: list[Int16Kernel | None] = []
 
 
-def default_kernel() -> Int8Kernel | None:
-    """This process's int8 kernel: None with QLORA_INT8=0 or when the build failed."""
+def default_kernel() -> Int16Kernel | None:
+    """This process's int16 kernel: None with QLORA_INT16=0 or when the build failed."""
     if not _default:
         choice = os.environ.get(ENV, "").strip().lower()
         if choice in ("0", "off", "false", "no"):
@@ -320,21 +394,21 @@ def default_kernel() -> Int8Kernel | None:
 
 
 def applies(x: Tensor, q: NF4Weight) -> bool:
-    """Whether the int8 path may take nf4 calls on x: switched on, CPU, float32/bfloat16 x
-    without a gradient to carry, 1..INT8_MAX_ROWS rows."""
+    """Whether the int16 path may take nf4 calls on x: switched on, CPU, float32/bfloat16 x
+    without a gradient to carry, 1..MAX_ROWS rows."""
     if not _enabled[0] or q.device.type != "cpu" or x.device.type != "cpu":
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != q.shape[-1]:
         return False
     if torch.is_grad_enabled() and x.requires_grad:
         return False
-    return 0 < x.numel() // max(x.shape[-1], 1) <= INT8_MAX_ROWS
+    return 0 < x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
 
 
 def linear(
-    x: Tensor, q: NF4Weight, bias: Tensor | None = None, kernel: Int8Kernel | None = None
+    x: Tensor, q: NF4Weight, bias: Tensor | None = None, kernel: Int16Kernel | None = None
 ) -> Tensor | None:
-    """y = x W^T + b in float32 [..., out] by the int8 path, or None where it does not run (no
+    """y = x W^T + b in float32 [..., out] by the int16 path, or None where it does not run (no
     kernel, a weight it cannot repack, activations it declines): the caller takes the exact
     path. `kernel`: a build from load(isa); None: the process's default."""
     k = kernel if kernel is not None else default_kernel()
@@ -379,7 +453,7 @@ def gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor | None
 
 class GemvLinear(nn.Linear):
     """nn.Linear whose no-grad CPU calls with a bfloat16 weight and 1..GEMV_MAX_ROWS rows run
-    `gemv` while the int8 path is switched on; F.linear otherwise. from_linear shares the
+    `gemv` while the int16 path is switched on; F.linear otherwise. from_linear shares the
     original's parameters (tied embeddings stay tied; state_dict keys are unchanged)."""
 
     @classmethod
