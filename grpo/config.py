@@ -214,7 +214,7 @@ class GRPOConfig:
     reward_funcs: list[str] = _f(
         ["correctness", "digits"],
         "reward functions: the task's (arithmetic: correctness, digits; gsm8k: correctness, "
-        "format; word_problems: correctness, answer_format, right_format), the generic "
+        "format; word_problems: correctness, answer_format, worked_answer), the generic "
         "overlong, or import paths module:function on sys.path; default: the exact answer plus "
         "partial credit per right digit",
     )

@@ -108,12 +108,19 @@ def test_rewards_through_the_trainers_combiner():
         wp.answer_format_reward(["Q"], ["#### 1"], answer=["1"])
 
 
-def test_right_format_pays_the_form_only_on_a_right_answer():
-    completions = ["7 * 4 = 28\n#### 28", "#### 27", "7 * 4 = 28\n#### 28", "28"]
-    got = wp.right_format_reward(
-        ["Q"] * 4, completions, answer=["28"] * 4, truncated=[False, False, True, False]
+def test_worked_answer_pays_a_calculation_whose_result_is_the_answer():
+    completions = [
+        "Tom has 7 * 4 = 28 apples.\n#### 28",  # worked, right
+        "7 + 4 = 11\n#### 11",  # worked, wrong: still paid (the form, not the value)
+        "#### 28",  # a bare guess
+        "7 * 4 = 27\n#### 28",  # the answer is not the calculation's result
+        "7 * 4 = 28\n#### 28",  # cut off at the length limit
+        "7 * 4 = 28\n#### 28\n#### 28",  # two answer lines
+    ]
+    got = wp.worked_answer_reward(
+        ["Q"] * 6, completions, truncated=[False, False, False, False, True, False]
     )
-    assert got == [1.0, 0.0, 0.0, 0.0]  # right+formed, wrong guess, cut off, right but bare
+    assert got == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_task_scores_and_loads_through_the_registry(tokenizer, tmp_path):
@@ -123,7 +130,7 @@ def test_task_scores_and_loads_through_the_registry(tokenizer, tmp_path):
     assert task.accuracy([f"#### {gold}", "#### -1"], task.eval[:2]) == 0.5
     assert TASK_MODULES["word_problems"] == "grpo.tasks.word_problems"
     assert task.rewards is wp.REWARDS
-    assert set(wp.REWARDS) == {"correctness", "answer_format", "right_format"}
+    assert set(wp.REWARDS) == {"correctness", "answer_format", "worked_answer"}
     tokenizer.save_pretrained(tmp_path / "model")  # `load` reads the model's own tokenizer
     cfg = GRPOConfig(model=str(tmp_path / "model"), task="word_problems", n_eval=10)
     loaded = load_task(cfg)
@@ -141,5 +148,5 @@ def test_config_checks_name_the_bad_field():
     with pytest.raises(ConfigError, match=r"^prompts_per_step=1241: exceeds the 1240"):
         check_task(GRPOConfig(**cfg, n_eval=300, prompts_per_step=1241))
     with pytest.raises(ConfigError, match="reward 'digits' is unknown; choose from correctness, "
-                       "answer_format, right_format, overlong"):  # fmt: skip
+                       "answer_format, worked_answer, overlong"):  # fmt: skip
         check_run(GRPOConfig(**cfg, n_eval=300))  # the default rewards are arithmetic's

@@ -9,8 +9,8 @@ lives in exactly one split, so no held-out problem is trained on, even under ano
 Prompts go through the tokenizer's chat template (`chat_prompt`), so the model sees what it was
 instruction-tuned on. `final_answer`/`is_right` score the sampled accuracy, the held-out
 evaluation and the demo; `REWARDS` are `correctness`, `answer_format` (one `#### N` line
-last, not cut off) and `right_format` (their product: the form paid only on a right answer, so
-a bare guessed `#### N` earns nothing); DAPO's `overlong` penalty is the generic one.
+last, not cut off) and `worked_answer` (that form after a written calculation `... = N`, right or
+wrong, so a bare guessed `#### N` earns nothing); DAPO's `overlong` penalty is the generic one.
 
 The model must have a chat template (an instruct model such as `smollm2-135m-instruct`,
 grpo/pretrained.py); the tiny Phi has none and is refused by `check`.
@@ -142,6 +142,8 @@ def chat_prompt(tokenizer, text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 _FINAL_LINE = re.compile(r"^####\s*(\S+)\s*$")
+# a calculation: digit, operator, digit, ..., "=" and its result (the number after the last "=")
+_CALCULATION = re.compile(r"\d\s*[-+*/x×÷]\s*\d.*=\s*\$?(-?\d[\d,]*(?:\.\d+)?)")
 
 
 def final_answer(completion: str) -> str | None:
@@ -216,16 +218,45 @@ def answer_format_reward(prompts: list[str], completions: list[str], **columns) 
     return [float(has_answer_line(c) and not t) for c, t in zip(completions, cut, strict=True)]
 
 
-def right_format_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
-    """correctness_reward * answer_format_reward: 1.0 for a right answer in the right form.
+def shows_working(completion: str) -> bool:
+    """A well-formed answer (`has_answer_line`) whose number is the result of a calculation
+    written on a line before it: `a op b ... = N` on some line, then `#### N` last.
 
-    >>> right_format_reward(["Q"] * 3, ["#### 5", "#### 6", "5"], answer=["5"] * 3,
-    ...                     truncated=[False] * 3)
+    >>> shows_working("7 * 4 = 28\\n#### 28"), shows_working("#### 28")
+    (True, False)
+    >>> shows_working("7 * 4 = 27\\n#### 28"), shows_working("It is 28.\\n#### 28")
+    (False, False)
+    """
+    if not has_answer_line(completion):
+        return False
+    lines = [ln.strip() for ln in completion.strip().splitlines() if ln.strip()]
+    answer = parse_number(_FINAL_LINE.match(lines[-1]).group(1))
+    for line in lines[:-1]:
+        match = _CALCULATION.search(line)
+        result = parse_number(match.group(1)) if match else None
+        if result is not None and numbers_match(result, answer):
+            return True
+    return False
+
+
+def worked_answer_reward(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """1.0 when the completion shows its working (`shows_working`: a calculation `... = N`, then
+    `#### N` last) and ended with the end token before the length limit (column `truncated`),
+    else 0.0. Right or wrong: it pays the form of an answer whose number comes from a written
+    calculation, so a bare guessed `#### N` earns nothing.
+
+    >>> worked_answer_reward(["Q"] * 3, ["2 + 3 = 5\\n#### 5", "#### 5", "2 + 3 = 6\\n#### 6"],
+    ...                      truncated=[False, False, True])
     [1.0, 0.0, 0.0]
     """
-    right = correctness_reward(prompts, completions, **columns)
-    formed = answer_format_reward(prompts, completions, **columns)
-    return [r * f for r, f in zip(right, formed, strict=True)]
+    cut = column(
+        columns,
+        "truncated",
+        len(completions),
+        "worked_answer_reward",
+        "whether each completion hit the length limit before its end token",
+    )
+    return [float(shows_working(c) and not t) for c, t in zip(completions, cut, strict=True)]
 
 
 def split_problems(seed: int = 0, n_eval: int = 500) -> tuple[list[Problem], list[Problem]]:
@@ -288,7 +319,7 @@ def word_problem_task(tokenizer, seed: int = 0, n_eval: int = 500) -> Task:
 REWARDS = {
     "correctness": correctness_reward,
     "answer_format": answer_format_reward,
-    "right_format": right_format_reward,
+    "worked_answer": worked_answer_reward,
 }
 
 
