@@ -222,6 +222,9 @@ def serve_setup(v: dict) -> str:
     )
 
 
+SERVERS = ("server", "server_int16")  # bench/serve.py's SERVERS, in table order
+
+
 def serve_rows(v: dict) -> list[list[str]]:
     rows = []
     for key, p in v["paths"].items():
@@ -230,12 +233,17 @@ def serve_rows(v: dict) -> list[list[str]]:
         row = [p["label"], str(p["rows"]), cell(p["decode_tokens_per_second_per_side"])]
         row += [cell(p["prefill_seconds"]), med(p["peak_rss_GB"]), med(p["load_seconds"]), speed]
         rows.append(row)
-    srv = v["server"]
-    row = [srv["label"] + " (`python -m app --model DIR --adapter DIR`, one /compare call)", "2"]
-    row += [cell(srv["tokens_per_second_per_side"])]
-    row += [cell(srv["first_token_seconds"]) + " (first token in both panes)"]
-    row += [med(srv["peak_rss_GB"]), med(srv["ready_seconds"]) + " (until it answers HTTP)", ""]
-    return rows + [row]
+    for key in SERVERS:
+        if key not in v:
+            continue
+        srv, ratio = v[key], v["ratios"].get(f"{key}_decode_vs_bnb")
+        command = srv.get("command", "python -m app --model DIR --adapter DIR")
+        row = [f"{srv['label']} (`{command}`, one /compare call)", "2"]
+        row += [cell(srv["tokens_per_second_per_side"])]
+        row += [cell(srv["first_token_seconds"]) + " (first token in both panes)"]
+        row += [med(srv["peak_rss_GB"]), med(srv["ready_seconds"]) + " (until it answers HTTP)"]
+        rows.append(row + ["" if ratio is None else ratio_cell(ratio)])
+    return rows
 
 
 def serve_derived(v: dict) -> list[str]:
@@ -249,6 +257,7 @@ def serve_derived(v: dict) -> list[str]:
         f"{percent(d['decode_bandwidth_fraction'])} of the machine's measured read bandwidth "
         f"({med(read)} GB/s, {read['label']}): a ceiling of "
         f"{med(d['decode_steps_per_second_ceiling'])} steps/s.",
+        *int16_bandwidth(d),
         f"- Prefill, 2 rows: {med(d['prefill_TFLOP'])} TFLOP in {prefill_s} s, "
         f"{med(d['prefill_GFLOPs'])} GFLOP/s, {percent(d['prefill_peak_fraction'])} of the "
         f"measured bf16 matmul peak ({med(bf16)} GFLOP/s, {bf16['label']}).",
@@ -256,10 +265,34 @@ def serve_derived(v: dict) -> list[str]:
         f"{med(d['bnb_side_by_side_tokens_per_second'])} tokens/s per side (its two 1-row median "
         f"steps); ours with both sides in one pass gives "
         f"{med(d['ours_rows2_vs_bnb_side_by_side'])}x that.",
-        "- Peak RSS / bitsandbytes + peft's: ours "
-        f"{ratio_cell(ratios['ours_rows2_peak_rss_vs_bnb'])}, the demo server "
-        f"{ratio_cell(ratios['server_peak_rss_vs_bnb'])}, dense bf16 "
-        f"{ratio_cell(ratios['dense_bf16_rows1_peak_rss_vs_bnb'])}.",
+        "- Peak RSS / bitsandbytes + peft's: "
+        + ", ".join(
+            f"{name} {ratio_cell(ratios[f'{key}_peak_rss_vs_bnb'])}"
+            for key, name in RSS_NAMES
+            if f"{key}_peak_rss_vs_bnb" in ratios
+        )
+        + ".",
+    ]
+
+
+RSS_NAMES = (
+    ("ours_rows2", "ours"),
+    ("ours_int16_rows2", "ours, int16"),
+    ("server", "the demo server"),
+    ("server_int16", "the demo server --int16"),
+    ("dense_bf16_rows1", "dense bf16"),
+)
+
+
+def int16_bandwidth(d: dict) -> list[str]:
+    """The int16 route's decode line, when it was measured."""
+    if "int16_step_GB" not in d:
+        return []
+    return [
+        f"- Decode, 2 rows, int16: each step reads {med(d['int16_step_GB'])} GB (the repacked "
+        f"codes and their scales instead of the NF4 bytes), {med(d['int16_decode_read_GBps'])} "
+        f"GB/s at the median step, {percent(d['int16_decode_bandwidth_fraction'])} of the read "
+        f"probe: a ceiling of {med(d['int16_decode_steps_per_second_ceiling'])} steps/s."
     ]
 
 

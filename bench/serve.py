@@ -9,8 +9,11 @@ resident, interpreter and libraries included) is its own:
     ours           load_model(nf4_targets) + load_adapter, as the demo loads it. Decode of 2 rows
                    (base + tuned: app.streaming.PairGenerator, the demo's own loop) and of 1 row
                    (the tuned model alone); prefill = time to the first token of the 2 rows.
+    ours, int16    the same, loaded as `python -m app --int16` loads it: decode through
+                   qlora.int16_decode (the repacked layout in place of the NF4 bytes, the output
+                   layer as its GEMV); prefill stays on the exact path.
     server         `python -m app --model DIR --adapter DIR` itself: one /compare call, the
-                   speed lines the demo shows, and the server's peak RSS.
+                   speed lines the demo shows, and the server's peak RSS; again with --int16.
     bitsandbytes   transformers `load_in_4bit` (nf4, double quant, bf16 compute), then a peft
                    adapter on it: 1 row each (a side-by-side demo on it needs two passes a token).
     dense bf16     the unquantized model, 1 row: what `--merge` or no quantization would serve.
@@ -21,8 +24,9 @@ the machine probes of the same run (bench/kernel_speed.py `machine`: a sum over 
 3072^3 GEMM, on the same threads):
 
     read bandwidth used   step_bytes / median step time, as a fraction of the probe's GB/s, where
-                          step_bytes = every NF4 code and block scale + every other parameter but
-                          the embedding table (a decode step reads one row of it)
+                          step_bytes = every NF4 code and block scale (int16: the repacked codes
+                          and their scales) + every other parameter but the embedding table (a
+                          decode step reads one row of it); for the 2-row paths of both routes
     prefill GFLOP/s       prefill_flops / median prefill time, as a fraction of the bf16 GEMM peak,
                           where prefill_flops = 2 rows T sum(in x out of the quantized linears)
                           + 4 rows layers T^2 hidden (attention scores and values)
@@ -60,12 +64,26 @@ LORA_R, LORA_ALPHA = 16, 32
 PATHS = (
     ("ours_rows2", "ours", "rows2", 2, "ours: NF4Linear + LoRA, base + tuned in one pass"),
     ("ours_rows1", "ours", "rows1", 1, "ours: NF4Linear + LoRA, tuned alone"),
+    ("ours_int16_rows2", "ours_int16", "rows2", 2, "ours, int16 decode: base + tuned in one pass"),
+    ("ours_int16_rows1", "ours_int16", "rows1", 1, "ours, int16 decode: tuned alone"),
     ("bitsandbytes_rows1", "bitsandbytes", "rows1", 1, "bitsandbytes load_in_4bit"),
     ("bitsandbytes_peft_rows1", "bitsandbytes", "rows1_peft", 1,
      "bitsandbytes load_in_4bit + peft LoRA"),
     ("dense_bf16_rows1", "dense_bf16", "rows1", 1, "dense bf16 (no quantization)"),
 )  # fmt: skip
 PEER = "bitsandbytes_rows1"
+# process -> (configuration, int16 decoding): one child process each
+PROCESSES = {
+    "ours": ("ours", False),
+    "ours_int16": ("ours", True),
+    "bitsandbytes": ("bitsandbytes", False),
+    "dense_bf16": ("dense_bf16", False),
+}
+# result key -> (the demo's flags beyond --model and --adapter, label)
+SERVERS = {
+    "server": ((), "ours: the demo server"),
+    "server_int16": (("--int16",), "ours, int16 decode: the demo server"),
+}
 
 
 def random_adapter(num_layers: int = 32, seed: int = 0) -> Path:
@@ -114,11 +132,16 @@ def prompt_text(tokens: int) -> str:
 
 
 def step_bytes(model) -> int:
-    """Bytes of weights one decode step reads: every NF4 code and block scale, and every other
-    parameter (lm_head, LoRA, norms, biases) but the embedding table, of which one row is read."""
+    """Bytes of weights one decode step reads: every NF4 code and block scale (of a weight served
+    repacked: the int16 codes and scales), and every other parameter (lm_head, LoRA, norms,
+    biases) but the embedding table, of which one row is read."""
     from qlora import NF4Linear
+    from qlora.int16_decode import RepackedNF4Weight
 
-    total = sum(m.qweight.nbytes for m in model.modules() if isinstance(m, NF4Linear))
+    def weight_bytes(q) -> int:
+        return q.repacked.nbytes if isinstance(q, RepackedNF4Weight) else q.nbytes
+
+    total = sum(weight_bytes(m.qweight) for m in model.modules() if isinstance(m, NF4Linear))
     embed = model.get_input_embeddings().weight
     return total + sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
 
@@ -158,15 +181,22 @@ def measure_rows(make_rows, calls: int, steps: int) -> dict:
     return {"prefill_seconds": prefill, "decode_step_seconds": decode}
 
 
-def load(kind: str, model_dir: Path, adapter_dir: Path):
-    """(model, tokenizer) of one configuration; ours is loaded as the demo loads it."""
+def load(kind: str, model_dir: Path, adapter_dir: Path, int16: bool = False):
+    """(model, tokenizer) of one configuration; ours is loaded as the demo loads it (`int16`:
+    as `python -m app --int16` does)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if kind == "ours":
         from app.serving import load_demo
         from app.spec import resolve_spec
 
-        pair = load_demo(resolve_spec(None, str(model_dir), str(adapter_dir))).generator
+        demo = load_demo(resolve_spec(None, str(model_dir), str(adapter_dir), int16=int16))
+        if int16 and not demo.info["decode"].startswith("int16"):
+            raise RuntimeError(
+                f"the int16 decode kernel did not load (decode: {demo.info['decode']}); "
+                "check that a C++ compiler is installed and QLORA_INT16 is not 0"
+            )
+        pair = demo.generator
         assert pair.one_pass
         return pair.base_model, pair.tokenizer
     quant = bnb_nf4_config() if kind == "bitsandbytes" else None
@@ -184,9 +214,10 @@ def child(args: dict) -> dict:
     from qlora import adapter_rows
 
     kind, calls, steps, tokens = args["config"], args["calls"], args["steps"], args["prompt_tokens"]
+    int16 = args.get("int16", False)
     start = time.perf_counter()
-    model, tokenizer = load(kind, Path(args["model_dir"]), Path(args["adapter_dir"]))
-    out: dict = {"config": kind, "threads": torch.get_num_threads()}
+    model, tokenizer = load(kind, Path(args["model_dir"]), Path(args["adapter_dir"]), int16)
+    out: dict = {"config": kind, "int16": int16, "threads": torch.get_num_threads()}
     out["load_seconds"] = time.perf_counter() - start
     out["rss_after_load_bytes"] = current_rss_bytes()
     ids = tokenizer(prompt_text(tokens), return_tensors="pt")["input_ids"]
@@ -209,14 +240,18 @@ def child(args: dict) -> dict:
     return out
 
 
-def server_child(model_dir: Path, adapter_dir: Path, prompt_tokens: int, steps: int) -> dict:
-    """The demo server itself: start it, one /compare call, read its speed lines and peak RSS."""
+def server_child(
+    model_dir: Path, adapter_dir: Path, prompt_tokens: int, steps: int, flags=()
+) -> dict:
+    """The demo server itself (with `flags`): start it, one /compare call, read its speed lines
+    and peak RSS."""
     from gradio_client import Client
 
     from app.browser import serve
 
     start = time.perf_counter()
-    with serve(["--model", str(model_dir), "--adapter", str(adapter_dir)], timeout_s=900) as url:
+    argv = ["--model", str(model_dir), "--adapter", str(adapter_dir), *flags]
+    with serve(argv, timeout_s=900) as url:
         ready = time.perf_counter() - start
         client = Client(url, verbose=False)
         prompt = prompt_text(prompt_tokens)
@@ -263,11 +298,13 @@ def run(threads, calls, steps, prompt_tokens, num_layers, log, machine_probe: di
         threads=threads,
     )
     raw = {}
-    for kind in ("ours", "bitsandbytes", "dense_bf16"):
-        raw[kind] = run_child("bench.serve", {**common, "config": kind}, timeout=1800)
-        log(f"  {kind}: loaded in {raw[kind]['load_seconds']:.0f} s")
-    raw["server"] = server_child(model_dir, adapter_dir, prompt_tokens, steps)
-    log(f"  server: ready in {raw['server']['ready_seconds']:.0f} s")
+    for name, (kind, int16) in PROCESSES.items():
+        args = {**common, "config": kind, "int16": int16}
+        raw[name] = run_child("bench.serve", args, timeout=1800)
+        log(f"  {name}: loaded in {raw[name]['load_seconds']:.0f} s")
+    for name, (flags, _) in SERVERS.items():
+        raw[name] = server_child(model_dir, adapter_dir, prompt_tokens, steps, flags)
+        log(f"  {name}: ready in {raw[name]['ready_seconds']:.0f} s")
     return summarize(raw, {**common, "num_layers": num_layers}, log, machine_probe)
 
 
@@ -290,13 +327,14 @@ def path_figures(raw: dict) -> dict:
     return paths
 
 
-def server_figures(server: dict) -> dict:
+def server_figures(server: dict, label: str, flags=()) -> dict:
     """The demo server's figures, from its two panes' speed lines: both panes stream from one
     pass, so they differ only by rounding; the slower one is taken."""
     rates = [server[side]["tokens_per_second"] for side in ("base", "tuned")]
     firsts = [server[side]["first_token_seconds"] for side in ("base", "tuned")]
     return {
-        "label": "ours: the demo server",
+        "label": label,
+        "command": " ".join(["python -m app --model DIR --adapter DIR", *flags]),
         "rows": 2,
         "tokens_per_second_per_side": exact(min(rates), "tokens/s") if None not in rates else None,
         "first_token_seconds": exact(max(firsts), "s") if None not in firsts else None,
@@ -305,43 +343,62 @@ def server_figures(server: dict) -> dict:
     }
 
 
-def ratios_to_peer(paths: dict, server: dict) -> dict:
-    """Decode speed and peak RSS of every path against bitsandbytes' single stream."""
+def ratios_to_peer(paths: dict, servers: dict) -> dict:
+    """Decode speed and peak RSS of every path and server against bitsandbytes' single stream."""
     peer = paths[PEER]
     speed = "decode_tokens_per_second_per_side"
+    peer_speed = peer["label"] + ", tokens/s"
     ratios = {
         f"{key}_decode_vs_bnb": ratio_of(
-            p[speed], peer[speed], p["label"] + ", tokens/s per side", peer["label"] + ", tokens/s"
+            p[speed], peer[speed], p["label"] + ", tokens/s per side", peer_speed
         )
         for key, p in paths.items()
         if key != PEER
     }
+    for key, s in servers.items():
+        if s["tokens_per_second_per_side"] is not None:
+            num = s["label"] + ", tokens/s per side"
+            ratios[f"{key}_decode_vs_bnb"] = ratio_of(
+                s["tokens_per_second_per_side"], peer[speed], num, peer_speed
+            )
     peer_rss = peer["label"] + " (+ peft), peak RSS"
-    for key, p in (
-        *((k, paths[k]) for k in ("ours_rows2", "dense_bf16_rows1")),
-        ("server", server),
-    ):
+    rss_paths = ("ours_rows2", "ours_int16_rows2", "dense_bf16_rows1")
+    for key, p in (*((k, paths[k]) for k in rss_paths), *servers.items()):
         rss = ratio_of(p["peak_rss_GB"], peer["peak_rss_GB"], p["label"] + ", peak RSS", peer_rss)
         ratios[f"{key}_peak_rss_vs_bnb"] = rss
     return ratios
 
 
-def derived_figures(ours: dict, paths: dict, machine_probe: dict) -> dict:
-    """Bytes read per decode step and prefill FLOP/s (module docstring) against the machine
-    probes; a side-by-side demo on bitsandbytes (one pass of the base and one of base + peft
-    per token) against ours."""
-    two = paths["ours_rows2"]
-    step, prefill = two["decode_step_seconds"]["median"], two["prefill_seconds"]["median"]
-    step_gb, prefill_gflop = ours["step_bytes"] / 1e9, ours["prefill_flops_rows2"] / 1e9
+def decode_bandwidth(step_bytes: int, path: dict, read_GBps: float, prefix: str = "") -> dict:
+    """Bytes one decode step reads, at `path`'s median step, against the read probe."""
+    step_gb, step = step_bytes / 1e9, path["decode_step_seconds"]["median"]
+    return {
+        f"{prefix}step_GB": exact(step_gb, "GB", of="weights one decode step reads"),
+        f"{prefix}decode_read_GBps": exact(step_gb / step, "GB/s", of="2 rows"),
+        f"{prefix}decode_bandwidth_fraction": exact(
+            step_gb / step / read_GBps, "x", of="the read probe"
+        ),
+        f"{prefix}decode_steps_per_second_ceiling": exact(
+            read_GBps / step_gb, "steps/s", of="probe / step"
+        ),
+    }
+
+
+def derived_figures(raw: dict, paths: dict, machine_probe: dict) -> dict:
+    """Bytes read per decode step (both routes) and prefill FLOP/s (module docstring) against
+    the machine probes; a side-by-side demo on bitsandbytes (one pass of the base and one of
+    base + peft per token) against ours."""
+    ours, two = raw["ours"], paths["ours_rows2"]
+    prefill = two["prefill_seconds"]["median"]
+    prefill_gflop = ours["prefill_flops_rows2"] / 1e9
     read, bf16 = machine_probe["read_bandwidth"]["median"], machine_probe["gemm_bf16"]["median"]
     peers = (PEER, "bitsandbytes_peft_rows1")
     pair_step = sum(paths[k]["decode_step_seconds"]["median"] for k in peers)
     ours_speed = two["decode_tokens_per_second_per_side"]["median"]
+    int16 = raw["ours_int16"]["step_bytes"], paths["ours_int16_rows2"]
     return {
-        "step_GB": exact(step_gb, "GB", of="weights one decode step reads"),
-        "decode_read_GBps": exact(step_gb / step, "GB/s", of="2 rows"),
-        "decode_bandwidth_fraction": exact(step_gb / step / read, "x", of="the read probe"),
-        "decode_steps_per_second_ceiling": exact(read / step_gb, "steps/s", of="probe / step"),
+        **decode_bandwidth(ours["step_bytes"], two, read),
+        **decode_bandwidth(*int16, read, prefix="int16_"),
         "prefill_TFLOP": exact(prefill_gflop / 1e3, "TFLOP", of="2 rows"),
         "prefill_GFLOPs": exact(prefill_gflop / prefill, "GFLOP/s"),
         "prefill_peak_fraction": exact(prefill_gflop / prefill / bf16, "x", of="the bf16 GEMM"),
@@ -358,21 +415,23 @@ def summarize(raw: dict, common: dict, log, machine_probe: dict) -> dict:
     """Figures from the children's raw samples, ratios against bitsandbytes' single stream, and
     the fractions of the machine probes."""
     paths = path_figures(raw)
-    server = server_figures(raw["server"])
+    servers = {k: server_figures(raw[k], label, flags) for k, (flags, label) in SERVERS.items()}
     res = {
         "settings": {k: v for k, v in common.items() if k != "model_dir"},
         "raw": raw,
         "paths": paths,
-        "server": server,
-        "ratios": ratios_to_peer(paths, server),
-        "derived": derived_figures(raw["ours"], paths, machine_probe),
+        **servers,
+        "ratios": ratios_to_peer(paths, servers),
+        "derived": derived_figures(raw, paths, machine_probe),
         "machine": machine_probe,
     }
     speed = {k: p["decode_tokens_per_second_per_side"]["median"] for k, p in paths.items()}
+    rss = {k: p["peak_rss_GB"]["median"] for k, p in (*paths.items(), *servers.items())}
     log(
-        f"  tokens/s per side: ours 2 rows {speed['ours_rows2']:.2f}, bitsandbytes 1 row "
-        f"{speed[PEER]:.2f}; peak RSS ours {paths['ours_rows2']['peak_rss_GB']['median']:.2f} GB, "
-        f"server {server['peak_rss_GB']['median']:.2f} GB"
+        f"  tokens/s per side: ours 2 rows {speed['ours_rows2']:.2f}, int16 2 rows "
+        f"{speed['ours_int16_rows2']:.2f}, bitsandbytes 1 row {speed[PEER]:.2f}; peak RSS GB: "
+        f"ours {rss['ours_rows2']:.2f}, int16 {rss['ours_int16_rows2']:.2f}, server "
+        f"{rss['server']:.2f}, server --int16 {rss['server_int16']:.2f}"
     )
     return res
 

@@ -195,6 +195,14 @@ RAW = {
         "rows2": rows(0.125, 3.0),  # 8 tokens/s per side
         "rows1": rows(0.1, 2.0),
     },
+    "ours_int16": {
+        "load_seconds": 18.0,
+        "peak_rss_bytes": 1.8 * GB,
+        "step_bytes": 2.028 * GB,  # the repacked codes and their float32 scales
+        "prefill_flops_rows2": 1.5e12,
+        "rows2": rows(0.1, 3.2),  # 10 tokens/s per side
+        "rows1": rows(0.08, 2.1),  # 12.5 tokens/s
+    },
     "bitsandbytes": {
         "load_seconds": 40.0,
         "peak_rss_bytes": 8 * GB,
@@ -209,6 +217,15 @@ RAW = {
         "base": serve.parse_speed_line("8 tokens · first after 4.10 s · 7.9 tokens/s"),
         "tuned": serve.parse_speed_line("8 tokens · first after 4.10 s · 7.8 tokens/s"),
         "peak_rss_bytes": 2.5 * GB,
+        "answer_lengths": [8, 8],
+    },
+    "server_int16": {
+        "ready_seconds": 35.0,
+        "base_speed": "8 tokens · first after 4.30 s · 9.7 tokens/s",
+        "tuned_speed": "8 tokens · first after 4.30 s · 9.6 tokens/s",
+        "base": serve.parse_speed_line("8 tokens · first after 4.30 s · 9.7 tokens/s"),
+        "tuned": serve.parse_speed_line("8 tokens · first after 4.30 s · 9.6 tokens/s"),
+        "peak_rss_bytes": 2.4 * GB,
         "answer_lengths": [8, 8],
     },
 }
@@ -324,10 +341,22 @@ def test_serve_summary_figures_and_derived_fractions():
     assert v["ratios"]["server_peak_rss_vs_bnb"]["median"] == 0.3125
     assert v["server"]["tokens_per_second_per_side"]["median"] == 7.8  # the slower pane
     assert v["server"]["first_token_seconds"]["median"] == 4.1
+    assert p["ours_int16_rows2"]["decode_tokens_per_second_per_side"]["median"] == 10.0
+    assert v["ratios"]["ours_int16_rows2_decode_vs_bnb"]["median"] == 2.0  # 10 / 5 tokens/s
+    assert v["ratios"]["ours_int16_rows1_decode_vs_bnb"]["median"] == 2.5  # 12.5 / 5
+    assert v["ratios"]["ours_int16_rows2_peak_rss_vs_bnb"]["median"] == 0.225  # 1.8 / 8 GB
+    assert v["server_int16"]["tokens_per_second_per_side"]["median"] == 9.6
+    assert v["server_int16"]["first_token_seconds"]["median"] == 4.3
+    assert v["server_int16"]["command"] == "python -m app --model DIR --adapter DIR --int16"
+    assert v["ratios"]["server_int16_decode_vs_bnb"]["median"] == 1.92  # 9.6 / 5
+    assert v["ratios"]["server_int16_peak_rss_vs_bnb"]["median"] == 0.3  # 2.4 / 8 GB
     d = v["derived"]
     assert d["decode_read_GBps"]["median"] == pytest.approx(1.56 / 0.125)  # 12.48 GB/s
     assert d["decode_bandwidth_fraction"]["median"] == pytest.approx(12.48 / 31.2)
     assert d["decode_steps_per_second_ceiling"]["median"] == pytest.approx(20.0)
+    assert d["int16_decode_read_GBps"]["median"] == pytest.approx(20.28)  # 2.028 GB / 0.1 s
+    assert d["int16_decode_bandwidth_fraction"]["median"] == pytest.approx(0.65)
+    assert d["int16_decode_steps_per_second_ceiling"]["median"] == pytest.approx(31.2 / 2.028)
     assert d["prefill_GFLOPs"]["median"] == pytest.approx(500.0)  # 1.5 TFLOP / 3 s
     assert d["prefill_peak_fraction"]["median"] == pytest.approx(0.5)
     assert d["bnb_side_by_side_tokens_per_second"]["median"] == pytest.approx(1 / 0.45, rel=1e-5)
@@ -380,13 +409,25 @@ def test_serving_and_kernel_tables_render(quick, tmp_path):
         "| 2 | 16 | 1.6x",
         "| bitsandbytes load_in_4bit | 1 | 5 (4.85–5.15) | 2.5 (2.45–2.55) | 8 | 40 | 1x",
         "| dense bf16 (no quantization) | 1 | 2 (1.94–2.06) | 4 (3.92–4.08) | 6 | 20 | 0.4x",
-        "| 7.8 | 4.1 (first token in both panes) | 2.5 | 30 (until it answers HTTP) |",
+        "| 7.8 | 4.1 (first token in both panes) | 2.5 | 30 (until it answers HTTP) | 1.56x",
+        "| ours, int16 decode: base + tuned in one pass | 2 | 10 (9.71–10.3) | 3.2 (3.14–3.26) "
+        "| 1.8 | 18 | 2x",
+        "| ours, int16 decode: tuned alone | 1 | 12.5 (12.1–12.9) | 2.1 (2.06–2.14) | 1.8 | 18 "
+        "| 2.5x",
+        "| ours, int16 decode: the demo server (`python -m app --model DIR --adapter DIR "
+        "--int16`, one /compare call) | 2 | 9.6 | 4.3 (first token in both panes) | 2.4 | 35 "
+        "(until it answers HTTP) | 1.92x",
     ):
         assert row in block, row
     assert "each step reads 1.56 GB" in block and "12.5 GB/s at the median step, 40%" in block
     assert "a ceiling of 20 steps/s" in block
     assert "1.5 TFLOP in 3 s, 500 GFLOP/s, 50% of the measured bf16 matmul peak" in block
-    assert "ours 0.25x, the demo server 0.312x, dense bf16 0.75x" in block
+    assert (
+        "ours 0.25x, ours, int16 0.225x, the demo server 0.312x, the demo server --int16 0.3x, "
+        "dense bf16 0.75x" in block
+    )
+    assert "- Decode, 2 rows, int16: each step reads 2.03 GB" in block
+    assert "20.3 GB/s at the median step, 65% of the read probe: a ceiling of 15.4" in block
     assert "2.22 tokens/s per side (its two 1-row median steps); ours" in block
     assert "one pass gives 3.6x that" in block
     assert "| 2560 × 2560 | 1 | 1.02 (1–1.04) |" in block and "| 8 (26%) | 0.5x | 0.1x |" in block
