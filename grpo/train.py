@@ -166,7 +166,11 @@ def grpo_loop(trainer, evaluate_heldout) -> None:
         if cfg.save_every and trainer.step % cfg.save_every == 0:
             checkpoint.save_trainer(trainer)
     bar.close()
+    # Every rank reads the directory before rank 0 may write to it: the same answer on all ranks,
+    # so all of them, or none, enter save_trainer's barrier.
+    dist.barrier()
     latest = checkpoint.latest_checkpoint(trainer.out)
+    dist.barrier()
     if latest is None or latest.name != f"step-{trainer.step:06d}":
         checkpoint.save_trainer(trainer)
 
