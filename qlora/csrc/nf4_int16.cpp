@@ -322,6 +322,20 @@ constexpr int kTile = 4;
 
 using GroupFn = void (*)(const Args&, int64_t, const XRow*, float*);
 
+// An optional bias of N values, float32 or bfloat16: exactly one of the two pointers is set, or
+// neither when there is no bias.
+static void read_bias(const std::optional<at::Tensor>& bias, int64_t N, const float*& f32,
+                      const uint16_t*& bf16) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->numel() == N && bias->is_contiguous(), "bias must be contiguous [N]");
+  if (bias->scalar_type() == at::kFloat) {
+    f32 = bias->data_ptr<float>();
+  } else {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16, "bias must be float32 or bfloat16");
+    bf16 = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
+  }
+}
+
 // out [M, N] = the formula at the top for x [M, K] (float32 or bfloat16); float32, or rounded
 // once to bfloat16 if bf16_out. A 0-element result: x holds a value the quantization does not
 // take (not finite, or a superblock below 1e-30): the caller takes the exact path.
@@ -340,15 +354,7 @@ at::Tensor int16_matmul(const at::Tensor& x, const at::Tensor& codes, const at::
   TORCH_CHECK(table.scalar_type() == at::kShort && table.numel() == 16, "table must be int16 [16]");
   const float* bias_f32 = nullptr;
   const uint16_t* bias_bf16 = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N && bias->is_contiguous(), "bias must be contiguous [N]");
-    if (bias->scalar_type() == at::kFloat)
-      bias_f32 = bias->data_ptr<float>();
-    else {
-      TORCH_CHECK(bias->scalar_type() == at::kBFloat16, "bias must be float32 or bfloat16");
-      bias_bf16 = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-    }
-  }
+  read_bias(bias, N, bias_f32, bias_bf16);
   Args a{};
   a.codes = codes.data_ptr<uint8_t>();
   a.scales = scales.data_ptr<float>();
@@ -558,15 +564,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w, const std::option
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const float* bias_f32 = nullptr;
   const uint16_t* bias_bf16 = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N && bias->is_contiguous(), "bias must be contiguous [N]");
-    if (bias->scalar_type() == at::kFloat)
-      bias_f32 = bias->data_ptr<float>();
-    else {
-      TORCH_CHECK(bias->scalar_type() == at::kBFloat16, "bias must be float32 or bfloat16");
-      bias_bf16 = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-    }
-  }
+  read_bias(bias, N, bias_f32, bias_bf16);
   at::Tensor out = at::empty({M, N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
   if (M == 0 || N == 0) return out;
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
