@@ -1,6 +1,7 @@
 """One optimizer step on a fixed batch of rollouts; run alone or under torchrun (see
 tests/test_distributed.py). Writes the LoRA weights after the step to <out>/lora.safetensors."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -74,3 +75,7 @@ def main(run_dir: str, loss_type: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    # Everything is written. Skip interpreter teardown: there, freeing DDP's reducer can join a
+    # gloo thread that waits for the GIL the freeing thread holds, and the rank never exits.
+    sys.stdout.flush()
+    os._exit(0)
