@@ -12,6 +12,7 @@ Rank 0 alone writes logs, samples, plots and checkpoints; every rank resumes fro
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -104,7 +105,13 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group. Call it once the DDP-wrapped model is gone: DDP's reducer holds
+    the group, and a gloo group freed through the reducer is destroyed with the GIL held, while
+    a gloo worker thread may be freeing its last collective's tensors, which needs the GIL: the
+    rank never exits. gc.collect() first frees a model that only reference cycles keep alive;
+    the group's last owner is then its Python handle, whose destructor releases the GIL."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -1,7 +1,6 @@
 """One optimizer step on a fixed batch of rollouts; run alone or under torchrun (see
 tests/test_distributed.py). Writes the LoRA weights after the step to <out>/lora.safetensors."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from grpo.rollout import generate_rollouts
 from grpo.train import build_trainer
 
 
-def main(run_dir: str, loss_type: str, out: str) -> None:
+def step_and_save(run_dir: str, loss_type: str, out: str) -> None:
     cfg = check_run(
         GRPOConfig(
             model="tiny",
@@ -70,12 +69,12 @@ def main(run_dir: str, loss_type: str, out: str) -> None:
         state = trainable_state(trainer.model)
         save_file(state | grads, out)
     dist.barrier()
-    dist.shutdown()
+
+
+def main(run_dir: str, loss_type: str, out: str) -> None:
+    step_and_save(run_dir, loss_type, out)  # returns with the trainer and its DDP model freed
+    dist.shutdown()  # so the process group goes last (see its docstring)
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
-    # Everything is written. Skip interpreter teardown: there, freeing DDP's reducer can join a
-    # gloo thread that waits for the GIL the freeing thread holds, and the rank never exits.
-    sys.stdout.flush()
-    os._exit(0)
