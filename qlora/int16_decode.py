@@ -47,9 +47,7 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import threading
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,33 +335,20 @@ def _compile(isa: str | None):
 
 
 _loaded: dict[str | None, Int16Kernel | None] = {}
-_lock = threading.Lock()
+
+
+def _wrap(ops, isa: str, seconds: float) -> Int16Kernel:
+    return Int16Kernel(ops, isa, bool(ops.bf16_dot()), seconds)
 
 
 def load(isa: str | None = None) -> Int16Kernel | None:
     """The int16 kernel built for `isa` (None: the best path this CPU has), built on first call
     and kept; None, after one warning line, when it cannot be built."""
-    if isa is not None and isa not in ISAS:
-        raise ValueError(f"isa={isa!r} is not an int16 code path; use one of {sorted(ISAS)}")
-    with _lock:
-        if isa in _loaded:
-            return _loaded[isa]
-        start = time.perf_counter()
-        k = None
-        try:
-            ops = _compile(isa)
-            compiled = {v: name for name, v in ISAS.items()}[int(ops.isa())]
-            k = Int16Kernel(ops, compiled, bool(ops.bf16_dot()), time.perf_counter() - start)
-            log.info("int16 NF4 kernel (%s) ready in %.1f s", compiled, k.load_seconds)
-        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as err:
-            log.warning(
-                "qlora.int16_decode: the int16 kernel could not be built (%s); decoding uses the "
-                "exact kernel. Fix: install g++ and ninja, or set %s=0.",
-                exact_kernel._one_line(err),
-                ENV,
-            )
-        _loaded[isa] = k
-        return k
+    return exact_kernel.load_build(
+        isa, _loaded, _compile, _wrap,
+        isas=ISAS, name="int16 kernel", env=ENV, fallback="decoding uses the exact kernel",
+        logger=log,
+    )  # fmt: skip
 
 
 _default: list[Int16Kernel | None] = []
@@ -372,19 +357,7 @@ _default: list[Int16Kernel | None] = []
 def default_kernel() -> Int16Kernel | None:
     """This process's int16 kernel: None with QLORA_INT16=0 or when the build failed."""
     if not _default:
-        choice = os.environ.get(ENV, "").strip().lower()
-        if choice in ("0", "off", "false", "no"):
-            k = None
-        elif choice in ("", "1", "on", "auto", "native"):
-            k = load(None)
-        elif choice in ISAS:
-            k = load(choice)
-        else:
-            raise ValueError(
-                f"{ENV}={choice!r} is not understood; use 0 (never), 1 (the best path for this "
-                f"CPU) or one of {sorted(ISAS)}"
-            )
-        _default.append(k)
+        _default.append(exact_kernel.choose_build(ENV, ISAS, load, "never"))
     return _default[0]
 
 

@@ -242,7 +242,7 @@ def _scale_args(q: NF4Weight) -> tuple:
 
 
 _loaded: dict[str | None, Kernel | None] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # one build at a time, of either kernel
 
 
 def _one_line(err: BaseException) -> str:
@@ -253,30 +253,63 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:200]}"
 
 
+def load_build(isa, cache: dict, compile, wrap, *, isas, name, env, fallback, logger):
+    """cache[isa] if there, else the build compiled for `isa` (None: the best path the compiler
+    targets here), kept in cache: compile(isa) gives its torch.ops namespace, wrap(ops, the path
+    compiled, seconds taken) the kernel object. None when it cannot be built, after one warning
+    line on `logger`: what runs instead (`fallback`) and the fix (a compiler, or `env`=0). Both
+    NF4 kernels, this module's and qlora/int16_decode.py's, load through it."""
+    if isa is not None and isa not in isas:
+        raise ValueError(
+            f"isa={isa!r} is not a kernel code path of the {name}; use one of {sorted(isas)}"
+        )
+    with _lock:
+        if isa in cache:
+            return cache[isa]
+        start = time.perf_counter()
+        built = None
+        try:
+            ops = compile(isa)
+            compiled = {v: k for k, v in isas.items()}[int(ops.isa())]
+            built = wrap(ops, compiled, time.perf_counter() - start)
+            logger.info("%s (%s) ready in %.1f s", name, compiled, built.load_seconds)
+        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as err:
+            logger.warning(
+                "%s: the %s could not be built (%s); %s. Fix: install g++ and ninja, or set %s=0.",
+                logger.name, name, _one_line(err), fallback, env,
+            )  # fmt: skip
+        cache[isa] = built
+        return built
+
+
+def choose_build(env: str, isas: dict, load, off: str):
+    """The build the environment variable `env` asks for: none for 0/off/false/no, the best path
+    for this CPU when unset or 1/on/auto/native, else the path it names."""
+    choice = os.environ.get(env, "").strip().lower()
+    if choice in ("0", "off", "false", "no"):
+        return None
+    if choice in ("", "1", "on", "auto", "native"):
+        return load(None)
+    if choice in isas:
+        return load(choice)
+    raise ValueError(
+        f"{env}={choice!r} is not understood; use 0 ({off}), 1 (the best path for this CPU) or "
+        f"one of {sorted(isas)}"
+    )
+
+
+def _wrap(ops, isa: str, seconds: float) -> Kernel:
+    return Kernel(ops, isa, int(ops.group_size()), seconds)
+
+
 def load(isa: str | None = None) -> Kernel | None:
     """The kernel compiled for `isa` (None: the best path the compiler targets here), built on
     the first call and kept; None, after one warning line, when it cannot be built."""
-    if isa is not None and isa not in ISAS:
-        raise ValueError(f"isa={isa!r} is not a kernel code path; use one of {sorted(ISAS)}")
-    with _lock:
-        if isa in _loaded:
-            return _loaded[isa]
-        start = time.perf_counter()
-        kernel = None
-        try:
-            ops = _compile(isa)
-            compiled = {v: k for k, v in ISAS.items()}[int(ops.isa())]
-            kernel = Kernel(ops, compiled, int(ops.group_size()), time.perf_counter() - start)
-            log.info("NF4 CPU kernel (%s) ready in %.1f s", compiled, kernel.load_seconds)
-        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as err:
-            log.warning(
-                "qlora.kernel: the NF4 CPU kernel could not be built (%s); using the pure-PyTorch "
-                "path (same results, slower). Fix: install g++ and ninja, or set %s=0.",
-                _one_line(err),
-                ENV,
-            )
-        _loaded[isa] = kernel
-        return kernel
+    fallback = "using the pure-PyTorch path (same results, slower)"
+    return load_build(
+        isa, _loaded, _compile, _wrap,
+        isas=ISAS, name="NF4 CPU kernel", env=ENV, fallback=fallback, logger=log,
+    )  # fmt: skip
 
 
 _default: list[Kernel | None] = []  # the process's choice, resolved on first use
@@ -285,19 +318,7 @@ _default: list[Kernel | None] = []  # the process's choice, resolved on first us
 def default_kernel() -> Kernel | None:
     """This process's kernel: None with QLORA_KERNEL=0 or when the build failed."""
     if not _default:
-        choice = os.environ.get(ENV, "").strip().lower()
-        if choice in ("0", "off", "false", "no"):
-            kernel = None
-        elif choice in ("", "1", "on", "auto", "native"):
-            kernel = load(None)
-        elif choice in ISAS:
-            kernel = load(choice)
-        else:
-            raise ValueError(
-                f"{ENV}={choice!r} is not understood; use 0 (pure PyTorch), 1 (the best path "
-                f"for this CPU) or one of {sorted(ISAS)}"
-            )
-        _default.append(kernel)
+        _default.append(choose_build(ENV, ISAS, load, "pure PyTorch"))
     return _default[0]
 
 
