@@ -16,5 +16,6 @@ phi2_gpu.py             the recipe on a GPU: ours against bitsandbytes + peft, a
 int16_quality.py        the int16 decode path against the exact one on SmolLM2-135M-Instruct
 results.py              the README's results block of a training run, and the block rewriter
 explorer_time.py        seconds of one "Inside one GRPO step" run on a config's model
+decode_profile.py       where a 2-row decode step of the demo goes (torch.profiler, part 6's model)
 word_problems_report.py a word-problem run's base-vs-tuned figures
 """
